@@ -1,0 +1,164 @@
+"""
+One delivery round: the first attempt plus the quick retries.
+
+A round turns a message into a payload once, then signs and sends it with a
+fresh C{webhook-timestamp} per attempt and the same C{webhook-id} (the
+message id) every time, across rounds, restarts and replays.  What happens
+between rounds (the long schedule, dead letters) is the dispatcher's
+business; what the SMTP client hears in sync mode is the sink's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+from maillaser.breaker import CircuitBreaker
+from maillaser.interfaces import IWebhookClient
+from maillaser.message import Attempt, Message
+from maillaser.payload import build_payload, encode_payload
+from maillaser.signing import request_headers
+from maillaser.webhook import WebhookResponse
+
+QUICK_BACKOFF = 0.1
+"""Seconds before the first quick retry; doubled for each one after."""
+
+
+@attrs.frozen
+class Delivered:
+    attempts: tuple[Attempt, ...]
+
+
+@attrs.frozen
+class Failed:
+    attempts: tuple[Attempt, ...]
+    permanent: bool
+    """The receiver refused this message for good (a 4xx other than 408/429)."""
+    retry_after: float | None = None
+    reason: str = ""
+
+
+Outcome = Delivered | Failed
+
+
+def quick_backoff(retry: int) -> float:
+    """100 ms x 2^(n-1) before quick retry C{n} (1-based), as upstream."""
+    return QUICK_BACKOFF * 2 ** (retry - 1)
+
+
+def is_transient(status: int) -> bool:
+    """Statuses worth retrying: server errors, 408 and 429.  3xx is a failure too."""
+    return status >= 500 or status in (408, 429) or 300 <= status < 400
+
+
+@attrs.define
+class Deliverer:
+    """Runs delivery rounds and reports each outcome to the circuit breaker."""
+
+    client: IWebhookClient
+    clock: IReactorTime
+    breaker: CircuitBreaker
+    max_retries: int
+    secrets: Sequence[str] = ()
+    header_prefixes: Sequence[str] = ()
+    _log = Logger()
+
+    def deliver(self, message: Message) -> Deferred[Outcome]:
+        """Run one round; the caller must have acquired the breaker."""
+        return Deferred.fromCoroutine(self._round(message))
+
+    async def _round(self, message: Message) -> Outcome:
+        body = encode_payload(build_payload(message, self.header_prefixes))
+        attempts: list[Attempt] = []
+        outcome: Outcome | None = None
+        for retry in range(self.max_retries + 1):
+            if retry:
+                await deferLater(self.clock, quick_backoff(retry))
+            outcome = await self._attempt(message, body, attempts)
+            if not isinstance(outcome, Failed) or outcome.permanent:
+                break
+            if outcome.retry_after is not None and (
+                retry == self.max_retries
+                or outcome.retry_after > quick_backoff(retry + 1)
+            ):
+                break  # the receiver asked for more patience than a quick retry has
+        assert outcome is not None
+        self._record(message, outcome)
+        return outcome
+
+    async def _attempt(
+        self, message: Message, body: bytes, attempts: list[Attempt]
+    ) -> Outcome:
+        now = self.clock.seconds()
+        headers = request_headers(self.secrets, message.id, int(now), body)
+        try:
+            response: WebhookResponse = await self.client.post(body, headers)
+        except CancelledError:
+            raise
+        except Exception as error:  # every transport failure is transient
+            attempts.append(Attempt(now, None, describe_error(error)))
+            self._log_attempt(message, attempts)
+            return Failed(tuple(attempts), permanent=False, reason=attempts[-1].error)
+        if 200 <= response.status < 300:
+            attempts.append(Attempt(now, response.status))
+            return Delivered(tuple(attempts))
+        error = f"HTTP {response.status}" + (
+            f": {response.reason}" if response.reason else ""
+        )
+        attempts.append(Attempt(now, response.status, error))
+        self._log_attempt(message, attempts)
+        return Failed(
+            tuple(attempts),
+            permanent=not is_transient(response.status),
+            retry_after=response.retry_after,
+            reason=response.reason,
+        )
+
+    def _log_attempt(self, message: Message, attempts: list[Attempt]) -> None:
+        self._log.warn(
+            "webhook attempt {attempt} for {message_id} failed: {error}",
+            attempt=len(attempts),
+            message_id=message.id,
+            error=attempts[-1].error,
+        )
+
+    def _record(self, message: Message, outcome: Outcome) -> None:
+        if isinstance(outcome, Delivered):
+            self._log.info(
+                "delivered {message_id} after {attempts} attempt(s)",
+                message_id=message.id,
+                attempts=len(outcome.attempts),
+            )
+            self.breaker.succeeded()
+        elif outcome.permanent:
+            self.breaker.succeeded()
+        else:
+            self.breaker.failed()
+
+
+def describe_error(error: BaseException) -> str:
+    """A short, log-safe description of why no response arrived."""
+    if isinstance(error, DeferredTimeoutError):
+        return "timed out"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(error, ConnectError):
+        return f"connection failed: {error.__class__.__name__}"
+    if isinstance(error, ResponseNeverReceived | ResponseFailed):
+        reasons = getattr(error, "reasons", [])
+        inner = (
+            reasons[0].value if reasons and isinstance(reasons[0], Failure) else error
+        )
+        return f"connection lost: {inner.__class__.__name__}"
+    return f"{error.__class__.__name__}: {error}"[:200]

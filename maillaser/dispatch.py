@@ -1,0 +1,195 @@
+"""
+The dispatcher: takes due messages from the spool and runs delivery rounds.
+
+It decides *when*: how many rounds run at once (bounded, so one slow
+message never blocks the rest), what the circuit breaker allows, when a
+failed message is tried again on the long schedule, and when it is given up
+and buried among the dead letters.  Nothing is ever dropped: a message
+leaves the spool only when the webhook has taken it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from maillaser.breaker import CircuitBreaker
+from maillaser.delivery import Delivered, Deliverer, Failed, Outcome
+from maillaser.interfaces import ISpool
+from maillaser.message import QueuedMessage
+
+POLL_INTERVAL = 5.0
+"""Look at the spool at least this often, to notice requeues by the admin tool."""
+
+
+def next_attempt_delay(
+    schedule: Sequence[float], rounds: int, retry_after: float | None
+) -> float | None:
+    """
+    Seconds until round C{rounds + 1}, or C{None} when the schedule is over.
+
+    C{rounds} counts the rounds already failed, this one included.  A
+    C{Retry-After} longer than the schedule's step is honoured.
+    """
+    if rounds > len(schedule):
+        return None
+    return max(schedule[rounds - 1], retry_after or 0.0)
+
+
+@attrs.define(eq=False)
+class Dispatcher(Service):
+    spool: ISpool
+    deliverer: Deliverer
+    breaker: CircuitBreaker
+    clock: IReactorTime
+    concurrency: int
+    schedule: Sequence[float]
+    grace: float = 10.0
+    _in_flight: dict[str, Deferred[None]] = attrs.field(factory=dict)
+    _timer: IDelayedCall | None = None
+    _pumping: bool = False
+    _again: bool = False
+    _log = Logger()
+
+    def startService(self) -> None:
+        super().startService()
+        self.wake()
+
+    def wake(self) -> None:
+        """Something may be due: a new message, a finished round, a timer."""
+        if not self.running:
+            return
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        d = Deferred.fromCoroutine(self._pump())
+        d.addErrback(self._pump_failed)
+        d.addBoth(self._pumped)
+
+    async def _pump(self) -> None:
+        self._cancel_timer()
+        slots = self.concurrency - len(self._in_flight)
+        allowance = self.breaker.allowance()
+        if allowance is not None:
+            slots = min(slots, allowance)
+        batch: list[QueuedMessage] = []
+        if slots > 0:
+            batch = await self.spool.due(self.clock.seconds(), slots)
+        for queued in batch:
+            if self.running and self.breaker.acquire():
+                self._start(queued)
+        if len(self._in_flight) < self.concurrency:
+            await self._schedule_next()
+
+    def _pumped(self, ignored: object) -> None:
+        self._pumping = False
+        if self._again:
+            self._again = False
+            self.wake()
+
+    def _pump_failed(self, failure: Failure) -> None:
+        self._log.failure("could not read the spool; trying again shortly", failure)
+        self._set_timer(POLL_INTERVAL)
+
+    async def _schedule_next(self) -> None:
+        delay = POLL_INTERVAL
+        probe_at = self.breaker.probe_at
+        if probe_at is not None:
+            delay = min(delay, probe_at - self.clock.seconds())
+        else:
+            due = await self.spool.next_due()
+            if due is not None:
+                delay = min(delay, due - self.clock.seconds())
+        self._set_timer(max(delay, 0.0))
+
+    def _set_timer(self, delay: float) -> None:
+        self._cancel_timer()
+        if self.running:
+            self._timer = self.clock.callLater(delay, self.wake)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _start(self, queued: QueuedMessage) -> None:
+        message_id = queued.message.id
+        d = self.deliverer.deliver(queued.message)
+        d.addCallback(self._settle, queued)
+        d.addErrback(self._round_failed, message_id)
+        d.addBoth(self._finished, message_id)
+        if not d.called:
+            self._in_flight[message_id] = d
+
+    def _settle(self, outcome: Outcome, queued: QueuedMessage) -> Deferred[None]:
+        message_id = queued.message.id
+        if isinstance(outcome, Delivered):
+            return self.spool.delivered(message_id, outcome.attempts)
+        assert isinstance(outcome, Failed)
+        rounds = queued.rounds + 1
+        delay = (
+            None
+            if outcome.permanent
+            else next_attempt_delay(self.schedule, rounds, outcome.retry_after)
+        )
+        if delay is None:
+            self._log.error(
+                "dead-lettered {message_id} after {rounds} round(s): {error}",
+                message_id=message_id,
+                rounds=rounds,
+                error=outcome.attempts[-1].error,
+            )
+            return self.spool.bury(message_id, outcome.attempts)
+        self._log.info(
+            "{message_id} stays spooled; next round in {delay:.0f}s",
+            message_id=message_id,
+            delay=delay,
+        )
+        return self.spool.reschedule(
+            message_id, self.clock.seconds() + delay, outcome.attempts
+        )
+
+    def _round_failed(self, failure: Failure, message_id: str) -> None:
+        if failure.check(Exception) and not self.running:
+            return  # cancelled at shutdown: the message simply stays spooled
+        self._log.failure(
+            "delivery of {message_id} broke; it stays spooled",
+            failure,
+            message_id=message_id,
+        )
+
+    def _finished(self, ignored: object, message_id: str) -> None:
+        self._in_flight.pop(message_id, None)
+        self.wake()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Let rounds in flight finish within the grace period, then cancel
+        them; anything not delivered is still in the spool for next time.
+        """
+        super().stopService()
+        self._cancel_timer()
+        if not self._in_flight:
+            return succeed(None)
+        pending = list(self._in_flight.values())
+        self._log.info("waiting for {count} delivery round(s)", count=len(pending))
+        everything = DeferredList(pending, consumeErrors=True)
+        timer = self.clock.callLater(self.grace, _cancel_all, pending)
+        return everything.addCallback(_stop_timer, timer)
+
+
+def _cancel_all(pending: list[Deferred[None]]) -> None:
+    for d in pending:
+        d.cancel()
+
+
+def _stop_timer(ignored: object, timer: IDelayedCall) -> None:
+    if timer.active():
+        timer.cancel()

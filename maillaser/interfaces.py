@@ -1,0 +1,98 @@
+"""
+The seams between stages.
+
+Each stage depends on the interface of the next one, never on its class, so
+tests can put a double at any seam (see ``maillaser.testing``) and the
+in-memory queue and the SQLite spool are interchangeable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from zope.interface import Attribute, Interface
+
+from maillaser.message import Attempt, Message, SpoolStats
+
+
+class IMessageSink(Interface):
+    """Where the SMTP session hands a finished message."""
+
+    def check_capacity() -> None:
+        """
+        Raise L{maillaser.message.Refusal} if new mail must wait (back-pressure).
+
+        Called at ``MAIL FROM`` so a busy bridge refuses before the body is sent.
+        """
+
+    def receive(message: Message) -> object:
+        """
+        Take responsibility for C{message}.
+
+        @return: a Deferred that fires when the SMTP session may answer
+            ``250``, or fails with L{maillaser.message.Refusal} naming the
+            reply to give instead.  Any other failure means ``451``.
+        """
+
+
+class ISpool(Interface):
+    """
+    A durable queue of accepted messages.
+
+    Messages handed out by L{due} are claimed by this process until one of
+    L{delivered}, L{reschedule} or L{bury} settles them; claims are not
+    persistent, so after a restart every pending message is due again
+    (at-least-once delivery).
+    """
+
+    def add(message: Message) -> object:
+        """Store C{message}; the Deferred fires only once it is committed."""
+
+    def due(now: float, limit: int) -> object:
+        """Claim up to C{limit} pending messages due at C{now}, oldest first.
+
+        @return: Deferred firing with a list of L{QueuedMessage}.
+        """
+
+    def next_due() -> object:
+        """Deferred firing with the earliest due time of an unclaimed pending
+        message, or C{None} when there is none."""
+
+    def delivered(message_id: str, attempts: Sequence[Attempt]) -> object:
+        """The webhook accepted the message: forget it."""
+
+    def reschedule(message_id: str, at: float, attempts: Sequence[Attempt]) -> object:
+        """A delivery round failed: try again at C{at}; the round count grows by one."""
+
+    def bury(message_id: str, attempts: Sequence[Attempt]) -> object:
+        """Give up: move the message to the dead letters, keeping it on disk."""
+
+    def stats() -> SpoolStats:  # type: ignore[empty-body]
+        """A cheap, synchronous snapshot for health, metrics and back-pressure."""
+
+    def writable() -> bool:
+        """Whether the last write succeeded: a spool that cannot commit must
+        not be offered mail (health reports it)."""
+
+    def close() -> object:
+        """Release the storage; Deferred."""
+
+
+class IWebhookClient(Interface):
+    """Sends one request to the webhook."""
+
+    url = Attribute("The webhook URL, for logs (credentials already masked).")
+
+    def post(body: bytes, headers: dict[bytes, bytes]) -> object:
+        """
+        POST C{body}.  Deferred firing with a L{maillaser.webhook.WebhookResponse}
+        whatever the status; fails only when no response arrived (timeout,
+        connection refused...).
+        """
+
+
+__all__ = [
+    "IMessageSink",
+    "ISpool",
+    "IWebhookClient",
+]

@@ -1,0 +1,77 @@
+"""
+What happens at the end of DATA, i.e. when the SMTP client may hear C{250}.
+
+C{queue} mode answers once the message is committed to the spool and lets
+the dispatcher deliver it later; C{sync} mode calls the webhook first and
+answers with what it said.  Both are L{IMessageSink}s, so the SMTP session
+does not know which one it talks to.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from maillaser.breaker import CircuitBreaker
+from maillaser.delivery import Deliverer, Failed, Outcome
+from maillaser.dispatch import Dispatcher
+from maillaser.interfaces import IMessageSink, ISpool
+from maillaser.message import Message, Refusal
+
+
+@implementer(IMessageSink)
+@attrs.define
+class QueueSink:
+    """C{250} only after the spool commit; then wake the dispatcher."""
+
+    spool: ISpool
+    dispatcher: Dispatcher
+    max_messages: int
+    max_bytes: int
+
+    def check_capacity(self) -> None:
+        stats = self.spool.stats()
+        if stats.pending >= self.max_messages or stats.bytes >= self.max_bytes:
+            raise Refusal(452, "4.3.1", "Insufficient system storage, try again later")
+
+    def receive(self, message: Message) -> Deferred[None]:
+        d: Deferred[None] = self.spool.add(message)
+        d.addCallbacks(self._stored, self._not_stored)
+        return d
+
+    def _stored(self, ignored: object) -> None:
+        self.dispatcher.wake()
+
+    def _not_stored(self, failure: Failure) -> None:
+        raise Refusal(451, "4.3.0", "Could not store the message, try again later")
+
+
+@implementer(IMessageSink)
+@attrs.define
+class SyncSink:
+    """The webhook's answer becomes the SMTP answer (SPEC section 5)."""
+
+    deliverer: Deliverer
+    breaker: CircuitBreaker
+
+    def check_capacity(self) -> None:
+        if self.breaker.allowance() == 0:
+            raise Refusal(451, "4.4.1", "Webhook unavailable, try again later")
+
+    def receive(self, message: Message) -> Deferred[None]:
+        if not self.breaker.acquire():
+            raise Refusal(451, "4.4.1", "Webhook unavailable, try again later")
+        return self.deliverer.deliver(message).addCallback(_reply_for)
+
+
+def _reply_for(outcome: Outcome) -> None:
+    if not isinstance(outcome, Failed):
+        return
+    if outcome.permanent:
+        status = outcome.attempts[-1].status
+        raise Refusal(
+            550, "5.6.0", outcome.reason or f"Rejected by the webhook (HTTP {status})"
+        )
+    raise Refusal(451, "4.4.1", "Webhook temporarily unavailable, try again later")

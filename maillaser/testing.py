@@ -1,0 +1,225 @@
+"""
+Test doubles for MailLaser and for the programs that talk to it.
+
+Like C{treq.testing}, these ship with the package because users need them
+too: a real HTTP webhook receiver on loopback that records every request
+and answers from a script, and an in-memory spool driven by whatever clock
+the test uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
+
+from maillaser.interfaces import ISpool
+from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
+
+
+@attrs.frozen
+class Reply:
+    """One scripted response of a L{WebhookReceiver}."""
+
+    status: int = 200
+    headers: dict[str, str] = attrs.field(factory=dict)
+    body: bytes = b""
+
+
+HANG = Reply(status=0)
+"""A scripted response that never comes (until the receiver stops)."""
+
+
+@attrs.frozen
+class ReceivedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Lower-cased names; the last value of each."""
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class WebhookReceiver(Resource):
+    """
+    A webhook on loopback that records requests and answers from a script.
+
+    Answers are taken from the script in order; when it runs out, every
+    request gets C{default}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, default: Reply = Reply(200)) -> None:
+        super().__init__()
+        self.default = default
+        self.requests: list[ReceivedRequest] = []
+        self._script: list[Reply] = []
+        self._waiters: list[tuple[int, Deferred[list[ReceivedRequest]]]] = []
+        self._hanging: list[IRequest] = []
+        self._port: IListeningPort | None = None
+
+    def script(self, *replies: Reply | int) -> None:
+        self._script.extend(r if isinstance(r, Reply) else Reply(r) for r in replies)
+
+    def wait_for(self, count: int) -> Deferred[list[ReceivedRequest]]:
+        """Fires once C{count} requests have arrived."""
+        if len(self.requests) >= count:
+            return succeed(list(self.requests))
+        d: Deferred[list[ReceivedRequest]] = Deferred()
+        self._waiters.append((count, d))
+        return d
+
+    def render(self, request: IRequest) -> bytes | int:
+        assert request.method is not None and request.uri is not None
+        received = ReceivedRequest(
+            method=request.method.decode("ascii"),
+            path=request.uri.decode("utf-8", "replace"),
+            headers={
+                name.decode("latin-1").lower(): values[-1].decode("latin-1")
+                for name, values in request.requestHeaders.getAllRawHeaders()
+            },
+            body=request.content.read(),
+        )
+        self.requests.append(received)
+        reply = self._script.pop(0) if self._script else self.default
+        self._notify()
+        if reply is HANG:
+            self._hanging.append(request)
+            return NOT_DONE_YET
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers.items():
+            request.setHeader(name, value)
+        return reply.body
+
+    def _notify(self) -> None:
+        ready = [(n, d) for n, d in self._waiters if len(self.requests) >= n]
+        for waiter in ready:
+            self._waiters.remove(waiter)
+            waiter[1].callback(list(self.requests))
+
+    def listen(
+        self, reactor: Any, description: str = "tcp:0:interface=127.0.0.1"
+    ) -> Deferred[str]:
+        """Start serving; fires with the URL to configure as the webhook."""
+        site = Site(self)
+        site.noisy = False
+        site.log = lambda request: None
+        d: Deferred[IListeningPort] = serverFromString(reactor, description).listen(
+            site
+        )
+        return d.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> str:
+        self._port = port
+        return self.url
+
+    @property
+    def url(self) -> str:
+        assert self._port is not None
+        address = self._port.getHost()
+        return f"http://{address.host}:{address.port}/hook"
+
+    def stop(self) -> Deferred[object]:
+        for request in self._hanging:
+            request.loseConnection()
+        self._hanging = []
+        if self._port is None:
+            return succeed(None)
+        return Deferred.fromCoroutine(_stop(self._port))
+
+
+async def _stop(port: IListeningPort) -> None:
+    await port.stopListening()
+
+
+class SpoolFailure(Exception):
+    """Raised by a L{MemorySpool} told to fail, as a full disk would."""
+
+
+@implementer(ISpool)
+@attrs.define
+class MemorySpool:
+    """
+    An L{ISpool} in memory: everything committed at once, nothing durable.
+
+    Time comes from the C{now} its callers pass, so a test's C{Clock} drives
+    it.  Set C{broken} to make every write fail.
+    """
+
+    pending: dict[str, QueuedMessage] = attrs.field(factory=dict)
+    due_at: dict[str, float] = attrs.field(factory=dict)
+    dead: dict[str, QueuedMessage] = attrs.field(factory=dict)
+    attempts: dict[str, list[Attempt]] = attrs.field(factory=dict)
+    claimed: set[str] = attrs.field(factory=set)
+    broken: bool = False
+
+    def add(self, message: Message) -> Deferred[None]:
+        if self.broken:
+            return fail(SpoolFailure("spool is broken"))
+        self.pending[message.id] = QueuedMessage(message)
+        self.due_at[message.id] = message.received_at
+        return succeed(None)
+
+    def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
+        ready = sorted(
+            (at, queued.message.received_at, key)
+            for key, queued in self.pending.items()
+            if key not in self.claimed and (at := self.due_at[key]) <= now
+        )[:limit]
+        self.claimed.update(key for _, _, key in ready)
+        return succeed([self.pending[key] for _, _, key in ready])
+
+    def next_due(self) -> Deferred[float | None]:
+        times = [at for key, at in self.due_at.items() if key not in self.claimed]
+        return succeed(min(times, default=None))
+
+    def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+        self._settle(message_id, attempts)
+        del self.pending[message_id], self.due_at[message_id]
+        return succeed(None)
+
+    def reschedule(
+        self, message_id: str, at: float, attempts: Sequence[Attempt]
+    ) -> Deferred[None]:
+        self._settle(message_id, attempts)
+        queued = self.pending[message_id]
+        self.pending[message_id] = attrs.evolve(queued, rounds=queued.rounds + 1)
+        self.due_at[message_id] = at
+        return succeed(None)
+
+    def bury(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+        self._settle(message_id, attempts)
+        self.dead[message_id] = self.pending.pop(message_id)
+        del self.due_at[message_id]
+        return succeed(None)
+
+    def _settle(self, message_id: str, attempts: Iterable[Attempt]) -> None:
+        if self.broken:
+            raise SpoolFailure("spool is broken")
+        self.claimed.discard(message_id)
+        self.attempts.setdefault(message_id, []).extend(attempts)
+
+    def stats(self) -> SpoolStats:
+        return SpoolStats(
+            pending=len(self.pending),
+            dead=len(self.dead),
+            bytes=sum(len(q.message.raw) for q in self.pending.values()),
+        )
+
+    def writable(self) -> bool:
+        return not self.broken
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)

@@ -1,0 +1,84 @@
+"""
+The certificate behind STARTTLS.
+
+A configured certificate is used as is.  Without one, a self-signed
+certificate is made once at start-up (upstream made one per connection,
+which costs a key generation per STARTTLS); it gives encryption against
+passive listeners, which is what opportunistic STARTTLS between MTAs is for.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
+
+
+def tls_context(
+    cert_path: str | None, key_path: str | None, hostname: str
+) -> ssl.CertificateOptions:
+    if cert_path is not None and key_path is not None:
+        cert_pem, key_pem = Path(cert_path).read_bytes(), Path(key_path).read_bytes()
+    else:
+        cert_pem, key_pem = self_signed(hostname)
+    return context_from_pem(cert_pem, key_pem)
+
+
+def context_from_pem(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
+    """The first certificate in C{cert_pem} is ours; any others are its chain."""
+    chain = [ssl.Certificate.loadPEM(block).original for block in _pem_blocks(cert_pem)]
+    key = ssl.KeyPair.load(key_pem, ssl.FILETYPE_PEM)
+    return ssl.CertificateOptions(
+        privateKey=key.original,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+    )
+
+
+def _pem_blocks(pem: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in pem.split(end) if b"-----BEGIN" in block]
+
+
+def self_signed(
+    hostname: str, now: datetime.datetime | None = None
+) -> tuple[bytes, bytes]:
+    """A P-256 key and a one-year certificate naming C{hostname} and localhost."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(_names(hostname)), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def _names(hostname: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(hostname)))
+    except ValueError:
+        if hostname != "localhost":
+            names.append(x509.DNSName(hostname))
+    return names

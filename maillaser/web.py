@@ -1,0 +1,70 @@
+"""
+The HTTP side: ``/health`` (and later ``/metrics``) on their own endpoint.
+
+These resources only read the state of the other parts; they never drive
+them.  They render on the reactor thread because what they render is a
+handful of counters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import attrs
+from twisted.web.iweb import IRequest
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Site
+
+
+@attrs.frozen
+class Health:
+    """A readiness verdict: C{problems} is empty when all is well."""
+
+    problems: tuple[str, ...]
+    details: dict[str, object]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], Health]) -> None:
+        super().__init__()
+        self._check = check
+
+    def render_GET(self, request: IRequest) -> bytes:
+        health = self._check()
+        body: dict[str, object] = {"status": "ok" if health.ok else "unavailable"}
+        if health.problems:
+            body["reasons"] = list(health.problems)
+        body.update(health.details)
+        request.setResponseCode(200 if health.ok else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+class _Root(Resource):
+    """Anything but the known children is a 404, including ``/``."""
+
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        return notFound()
+
+    def render(self, request: IRequest) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain")
+        return b"Not Found"
+
+
+def make_site(check: Callable[[], Health]) -> Site:
+    root = _Root()
+    root.putChild(b"health", HealthResource(check))
+    site = Site(root)
+    site.noisy = False
+    site.log = lambda request: None  # probes every few seconds would flood the log
+    return site
