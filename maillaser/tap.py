@@ -1,0 +1,97 @@
+"""
+The ``twistd maillaser`` / ``twist maillaser`` command line.
+
+A thin adapter: it only collects option strings and hands them, with the
+environment, to L{maillaser.config.load_config}, which owns every default
+and every check.  Nothing here is needed to compose MailLaser into another
+program; that goes through L{maillaser.service.makeService} and a
+L{maillaser.config.Config}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from maillaser.config import (
+    HEALTH_ENDPOINT_HELP,
+    SETTINGS,
+    SMTP_ENDPOINT_HELP,
+    ConfigError,
+    load_config,
+)
+
+
+class Options(usage.Options):
+    """
+    Options for the MailLaser plugin; after parsing, C{self["config"]}.
+
+    Every parameter defaults to C{None} so that L{load_config} can tell "not
+    given" apart from "given", which the precedence over the environment
+    and the C{.env} file needs.
+    """
+
+    synopsis = "--target-emails ADDRESSES --webhook-url URL [options]"
+    longdesc = (
+        "Accept mail over SMTP for the target addresses and deliver each"
+        " message as one signed JSON POST to the webhook URL.  Every option"
+        " can also be set by the environment variable shown, or in a .env"
+        " file in the working directory; the command line wins, then the"
+        " environment, then .env."
+    )
+    optParameters = [
+        [setting.option, None, None, setting.help] for setting in SETTINGS
+    ] + [["health", None, None, HEALTH_ENDPOINT_HELP]]
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        dotenv_path: str | os.PathLike[str] | None = ".env",
+    ) -> None:
+        """
+        @param environ: the environment to read; C{os.environ} by default,
+            injectable so that tests never mutate the real one.
+        @param dotenv_path: the C{.env} file to read, or C{None} for none.
+        """
+        super().__init__()
+        self["smtp"] = []
+        self._environ = os.environ if environ is None else environ
+        self._dotenv_path = dotenv_path
+
+    def opt_smtp(self, description: str) -> None:
+        self["smtp"].append(description)
+
+    opt_smtp.__doc__ = SMTP_ENDPOINT_HELP
+
+    def postOptions(self) -> None:
+        """
+        Load the configuration, or stop with one line and status 1.
+
+        Not a L{usage.UsageError}: C{twistd} answers one by printing this
+        plugin's whole C{--help} before the message, and C{twist} does the
+        same on stderr with status 64.  A bad value, perhaps from the
+        environment, deserves one line naming it, so this raises
+        L{SystemExit} with the message, which Python prints to stderr
+        before exiting with status 1 under both runners.
+        """
+        try:
+            self["config"] = load_config(self, self._environ, self._dotenv_path)
+        except ConfigError as err:
+            raise SystemExit(f"maillaser: {err}") from None
+
+
+def makeService(options: Options) -> IService:
+    """
+    Build the service from parsed options.
+
+    C{maillaser.service} is imported here, not at the top, so that
+    C{twistd --help} and option errors do not pay for (or depend on) the
+    whole application being importable.
+    """
+    from maillaser.service import makeService as makeMailLaserService
+
+    service: IService = makeMailLaserService(options["config"])
+    return service

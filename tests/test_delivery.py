@@ -1,0 +1,144 @@
+"""Delivery rounds: attempts, quick backoff, classification, signing headers."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from maillaser.breaker import BreakerState, CircuitBreaker
+from maillaser.delivery import Delivered, Deliverer, Failed, quick_backoff
+from maillaser.message import Attempt
+from maillaser.webhook import WebhookResponse
+from tests.doubles import ScriptedClient, message
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+class DeliveryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.breaker = CircuitBreaker(threshold=2, reset=60.0, clock=self.clock)
+
+    def deliverer(self, client: ScriptedClient, retries: int = 3) -> Deliverer:
+        return Deliverer(
+            client=client,
+            clock=self.clock,
+            breaker=self.breaker,
+            max_retries=retries,
+            secrets=(SECRET,),
+        )
+
+    def test_backoff_is_100ms_doubling(self) -> None:
+        self.assertEqual([quick_backoff(n) for n in (1, 2, 3, 4)], [0.1, 0.2, 0.4, 0.8])
+
+    def test_first_attempt_succeeds(self) -> None:
+        client = ScriptedClient(204)
+        outcome = self.successResultOf(self.deliverer(client).deliver(message()))
+        self.assertEqual(outcome, Delivered((Attempt(1_700_000_000.0, 204),)))
+        [(_body, headers)] = client.requests
+        self.assertEqual(headers[b"webhook-id"], b"msg_" + b"0" * 28)
+        self.assertEqual(headers[b"webhook-timestamp"], b"1700000000")
+        self.assertTrue(headers[b"webhook-signature"].startswith(b"v1,"))
+
+    def test_two_failures_then_success_at_the_right_times(self) -> None:
+        client = ScriptedClient(500, 503, 200)
+        d = self.deliverer(client).deliver(message())
+        self.assertEqual(len(client.requests), 1)
+        self.clock.advance(0.099)
+        self.assertEqual(len(client.requests), 1)
+        self.clock.advance(0.001)
+        self.assertEqual(len(client.requests), 2)
+        self.clock.advance(0.2)
+        self.assertEqual(len(client.requests), 3)
+        outcome = self.successResultOf(d)
+        assert isinstance(outcome, Delivered)
+        self.assertEqual([a.status for a in outcome.attempts], [500, 503, 200])
+        ids = {headers[b"webhook-id"] for _, headers in client.requests}
+        self.assertEqual(len(ids), 1)
+        stamps = [headers[b"webhook-timestamp"] for _, headers in client.requests]
+        self.assertEqual(stamps, [b"1700000000"] * 3)
+        self.assertEqual(len({body for body, _ in client.requests}), 1)
+
+    def test_all_attempts_fail(self) -> None:
+        client = ScriptedClient(default=500)
+        d = self.deliverer(client, retries=3).deliver(message())
+        self.clock.pump([0.1, 0.2, 0.4])
+        outcome = self.successResultOf(d)
+        self.assertIsInstance(outcome, Failed)
+        assert isinstance(outcome, Failed)
+        self.assertFalse(outcome.permanent)
+        self.assertEqual(len(client.requests), 4)
+        self.assertEqual(outcome.attempts[-1].error, "HTTP 500")
+
+    def test_permanent_rejection_is_not_retried(self) -> None:
+        response = WebhookResponse(422, reason="unknown queue")
+        client = ScriptedClient(response)
+        outcome = self.successResultOf(self.deliverer(client).deliver(message()))
+        self.assertEqual(
+            outcome,
+            Failed(
+                (Attempt(1_700_000_000.0, 422, "HTTP 422: unknown queue"),),
+                permanent=True,
+                reason="unknown queue",
+            ),
+        )
+        self.assertEqual(len(client.requests), 1)
+
+    def test_408_429_and_3xx_are_transient(self) -> None:
+        for status in (408, 429, 302, 301, 502):
+            client = ScriptedClient(status, 200)
+            d = self.deliverer(client).deliver(message())
+            self.clock.advance(0.1)
+            self.assertIsInstance(self.successResultOf(d), Delivered, status)
+
+    def test_long_retry_after_ends_the_round(self) -> None:
+        client = ScriptedClient(WebhookResponse(429, retry_after=30.0))
+        outcome = self.successResultOf(self.deliverer(client).deliver(message()))
+        assert isinstance(outcome, Failed)
+        self.assertEqual(outcome.retry_after, 30.0)
+        self.assertEqual(len(client.requests), 1)
+
+    def test_short_retry_after_keeps_quick_retries(self) -> None:
+        client = ScriptedClient(WebhookResponse(503, retry_after=0.0), 200)
+        d = self.deliverer(client).deliver(message())
+        self.clock.advance(0.1)
+        self.assertIsInstance(self.successResultOf(d), Delivered)
+
+    def test_no_response_is_transient(self) -> None:
+        client = ScriptedClient(
+            ConnectionRefusedError(), DeferredTimeoutError(), default=500
+        )
+        d = self.deliverer(client, retries=1).deliver(message())
+        self.clock.advance(0.1)
+        outcome = self.successResultOf(d)
+        assert isinstance(outcome, Failed)
+        self.assertEqual(
+            [a.error for a in outcome.attempts], ["connection refused", "timed out"]
+        )
+        self.assertEqual([a.status for a in outcome.attempts], [None, None])
+
+    def test_outcomes_drive_the_breaker(self) -> None:
+        deliverer = self.deliverer(ScriptedClient(default=500), retries=0)
+        self.successResultOf(deliverer.deliver(message(1)))
+        self.assertIs(self.breaker.state, BreakerState.closed)
+        self.successResultOf(deliverer.deliver(message(2)))
+        self.assertIs(self.breaker.state, BreakerState.open)
+
+    def test_permanent_rejection_counts_as_reachable(self) -> None:
+        self.breaker.failed()
+        deliverer = self.deliverer(ScriptedClient(400), retries=0)
+        self.successResultOf(deliverer.deliver(message()))
+        self.breaker.failed()
+        self.assertIs(self.breaker.state, BreakerState.closed)
+
+    def test_cancelling_a_round_stops_it(self) -> None:
+        client = ScriptedClient(None)
+        d = self.deliverer(client).deliver(message())
+        d.cancel()
+        self.failureResultOf(d)
+        self.assertEqual(len(client.requests), 1)
+        self.clock.advance(10)
+        self.assertEqual(len(client.requests), 1)

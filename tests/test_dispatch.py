@@ -1,0 +1,167 @@
+"""The dispatcher with a MemorySpool and a Clock: scheduling without waiting."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from maillaser.breaker import BreakerState, CircuitBreaker
+from maillaser.delivery import Deliverer
+from maillaser.dispatch import Dispatcher, next_attempt_delay
+from maillaser.testing import MemorySpool
+from maillaser.webhook import WebhookResponse
+from tests.doubles import ScriptedClient, message
+
+SCHEDULE = (5.0, 300.0, 1800.0)
+
+
+class ScheduleTests(SynchronousTestCase):
+    def test_steps(self) -> None:
+        self.assertEqual(next_attempt_delay(SCHEDULE, 1, None), 5.0)
+        self.assertEqual(next_attempt_delay(SCHEDULE, 3, None), 1800.0)
+        self.assertIsNone(next_attempt_delay(SCHEDULE, 4, None))
+
+    def test_retry_after_is_honoured(self) -> None:
+        self.assertEqual(next_attempt_delay(SCHEDULE, 1, 60.0), 60.0)
+        self.assertEqual(next_attempt_delay(SCHEDULE, 2, 60.0), 300.0)
+
+
+class DispatcherTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spool = MemorySpool()
+        self.breaker = CircuitBreaker(threshold=2, reset=60.0, clock=self.clock)
+
+    def dispatcher(self, client: ScriptedClient, concurrency: int = 4) -> Dispatcher:
+        deliverer = Deliverer(
+            client=client, clock=self.clock, breaker=self.breaker, max_retries=0
+        )
+        dispatcher = Dispatcher(
+            spool=self.spool,
+            deliverer=deliverer,
+            breaker=self.breaker,
+            clock=self.clock,
+            concurrency=concurrency,
+            schedule=SCHEDULE,
+            grace=5.0,
+        )
+        dispatcher.startService()
+        self.addCleanup(lambda: dispatcher.running and dispatcher.stopService())
+        return dispatcher
+
+    def add(self, count: int) -> list[str]:
+        ids = []
+        for n in range(count):
+            queued = message(n, at=self.clock.seconds())
+            self.spool.add(queued)
+            ids.append(queued.id)
+        return ids
+
+    def test_pending_messages_are_delivered_on_start(self) -> None:
+        self.add(3)
+        client = ScriptedClient()
+        self.dispatcher(client)
+        self.assertEqual(len(client.requests), 3)
+        self.assertEqual(self.spool.stats().pending, 0)
+        self.assertEqual(self.spool.stats().dead, 0)
+
+    def test_concurrency_is_bounded(self) -> None:
+        self.add(5)
+        client = ScriptedClient(None, None, None, None, None)
+        self.dispatcher(client, concurrency=2)
+        self.assertEqual(len(client.requests), 2)
+        client.hanging[0].callback(WebhookResponse(200))
+        self.assertEqual(len(client.requests), 3)
+
+    def test_failed_round_waits_for_the_schedule_then_dead_letters(self) -> None:
+        [mid] = self.add(1)
+        client = ScriptedClient(default=503)
+        dispatcher = self.dispatcher(client)
+        self.breaker.threshold = 100
+        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(self.spool.due_at[mid], 5.0)
+        self.clock.advance(4.9)
+        self.assertEqual(len(client.requests), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(client.requests), 2)
+        self.clock.advance(300)
+        self.assertEqual(len(client.requests), 3)
+        self.clock.advance(1800)
+        self.assertEqual(len(client.requests), 4)
+        self.assertEqual(list(self.spool.dead), [mid])
+        self.assertEqual(len(self.spool.attempts[mid]), 4)
+        self.clock.advance(100_000)
+        self.assertEqual(len(client.requests), 4)
+        self.assertTrue(dispatcher.running)
+
+    def test_permanent_rejection_dead_letters_at_once(self) -> None:
+        [mid] = self.add(1)
+        self.dispatcher(ScriptedClient(410))
+        self.assertEqual(list(self.spool.dead), [mid])
+
+    def test_retry_after_delays_the_next_round(self) -> None:
+        [mid] = self.add(1)
+        self.dispatcher(ScriptedClient(WebhookResponse(429, retry_after=120.0)))
+        self.assertEqual(self.spool.due_at[mid], 120.0)
+
+    def test_open_breaker_sends_nothing_and_keeps_everything(self) -> None:
+        self.add(2)
+        client = ScriptedClient(500, 500)
+        dispatcher = self.dispatcher(client)
+        self.assertIs(self.breaker.state, BreakerState.open)
+        self.add(3)
+        dispatcher.wake()
+        self.clock.advance(59)
+        self.assertEqual(len(client.requests), 2)
+        self.assertEqual(self.spool.stats().pending, 5)
+        self.clock.advance(1)  # one probe, which succeeds: then the rest flow
+        self.assertEqual(len(client.requests), 2 + 5)
+        self.assertEqual(self.spool.stats().pending, 0)
+        self.assertEqual(self.spool.stats().dead, 0)
+
+    def test_half_open_sends_a_single_probe(self) -> None:
+        self.add(2)
+        client = ScriptedClient(500, 500, None)
+        dispatcher = self.dispatcher(client)
+        self.add(3)
+        self.clock.advance(60)
+        self.assertEqual(len(client.requests), 3)
+        dispatcher.wake()
+        self.assertEqual(len(client.requests), 3)
+        client.hanging[0].callback(WebhookResponse(500))
+        self.assertIs(self.breaker.state, BreakerState.open)
+        self.assertEqual(len(client.requests), 3)
+
+    def test_new_message_wakes_the_dispatcher(self) -> None:
+        client = ScriptedClient()
+        dispatcher = self.dispatcher(client)
+        self.add(1)
+        dispatcher.wake()
+        self.assertEqual(len(client.requests), 1)
+
+    def test_idle_dispatcher_polls_the_spool(self) -> None:
+        client = ScriptedClient()
+        self.dispatcher(client)
+        self.add(1)  # e.g. requeued by the admin tool, without a wake-up
+        self.clock.advance(5)
+        self.assertEqual(len(client.requests), 1)
+
+    def test_stop_waits_for_rounds_in_flight(self) -> None:
+        self.add(1)
+        client = ScriptedClient(None)
+        dispatcher = self.dispatcher(client)
+        d = dispatcher.stopService()
+        self.assertNoResult(d)
+        client.hanging[0].callback(WebhookResponse(200))
+        self.successResultOf(d)
+        self.assertEqual(self.spool.stats().pending, 0)
+
+    def test_stop_cancels_after_grace_and_the_message_stays(self) -> None:
+        self.add(1)
+        client = ScriptedClient(None)
+        dispatcher = self.dispatcher(client)
+        d = dispatcher.stopService()
+        self.clock.advance(5)
+        self.successResultOf(d)
+        self.assertEqual(self.spool.stats().pending, 1)
+        self.assertEqual(self.spool.stats().dead, 0)
