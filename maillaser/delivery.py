@@ -52,7 +52,7 @@ Outcome = Delivered | Failed
 
 def quick_backoff(retry: int) -> float:
     """100 ms x 2^(n-1) before quick retry C{n} (1-based), as upstream."""
-    return QUICK_BACKOFF * 2 ** (retry - 1)
+    return QUICK_BACKOFF * float(2 ** (retry - 1))
 
 
 def is_transient(status: int) -> bool:
@@ -111,10 +111,10 @@ class Deliverer:
         if 200 <= response.status < 300:
             attempts.append(Attempt(now, response.status))
             return Delivered(tuple(attempts))
-        error = f"HTTP {response.status}" + (
+        problem = f"HTTP {response.status}" + (
             f": {response.reason}" if response.reason else ""
         )
-        attempts.append(Attempt(now, response.status, error))
+        attempts.append(Attempt(now, response.status, problem))
         self._log_attempt(message, attempts)
         return Failed(
             tuple(attempts),

@@ -14,18 +14,21 @@ from collections.abc import Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from maillaser.breaker import CircuitBreaker
+from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import Delivered, Deliverer, Failed, Outcome
 from maillaser.interfaces import ISpool
 from maillaser.message import QueuedMessage
 
 POLL_INTERVAL = 5.0
 """Look at the spool at least this often, to notice requeues by the admin tool."""
+
+MIN_SLEEP = 0.01
+"""Never spin: even an overdue message waits this long for the next look."""
 
 
 def next_attempt_delay(
@@ -83,8 +86,11 @@ class Dispatcher(Service):
         if slots > 0:
             batch = await self.spool.due(self.clock.seconds(), slots)
         for queued in batch:
+            # The breaker may have changed while the spool was read.
             if self.running and self.breaker.acquire():
                 self._start(queued)
+            else:
+                self.spool.release(queued.message.id)
         if len(self._in_flight) < self.concurrency:
             await self._schedule_next()
 
@@ -99,20 +105,33 @@ class Dispatcher(Service):
         self._set_timer(POLL_INTERVAL)
 
     async def _schedule_next(self) -> None:
+        """
+        Sleep until the next due message, or the breaker's probe time.
+
+        While a probe is in flight there is nothing to time: its end wakes us.
+        """
         delay = POLL_INTERVAL
         probe_at = self.breaker.probe_at
-        if probe_at is not None:
+        if self.breaker.state is BreakerState.open and probe_at is not None:
             delay = min(delay, probe_at - self.clock.seconds())
-        else:
+        elif self.breaker.allowance() != 0:
             due = await self.spool.next_due()
             if due is not None:
                 delay = min(delay, due - self.clock.seconds())
-        self._set_timer(max(delay, 0.0))
+        self._set_timer(max(delay, MIN_SLEEP))
 
     def _set_timer(self, delay: float) -> None:
         self._cancel_timer()
         if self.running:
-            self._timer = self.clock.callLater(delay, self.wake)
+            self._timer = self.clock.callLater(delay, self._poll)
+
+    def _poll(self) -> None:
+        """Timer: pick up what is due, and counts the admin tool may have changed."""
+        self.spool.refresh().addErrback(self._refresh_failed)
+        self.wake()
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        self._log.failure("could not refresh the spool counts", failure)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -120,13 +139,25 @@ class Dispatcher(Service):
         self._timer = None
 
     def _start(self, queued: QueuedMessage) -> None:
-        message_id = queued.message.id
-        d = self.deliverer.deliver(queued.message)
-        d.addCallback(self._settle, queued)
-        d.addErrback(self._round_failed, message_id)
-        d.addBoth(self._finished, message_id)
+        d = Deferred.fromCoroutine(self._run(queued))
         if not d.called:
-            self._in_flight[message_id] = d
+            self._in_flight[queued.message.id] = d
+
+    async def _run(self, queued: QueuedMessage) -> None:
+        message_id = queued.message.id
+        try:
+            outcome = await self.deliverer.deliver(queued.message)
+            await self._settle(outcome, queued)
+        except CancelledError:
+            pass  # shutting down: the message simply stays spooled
+        except Exception:
+            self._log.failure(
+                "delivery of {message_id} broke; it stays spooled",
+                message_id=message_id,
+            )
+        finally:
+            self._in_flight.pop(message_id, None)
+            self.wake()
 
     def _settle(self, outcome: Outcome, queued: QueuedMessage) -> Deferred[None]:
         message_id = queued.message.id
@@ -155,19 +186,6 @@ class Dispatcher(Service):
         return self.spool.reschedule(
             message_id, self.clock.seconds() + delay, outcome.attempts
         )
-
-    def _round_failed(self, failure: Failure, message_id: str) -> None:
-        if failure.check(Exception) and not self.running:
-            return  # cancelled at shutdown: the message simply stays spooled
-        self._log.failure(
-            "delivery of {message_id} broke; it stays spooled",
-            failure,
-            message_id=message_id,
-        )
-
-    def _finished(self, ignored: object, message_id: str) -> None:
-        self._in_flight.pop(message_id, None)
-        self.wake()
 
     def stopService(self) -> Deferred[None]:
         """

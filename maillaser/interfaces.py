@@ -9,10 +9,15 @@ in-memory queue and the SQLite spool are interchangeable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from maillaser.message import Attempt, Message, SpoolStats
+if TYPE_CHECKING:
+    from maillaser.webhook import WebhookResponse
+
+from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
 
 
 class IMessageSink(Interface):
@@ -25,7 +30,7 @@ class IMessageSink(Interface):
         Called at ``MAIL FROM`` so a busy bridge refuses before the body is sent.
         """
 
-    def receive(message: Message) -> object:
+    def receive(message: Message) -> Deferred[None]:
         """
         Take responsibility for C{message}.
 
@@ -45,37 +50,42 @@ class ISpool(Interface):
     (at-least-once delivery).
     """
 
-    def add(message: Message) -> object:
+    def add(message: Message) -> Deferred[None]:
         """Store C{message}; the Deferred fires only once it is committed."""
 
-    def due(now: float, limit: int) -> object:
-        """Claim up to C{limit} pending messages due at C{now}, oldest first.
+    def due(now: float, limit: int) -> Deferred[list[QueuedMessage]]:
+        """Claim up to C{limit} pending messages due at C{now}, oldest first."""
 
-        @return: Deferred firing with a list of L{QueuedMessage}.
-        """
-
-    def next_due() -> object:
+    def next_due() -> Deferred[float | None]:
         """Deferred firing with the earliest due time of an unclaimed pending
         message, or C{None} when there is none."""
 
-    def delivered(message_id: str, attempts: Sequence[Attempt]) -> object:
+    def delivered(message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
         """The webhook accepted the message: forget it."""
 
-    def reschedule(message_id: str, at: float, attempts: Sequence[Attempt]) -> object:
+    def reschedule(
+        message_id: str, at: float, attempts: Sequence[Attempt]
+    ) -> Deferred[None]:
         """A delivery round failed: try again at C{at}; the round count grows by one."""
 
-    def bury(message_id: str, attempts: Sequence[Attempt]) -> object:
+    def bury(message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
         """Give up: move the message to the dead letters, keeping it on disk."""
 
-    def stats() -> SpoolStats:  # type: ignore[empty-body]
+    def release(message_id: str) -> None:
+        """Give back a claim without settling the message (it was not started)."""
+
+    def stats() -> SpoolStats:
         """A cheap, synchronous snapshot for health, metrics and back-pressure."""
+
+    def refresh() -> Deferred[SpoolStats]:
+        """Re-read the counts from storage, which the admin tool may change."""
 
     def writable() -> bool:
         """Whether the last write succeeded: a spool that cannot commit must
         not be offered mail (health reports it)."""
 
-    def close() -> object:
-        """Release the storage; Deferred."""
+    def close() -> Deferred[None]:
+        """Release the storage."""
 
 
 class IWebhookClient(Interface):
@@ -83,7 +93,7 @@ class IWebhookClient(Interface):
 
     url = Attribute("The webhook URL, for logs (credentials already masked).")
 
-    def post(body: bytes, headers: dict[bytes, bytes]) -> object:
+    def post(body: bytes, headers: dict[bytes, bytes]) -> Deferred[WebhookResponse]:
         """
         POST C{body}.  Deferred firing with a L{maillaser.webhook.WebhookResponse}
         whatever the status; fails only when no response arrived (timeout,

@@ -14,10 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    fail,
+    gatherResults,
+    maybeDeferred,
+)
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -62,7 +70,7 @@ class Listener(Service):
     _log = Logger()
 
     def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: Factory, label: str
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, label: str
     ) -> None:
         self._endpoint = endpoint
         self._factory = factory
@@ -100,7 +108,7 @@ class Listener(Service):
 
 
 async def _stop_listening(port: IListeningPort) -> object:
-    return await port.stopListening()
+    return await maybeDeferred(port.stopListening)
 
 
 class MailLaserService(MultiService):
@@ -160,9 +168,20 @@ class MailLaserService(MultiService):
 
     def privilegedStartService(self) -> None:
         """Open the spool before binding, so a broken spool stops start-up."""
-        self._log.info("starting MailLaser with {config}", config=describe(self.config))
-        self.smtp_factory.sink = self._make_sink()
+        self._prepare()
         super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._prepare()  # when composed, a parent may only call startService
+        self._started_at = self._reactor.seconds()
+        super().startService()
+
+    def _prepare(self) -> None:
+        if isinstance(self.smtp_factory.sink, _NotReady):
+            self._log.info(
+                "starting MailLaser with {config}", config=describe(self.config)
+            )
+            self.smtp_factory.sink = self._make_sink()
 
     def _make_sink(self) -> IMessageSink:
         if self.config.delivery_mode == "sync":
@@ -188,10 +207,6 @@ class MailLaserService(MultiService):
             self.config.spool_max_bytes,
         )
 
-    def startService(self) -> None:
-        self._started_at = self._reactor.seconds()
-        super().startService()
-
     def health(self) -> Health:
         problems: list[str] = []
         if self._stopping:
@@ -210,35 +225,30 @@ class MailLaserService(MultiService):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         self._stopping = True
+        return Deferred.fromCoroutine(self._shut_down())
+
+    async def _shut_down(self) -> None:
+        """Stop accepting; drain SMTP and deliveries together; then close."""
         grace = self.config.shutdown_grace
         self._log.info("shutting down; grace period {grace}s", grace=grace)
-        stop_accepting = [listener.stopService() for listener in self.smtp_listeners]
-        d = DeferredList(
-            [d for d in stop_accepting if d is not None], consumeErrors=True
+        await gatherResults(
+            [maybeDeferred(listener.stopService) for listener in self.smtp_listeners],
+            consumeErrors=True,
         )
-        d.addCallback(lambda _: self._drain(grace))
-        d.addCallback(lambda _: self._close())
-        return d
-
-    def _drain(self, grace: float) -> Deferred[object]:
-        work: list[Deferred[Any]] = [self.smtp_factory.drain(grace)]
+        draining: list[Deferred[Any]] = [self.smtp_factory.drain(grace)]
         if self.dispatcher is not None:
-            work.append(self.dispatcher.stopService())
-        return gatherResults(work, consumeErrors=True)
-
-    async def _close_async(self) -> None:
+            draining.append(self.dispatcher.stopService())
+        await gatherResults(draining, consumeErrors=True)
         await self._pool.closeCachedConnections()
-        left = self.spool.stats().pending if self.spool is not None else 0
+        left = 0
         if self.spool is not None:
+            left = self.spool.stats().pending
             await self.spool.close()
         await maybeDeferred(self.health_listener.stopService)
         self._log.info(
             "clean shutdown; {pending} message(s) stay spooled for the next start",
             pending=left,
         )
-
-    def _close(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._close_async())
 
 
 @implementer(IMessageSink)
@@ -248,8 +258,8 @@ class _NotReady:
     def check_capacity(self) -> None:
         raise Refusal(451, "4.3.0", "Not ready, try again later")
 
-    def receive(self, message: object) -> None:
-        self.check_capacity()
+    def receive(self, message: object) -> Deferred[None]:
+        return fail(Refusal(451, "4.3.0", "Not ready, try again later"))
 
 
 __all__ = ["MailLaserService", "makeService"]

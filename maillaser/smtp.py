@@ -130,14 +130,16 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._tls = False
         self._peer = ""
         self._helo: str | None = None
-        self._reset_transaction()
+        self._sender: str | None = None
+        self._recipients: list[str] = []
+        self._recipient_keys: set[str] = set()
+        self._message_id = ""
 
     # Twisted's Protocol interface
 
     def connectionMade(self) -> None:
-        self._peer = _host_of(self.transport.getPeer())
-        self._tls = ISSLTransport.providedBy(self.transport)
-        self.callLater = self.factory.clock.callLater
+        self._peer = _host_of(self._wire.getPeer())
+        self._tls = ISSLTransport.providedBy(self._wire)
         refusal = self.factory.admit(self)
         if refusal is not None:
             self._send(refusal)
@@ -165,6 +167,18 @@ class SMTPSession(Protocol, TimeoutMixin):
             _format(421, "4.4.2", f"{self.factory.hostname} Idle timeout, closing")
         )
         self._close()
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's clock: the factory's, so tests drive it."""
+        return self.factory.clock.callLater(period, func)
+
+    @property
+    def _wire(self) -> Any:
+        """
+        The transport: TCP or TLS, a producer, maybe able to start TLS.
+        Twisted's C{Protocol.transport} is typed as a bare ITransport.
+        """
+        return self.transport
 
     # What the factory needs to know
 
@@ -386,11 +400,11 @@ class SMTPSession(Protocol, TimeoutMixin):
             # attack): never execute it, not even after the handshake.
             self._log.warn("cleartext after STARTTLS from {peer}", peer=self._peer)
             self._closing = True
-            self.transport.abortConnection()
+            self._wire.abortConnection()
             return
         self._send(_format(220, "2.0.0", "Ready to start TLS"))
         self._flush()
-        self.transport.startTLS(self.factory.tls_context)
+        self._wire.startTLS(self.factory.tls_context)
         self._tls = True
         self._helo = None  # RFC 3207 4.2: forget everything learnt in cleartext
         self._reset_transaction()
@@ -399,7 +413,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         return (
             not self._tls
             and self.factory.tls_context is not None
-            and ITLSTransport.providedBy(self.transport)
+            and ITLSTransport.providedBy(self._wire)
         )
 
     _handlers: dict[str, Callable[[SMTPSession, str], None]] = {
@@ -485,9 +499,14 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._reset_transaction()
         self._waiting = True
         self.setTimeout(None)
-        self.transport.pauseProducing()
+        self._wire.pauseProducing()
         d = maybeDeferred(self.factory.sink.receive, message)
-        d.addCallbacks(self._accepted, self._not_accepted, (message,), None, (message,))
+        d.addCallbacks(
+            self._accepted,
+            self._not_accepted,
+            callbackArgs=(message,),
+            errbackArgs=(message,),
+        )
         d.addBoth(self._resume)
 
     def _message(self, raw: bytes) -> Message:
@@ -550,7 +569,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         if self._closing:
             return
         self.setTimeout(self.factory.timeout)
-        self.transport.resumeProducing()
+        self._wire.resumeProducing()
         if self.factory.draining:
             self._flush()
             self.shut_down()
@@ -565,18 +584,18 @@ class SMTPSession(Protocol, TimeoutMixin):
     def _flush(self) -> None:
         if self._replies:
             replies, self._replies = self._replies, []
-            self.transport.writeSequence(replies)
+            self._wire.writeSequence(replies)
 
     def _close(self) -> None:
         self._flush()
         self._closing = True
         self._buffer = b""
-        self.transport.loseConnection()
+        self._wire.loseConnection()
 
     def _reset_transaction(self) -> None:
-        self._sender: str | None = None
-        self._recipients: list[str] = []
-        self._recipient_keys: set[str] = set()
+        self._sender = None
+        self._recipients = []
+        self._recipient_keys = set()
         self._message_id = ""
 
 
@@ -591,7 +610,7 @@ def _host_of(address: IAddress) -> str:
     return str(getattr(address, "host", ""))
 
 
-class SMTPServerFactory(Factory):
+class SMTPServerFactory(Factory[SMTPSession]):
     """
     Shared state of all sessions: policy, limits, and the connections open.
 

@@ -14,16 +14,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
+from maillaser.web import QuietSite
 
 
 @attrs.frozen
@@ -67,7 +68,7 @@ class WebhookReceiver(Resource):
         self.requests: list[ReceivedRequest] = []
         self._script: list[Reply] = []
         self._waiters: list[tuple[int, Deferred[list[ReceivedRequest]]]] = []
-        self._hanging: list[IRequest] = []
+        self._hanging: list[Request] = []
         self._port: IListeningPort | None = None
 
     def script(self, *replies: Reply | int) -> None:
@@ -96,6 +97,7 @@ class WebhookReceiver(Resource):
         reply = self._script.pop(0) if self._script else self.default
         self._notify()
         if reply is HANG:
+            assert isinstance(request, Request)
             self._hanging.append(request)
             return NOT_DONE_YET
         request.setResponseCode(reply.status)
@@ -113,9 +115,7 @@ class WebhookReceiver(Resource):
         self, reactor: Any, description: str = "tcp:0:interface=127.0.0.1"
     ) -> Deferred[str]:
         """Start serving; fires with the URL to configure as the webhook."""
-        site = Site(self)
-        site.noisy = False
-        site.log = lambda request: None
+        site = QuietSite(self)
         d: Deferred[IListeningPort] = serverFromString(reactor, description).listen(
             site
         )
@@ -128,7 +128,7 @@ class WebhookReceiver(Resource):
     @property
     def url(self) -> str:
         assert self._port is not None
-        address = self._port.getHost()
+        address: Any = self._port.getHost()
         return f"http://{address.host}:{address.port}/hook"
 
     def stop(self) -> Deferred[object]:
@@ -141,7 +141,7 @@ class WebhookReceiver(Resource):
 
 
 async def _stop(port: IListeningPort) -> None:
-    await port.stopListening()
+    await maybeDeferred(port.stopListening)
 
 
 class SpoolFailure(Exception):
@@ -184,6 +184,12 @@ class MemorySpool:
     def next_due(self) -> Deferred[float | None]:
         times = [at for key, at in self.due_at.items() if key not in self.claimed]
         return succeed(min(times, default=None))
+
+    def release(self, message_id: str) -> None:
+        self.claimed.discard(message_id)
+
+    def refresh(self) -> Deferred[SpoolStats]:
+        return succeed(self.stats())
 
     def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
         self._settle(message_id, attempts)

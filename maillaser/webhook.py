@@ -13,7 +13,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import attrs
-import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -84,7 +84,7 @@ class WebhookClient:
     """POSTs to one URL through an injected treq C{HTTPClient}."""
 
     url: str
-    http: treq.HTTPClient
+    http: HTTPClient
     clock: IReactorTime
     timeout: float
 
@@ -103,7 +103,7 @@ class WebhookClient:
 
 def make_http_client(
     reactor: Any, concurrency: int, timeout: float
-) -> tuple[treq.HTTPClient, HTTPConnectionPool]:
+) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
     The process-wide client: persistent connections, one per concurrent
     delivery, and no automatic retries (POST is not idempotent; our own
@@ -119,7 +119,7 @@ def make_http_client(
         connectTimeout=min(timeout, 30.0),
         pool=pool,
     )
-    return treq.HTTPClient(agent, data_to_body_producer=_body_producer), pool
+    return HTTPClient(agent, data_to_body_producer=_body_producer), pool
 
 
 def _read_response(
@@ -193,8 +193,9 @@ class _CappedBody(Protocol):
             self.done.callback(b"".join(self._chunks))
 
     def _cancel(self, d: Deferred[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
+        producer: Any = self.transport
+        if producer is not None:
+            producer.stopProducing()
 
 
 __all__ = [

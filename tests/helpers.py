@@ -9,6 +9,7 @@ import smtplib
 import ssl
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
+from email.policy import SMTP
 from typing import Any
 
 import attrs
@@ -116,7 +117,7 @@ def send_mail(
             context.verify_mode = ssl.CERT_NONE
             client.starttls(context=context)
             client.ehlo()
-        raw = message if isinstance(message, bytes) else message.as_bytes()
+        raw = message if isinstance(message, bytes) else message.as_bytes(policy=SMTP)
         code, reply = client.mail(sender)
         if code != 250:
             return {"code": code, "reply": reply, "refused": {}}

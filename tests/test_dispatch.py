@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -30,6 +32,7 @@ class DispatcherTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.spool = MemorySpool()
+        self.numbers = itertools.count()
         self.breaker = CircuitBreaker(threshold=2, reset=60.0, clock=self.clock)
 
     def dispatcher(self, client: ScriptedClient, concurrency: int = 4) -> Dispatcher:
@@ -51,8 +54,10 @@ class DispatcherTests(SynchronousTestCase):
 
     def add(self, count: int) -> list[str]:
         ids = []
-        for n in range(count):
-            queued = message(n, at=self.clock.seconds())
+        for _ in range(count):
+            queued = message(
+                len(self.spool.pending) + len(self.spool.dead), at=self.clock.seconds()
+            )
             self.spool.add(queued)
             ids.append(queued.id)
         return ids

@@ -1,0 +1,816 @@
+"""
+The durable spool: accepted messages live in SQLite until the webhook has them.
+
+The SMTP session answers ``250`` only once a message is committed here, so
+this module is where "no accepted mail is ever lost" is kept or broken: a
+message leaves the database only when the webhook accepted it, or when an
+operator purges it from the dead letters by id.
+
+All SQL lives in L{SpoolDatabase}, a synchronous class over one connection.
+The bridge drives it from L{SqliteSpool}, which owns a single dedicated
+thread (SQLite calls block, and the reactor must not), groups concurrent
+writes into one transaction (an fsync costs far more than an insert), and
+keeps the cheap in-memory numbers health checks and back-pressure read.  The
+C{maillaser-spool} admin command uses L{SpoolDatabase} directly, with no
+reactor, possibly while the bridge is running: WAL lets it read alongside the
+bridge and C{busy_timeout} makes its writes wait their turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from maillaser.interfaces import ISpool
+from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
+
+DATABASE_NAME = "spool.sqlite3"
+
+SCHEMA_VERSION = 1
+"""Stored in C{PRAGMA user_version}; a later schema bumps it and migrates."""
+
+APPLICATION_ID = 0x4D4C5350
+"""C{PRAGMA application_id} ("MLSP"): tells our database from any other."""
+
+KEPT_ATTEMPTS = 20
+"""Attempts recorded per message; older ones are dropped, the count is kept."""
+
+BUSY_TIMEOUT_MS = 10_000
+"""How long a write waits for the other process (bridge or admin) to finish."""
+
+State = Literal["pending", "dead"]
+
+_T = TypeVar("_T")
+
+_SCHEMA = (
+    """
+    CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'dead')),
+        sender TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        helo TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        rounds INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        dead_at REAL,
+        attempt_count INTEGER NOT NULL DEFAULT 0,
+        -- Last: reading any other column never walks a large message's
+        -- overflow pages.
+        raw BLOB NOT NULL
+    )
+    """,
+    "CREATE INDEX messages_due ON messages (state, next_attempt_at)",
+    """
+    CREATE TABLE attempts (
+        message_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        status INTEGER,
+        error TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX attempts_message ON attempts (message_id)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+_UNCLAIMED_PENDING = "state = 'pending' AND id NOT IN (SELECT value FROM json_each(?))"
+
+_ENTRY_COLUMNS = (
+    "id, state, sender, recipients, helo, peer, size, received_at, rounds,"
+    " attempt_count, next_attempt_at, last_error, dead_at"
+)
+
+
+class SpoolError(Exception):
+    """
+    The spool could not store or read: disk full, I/O error, corrupt or
+    foreign database, closed spool.  The SMTP layer answers ``451`` to it, so
+    the sending server keeps the message and tries again later.
+    """
+
+
+class DuplicateMessage(SpoolError):
+    """A message with this id is already spooled; the new copy was not stored."""
+
+
+class MessageNotFound(LookupError):
+    """
+    No message with this id in the state an operation needs (for example,
+    requeueing a message that is not dead).  Nothing was changed.
+    """
+
+
+@attrs.frozen
+class SpoolEntry:
+    """What an operator sees of a spooled message, without its bytes."""
+
+    id: str
+    state: State
+    envelope: Envelope
+    size: int
+    received_at: float
+    rounds: int
+    attempts: int
+    """Every attempt made, including those no longer recorded."""
+    next_attempt_at: float | None
+    """C{None} for dead letters."""
+    last_error: str
+    dead_at: float | None
+
+
+@attrs.define
+class SpoolDatabase:
+    """
+    The spool's SQL, synchronous, over one connection.
+
+    Methods that change the database run inside a L{transaction} their caller
+    opens, so the bridge can put many of them in one commit; the reading
+    methods open their own.  SQLite errors surface as L{SpoolError}.
+    """
+
+    path: str
+    _connection: sqlite3.Connection
+
+    @classmethod
+    def open(cls, directory: str, *, create: bool) -> SpoolDatabase:
+        """
+        Connect to the spool in C{directory}, checking it is intact and ours.
+
+        @param create: make the directory and an empty spool if there is
+            none; the admin tool passes C{False}, so a typo in a path can
+            never leave a stray spool behind.
+        """
+        path = os.path.join(directory, DATABASE_NAME)
+        if create:
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise SpoolError(
+                    f"cannot create spool directory {directory}: {e.strerror}"
+                ) from e
+        elif not os.path.isfile(path):
+            raise SpoolError(f"no spool at {directory}")
+        uri = f"file:{quote(os.path.abspath(path))}?mode={'rwc' if create else 'rw'}"
+        try:
+            connection = sqlite3.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as e:
+            raise SpoolError(f"cannot open spool database {path}: {e}") from e
+        connection.row_factory = sqlite3.Row
+        database = cls(path, connection)
+        try:
+            database._prepare(create)
+        except BaseException:
+            connection.close()
+            raise
+        return database
+
+    def _prepare(self, create: bool) -> None:
+        with self._errors("is unreadable or corrupt"):
+            self._connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            problems = [
+                row[0] for row in self._connection.execute("PRAGMA quick_check")
+            ]
+        if problems != ["ok"]:
+            raise SpoolError(
+                f"spool database {self.path} is corrupt: {'; '.join(problems[:3])}"
+            )
+        # The schema is checked before anything is written, so a database
+        # that is not ours is left exactly as it was found.
+        with self.transaction(write=create):
+            if self._is_empty():
+                if not create:
+                    raise SpoolError(f"{self.path} is empty, not a MailLaser spool")
+                for statement in _SCHEMA:
+                    self._connection.execute(statement)
+        with self._errors("cannot be set up"):
+            (mode,) = self._connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            self._connection.execute("PRAGMA synchronous = FULL")
+        if mode != "wal":
+            raise SpoolError(f"spool database {self.path} cannot use WAL mode")
+
+    def _is_empty(self) -> bool:
+        """Whether this is a new database; raises if it is somebody else's."""
+        application_id = self._pragma("application_id")
+        version = self._pragma("user_version")
+        tables = self._connection.execute("SELECT 1 FROM sqlite_master").fetchone()
+        if application_id == version == 0 and not tables:
+            return True
+        if application_id != APPLICATION_ID:
+            raise SpoolError(f"{self.path} is not a MailLaser spool database")
+        if version != SCHEMA_VERSION:
+            raise SpoolError(
+                f"{self.path} has spool schema version {version};"
+                f" this MailLaser reads version {SCHEMA_VERSION}"
+            )
+        return False
+
+    def _pragma(self, name: str) -> int:
+        (value,) = self._connection.execute(f"PRAGMA {name}").fetchone()
+        return int(value)
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[None]:
+        """
+        One transaction: committed if the block succeeds, else rolled back.
+
+        Writers take the write lock up front (C{BEGIN IMMEDIATE}), so waiting
+        for the other process happens here, under C{busy_timeout}, and never
+        as a deadlock half-way through.
+        """
+        with self._errors("failed"):
+            self._connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield
+                self._connection.execute("COMMIT")
+            except BaseException:
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _errors(self, failed: str) -> Iterator[None]:
+        """Turn SQLite's errors into L{SpoolError}s that name the file."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise SpoolError(f"spool database {self.path} {failed}: {e}") from e
+
+    def apply(
+        self, operations: Sequence[Callable[[SpoolDatabase], object]]
+    ) -> list[object]:
+        """
+        Run C{operations} in one transaction (a group commit).
+
+        An operation that finds its message missing or already there gets its
+        own L{Failure} in the result and the others still commit; any other
+        error rolls back the whole group.
+        """
+        results: list[object] = []
+        with self.transaction():
+            for operation in operations:
+                try:
+                    results.append(operation(self))
+                except (DuplicateMessage, MessageNotFound):
+                    results.append(Failure())
+        return results
+
+    def insert(self, message: Message) -> int:
+        """Spool C{message} as pending and due at once; returns its size."""
+        envelope = message.envelope
+        try:
+            self._connection.execute(
+                "INSERT INTO messages (id, state, sender, recipients, helo, peer,"
+                " raw, size, received_at, next_attempt_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    envelope.sender,
+                    json.dumps(envelope.recipients),
+                    envelope.helo,
+                    envelope.peer,
+                    message.raw,
+                    len(message.raw),
+                    message.received_at,
+                    message.received_at,
+                ),
+            )
+        except sqlite3.IntegrityError as e:
+            raise DuplicateMessage(f"message {message.id} is already spooled") from e
+        return len(message.raw)
+
+    def delete(self, message_id: str, state: State) -> int:
+        """Forget a message in C{state} and its attempts; returns its size."""
+        size = self._change(
+            "DELETE FROM messages WHERE id = ? AND state = ? RETURNING size",
+            (message_id, state),
+            message_id,
+            state,
+        )
+        self._connection.execute(
+            "DELETE FROM attempts WHERE message_id = ?", (message_id,)
+        )
+        return size
+
+    def reschedule(
+        self, message_id: str, at: float, attempts: Sequence[Attempt]
+    ) -> int:
+        """End a failed round of a pending message; returns its size."""
+        return self._settle(
+            message_id, "rounds = rounds + 1, next_attempt_at = ?", (at,), attempts
+        )
+
+    def bury(self, message_id: str, at: float, attempts: Sequence[Attempt]) -> int:
+        """Move a pending message to the dead letters; returns its size."""
+        return self._settle(message_id, "state = 'dead', dead_at = ?", (at,), attempts)
+
+    def _settle(
+        self,
+        message_id: str,
+        assignments: str,
+        parameters: tuple[object, ...],
+        attempts: Sequence[Attempt],
+    ) -> int:
+        last_error = attempts[-1].error if attempts else None
+        size = self._change(
+            f"UPDATE messages SET {assignments},"
+            " last_error = coalesce(?, last_error),"
+            " attempt_count = attempt_count + ?"
+            " WHERE id = ? AND state = 'pending' RETURNING size",
+            (*parameters, last_error, len(attempts), message_id),
+            message_id,
+            "pending",
+        )
+        self._connection.executemany(
+            "INSERT INTO attempts (message_id, at, status, error) VALUES (?, ?, ?, ?)",
+            [(message_id, a.at, a.status, a.error) for a in attempts],
+        )
+        self._connection.execute(
+            "DELETE FROM attempts WHERE message_id = ? AND rowid NOT IN"
+            " (SELECT rowid FROM attempts WHERE message_id = ?"
+            " ORDER BY rowid DESC LIMIT ?)",
+            (message_id, message_id, KEPT_ATTEMPTS),
+        )
+        return size
+
+    def requeue(self, message_id: str | None, now: float) -> int:
+        """
+        Make one dead message (or, with C{None}, every one) pending and due
+        at C{now}, with a fresh retry schedule; returns how many.
+        """
+        update = (
+            "UPDATE messages SET state = 'pending', next_attempt_at = ?,"
+            " rounds = 0, dead_at = NULL WHERE state = 'dead'"
+        )
+        if message_id is None:
+            return self._connection.execute(update, (now,)).rowcount
+        self._change(
+            f"{update} AND id = ? RETURNING size", (now, message_id), message_id, "dead"
+        )
+        return 1
+
+    def _change(
+        self,
+        statement: str,
+        parameters: tuple[object, ...],
+        message_id: str,
+        state: State,
+    ) -> int:
+        """Run a C{RETURNING size} statement that must touch exactly one row."""
+        row = self._connection.execute(statement, parameters).fetchone()
+        if row is None:
+            raise self._not_found(message_id, state)
+        return int(row[0])
+
+    def _not_found(self, message_id: str, wanted: State) -> MessageNotFound:
+        row = self._connection.execute(
+            "SELECT state FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        if row is None:
+            return MessageNotFound(f"no message {message_id} in the spool")
+        return MessageNotFound(f"message {message_id} is {row[0]}, not {wanted}")
+
+    def due(
+        self, now: float, limit: int, claimed: Collection[str]
+    ) -> list[QueuedMessage]:
+        """Up to C{limit} pending messages due at C{now}, skipping C{claimed}."""
+        with self.transaction(write=False):
+            rows = self._connection.execute(
+                "SELECT id, sender, recipients, helo, peer, raw, received_at, rounds"
+                f" FROM messages WHERE {_UNCLAIMED_PENDING} AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, received_at LIMIT ?",
+                (json.dumps(list(claimed)), now, limit),
+            ).fetchall()
+        return [
+            QueuedMessage(
+                Message(row["id"], _envelope(row), row["raw"], row["received_at"]),
+                row["rounds"],
+            )
+            for row in rows
+        ]
+
+    def next_due(self, claimed: Collection[str]) -> float | None:
+        """The earliest due time of a pending message not in C{claimed}."""
+        with self.transaction(write=False):
+            row = self._connection.execute(
+                f"SELECT next_attempt_at FROM messages WHERE {_UNCLAIMED_PENDING}"
+                " ORDER BY next_attempt_at LIMIT 1",
+                (json.dumps(list(claimed)),),
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+    def counts(self) -> SpoolStats:
+        """Count what is stored, for when nobody kept count (start, admin)."""
+        with self.transaction(write=False):
+            rows = self._connection.execute(
+                "SELECT state, count(*), coalesce(sum(size), 0)"
+                " FROM messages GROUP BY state"
+            ).fetchall()
+        by_state = {state: (count, size) for state, count, size in rows}
+        pending, size = by_state.get("pending", (0, 0))
+        dead, _ = by_state.get("dead", (0, 0))
+        return SpoolStats(pending=pending, dead=dead, bytes=size)
+
+    def entries(self, state: State | None = None) -> list[SpoolEntry]:
+        """Every message in C{state} (or all), oldest first."""
+        with self.transaction(write=False):
+            rows = self._connection.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM messages"
+                " WHERE ? IS NULL OR state = ? ORDER BY received_at, id",
+                (state, state),
+            ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def entry(self, message_id: str) -> SpoolEntry:
+        """One message, or L{MessageNotFound}."""
+        with self.transaction(write=False):
+            row = self._connection.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+        if row is None:
+            raise MessageNotFound(f"no message {message_id} in the spool")
+        return _entry(row)
+
+    def raw(self, message_id: str) -> bytes:
+        """The exact bytes accepted, or L{MessageNotFound}."""
+        with self.transaction(write=False):
+            row = self._connection.execute(
+                "SELECT raw FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+        if row is None:
+            raise MessageNotFound(f"no message {message_id} in the spool")
+        return bytes(row[0])
+
+    def attempts(self, message_id: str) -> list[Attempt]:
+        """The recorded attempts, oldest first."""
+        with self.transaction(write=False):
+            rows = self._connection.execute(
+                "SELECT at, status, error FROM attempts WHERE message_id = ?"
+                " ORDER BY rowid",
+                (message_id,),
+            ).fetchall()
+        return [Attempt(at, status, error) for at, status, error in rows]
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _envelope(row: sqlite3.Row) -> Envelope:
+    return Envelope(
+        row["sender"], tuple(json.loads(row["recipients"])), row["helo"], row["peer"]
+    )
+
+
+def _entry(row: sqlite3.Row) -> SpoolEntry:
+    state = row["state"]
+    return SpoolEntry(
+        id=row["id"],
+        state=state,
+        envelope=_envelope(row),
+        size=row["size"],
+        received_at=row["received_at"],
+        rounds=row["rounds"],
+        attempts=row["attempt_count"],
+        next_attempt_at=row["next_attempt_at"] if state == "pending" else None,
+        last_error=row["last_error"],
+        dead_at=row["dead_at"],
+    )
+
+
+_Operation = Callable[[SpoolDatabase], object]
+
+
+@attrs.define
+class _GroupCommit:
+    """
+    Write operations, committed as few transactions as the disk allows.
+
+    While one transaction commits, new operations wait; when it is done, all
+    of them go in the next one.  Under load many SMTP sessions share one
+    fsync; when idle, an operation commits at once.
+    """
+
+    _log = Logger()
+
+    _apply: Callable[[list[_Operation]], Deferred[list[object]]]
+    commits: int = 0
+    """Transactions committed; lets tests and metrics see the grouping."""
+    writable: bool = True
+    """Whether the last commit succeeded."""
+    _waiting: list[tuple[_Operation, Deferred[Any]]] = attrs.Factory(list)
+    _committing: bool = False
+    _drained: list[Deferred[None]] = attrs.Factory(list)
+
+    def submit(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
+        """Deferred firing with C{operation}'s result once it is committed."""
+        result: Deferred[_T] = Deferred()
+        self._waiting.append((operation, result))
+        if not self._committing:
+            self._commit_next()
+        return result
+
+    def drain(self) -> Deferred[None]:
+        """Deferred firing once nothing is committing or waiting."""
+        if not self._committing:
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        return drained
+
+    def _commit_next(self) -> None:
+        group, self._waiting = self._waiting, []
+        self._committing = bool(group)
+        if not group:
+            drained, self._drained = self._drained, []
+            for waiter in drained:
+                waiter.callback(None)
+            return
+        self._apply([operation for operation, _ in group]).addBoth(
+            self._committed, [result for _, result in group]
+        )
+
+    def _committed(
+        self, outcome: list[object] | Failure, results: list[Deferred[Any]]
+    ) -> None:
+        if isinstance(outcome, Failure):
+            self._log.failure(
+                "spool commit of {count} operations failed",
+                outcome,
+                LogLevel.error,
+                count=len(results),
+            )
+            self.writable = False
+            outcomes: Sequence[object] = [outcome] * len(results)
+        else:
+            if not self.writable:
+                self._log.info("spool commits succeed again")
+            self.writable = True
+            self.commits += 1
+            outcomes = outcome
+        for result, value in zip(results, outcomes, strict=True):
+            if isinstance(value, Failure):
+                result.errback(value)
+            else:
+                result.callback(value)
+        self._commit_next()
+
+
+@implementer(ISpool)
+@attrs.define
+class SqliteSpool:
+    """
+    The bridge's spool: L{SpoolDatabase} on one dedicated thread.
+
+    Claims (messages handed out by L{due} and not yet settled) live only in
+    memory, so after a restart every pending message is due again.  A claim
+    is released only once the settling write committed, so a L{due} query
+    can never see a message both unclaimed and in its old state.
+    """
+
+    _log = Logger()
+
+    _reactor: IReactorFromThreads
+    _clock: IReactorTime
+    _pool: ThreadPool
+    _database: SpoolDatabase
+    """Used on the pool's thread only (SQLite itself enforces it)."""
+    _stats: SpoolStats
+    _group: _GroupCommit = attrs.field(init=False)
+    _claimed: set[str] = attrs.Factory(set)
+    _closed: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self._group = _GroupCommit(
+            lambda group: self._in_thread(self._database.apply, group)
+        )
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        reactor: IReactorFromThreads,
+        clock: IReactorTime | None = None,
+    ) -> Deferred[SqliteSpool]:
+        """
+        Open (or create) the spool in C{directory}.
+
+        Fails with L{SpoolError} if the database is corrupt or not a spool:
+        the bridge must not start and accept mail it cannot keep.
+        """
+        pool = _start_pool()
+
+        def failed(reason: Failure) -> Failure:
+            pool.stop()
+            return reason
+
+        opening = deferToThreadPool(reactor, pool, _open_with_counts, directory)
+        return opening.addCallbacks(
+            lambda opened: cls._assemble(reactor, clock, pool, *opened), failed
+        )
+
+    @classmethod
+    def _assemble(
+        cls,
+        reactor: IReactorFromThreads,
+        clock: IReactorTime | None,
+        pool: ThreadPool,
+        database: SpoolDatabase,
+        stats: SpoolStats,
+    ) -> SqliteSpool:
+        cls._log.info(
+            "spool {path} opened: {pending} pending, {dead} dead",
+            path=database.path,
+            pending=stats.pending,
+            dead=stats.dead,
+        )
+        return cls(
+            reactor,
+            IReactorTime(reactor) if clock is None else clock,
+            pool,
+            database,
+            stats,
+        )
+
+    def _in_thread(self, function: Callable[..., _T], *args: object) -> Deferred[_T]:
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def _call(self, function: Callable[..., _T], *args: object) -> Deferred[_T]:
+        if self._closed:
+            return fail(SpoolError(f"spool {self._database.path} is closed"))
+        return self._in_thread(function, *args)
+
+    def _write(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
+        if self._closed:
+            return fail(SpoolError(f"spool {self._database.path} is closed"))
+        return self._group.submit(operation)
+
+    def _count(self, pending: int = 0, dead: int = 0, size: int = 0) -> None:
+        self._stats = SpoolStats(
+            pending=self._stats.pending + pending,
+            dead=self._stats.dead + dead,
+            bytes=self._stats.bytes + size,
+        )
+
+    def _settling(self, message_id: str, settled: Deferred[_T]) -> Deferred[_T]:
+        def release(result: _T | Failure) -> _T | Failure:
+            self._claimed.discard(message_id)
+            return result
+
+        return settled.addBoth(release)
+
+    def add(self, message: Message) -> Deferred[None]:
+        stored = self._write(lambda database: database.insert(message))
+        return stored.addCallback(lambda size: self._count(pending=1, size=size))
+
+    def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
+        found = self._call(self._database.due, now, limit, tuple(self._claimed))
+        return found.addCallback(self._claim)
+
+    def _claim(self, found: list[QueuedMessage]) -> list[QueuedMessage]:
+        # Another due() may have claimed some of these while this one ran.
+        fresh = [queued for queued in found if queued.message.id not in self._claimed]
+        self._claimed.update(queued.message.id for queued in fresh)
+        return fresh
+
+    def release(self, message_id: str) -> None:
+        self._claimed.discard(message_id)
+
+    def next_due(self) -> Deferred[float | None]:
+        return self._call(self._database.next_due, tuple(self._claimed))
+
+    def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+        deleted = self._write(lambda database: database.delete(message_id, "pending"))
+        counted = deleted.addCallback(lambda size: self._count(pending=-1, size=-size))
+        return self._settling(message_id, counted)
+
+    def reschedule(
+        self, message_id: str, at: float, attempts: Sequence[Attempt]
+    ) -> Deferred[None]:
+        attempts = tuple(attempts)
+        updated = self._write(
+            lambda database: database.reschedule(message_id, at, attempts)
+        )
+        return self._settling(message_id, updated.addCallback(lambda size: None))
+
+    def bury(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+        attempts = tuple(attempts)
+        dead_at = self._clock.seconds()
+        buried = self._write(
+            lambda database: database.bury(message_id, dead_at, attempts)
+        )
+        counted = buried.addCallback(
+            lambda size: self._count(pending=-1, dead=1, size=-size)
+        )
+        return self._settling(message_id, counted)
+
+    def stats(self) -> SpoolStats:
+        return self._stats
+
+    def refresh(self) -> Deferred[SpoolStats]:
+        """
+        Re-count from the database, which the admin tool may have changed
+        (requeue, purge) behind this process's back.
+        """
+        counted = self._call(self._database.counts)
+        return counted.addCallback(self._recounted)
+
+    def _recounted(self, stats: SpoolStats) -> SpoolStats:
+        self._stats = stats
+        return stats
+
+    def writable(self) -> bool:
+        """For health: whether the last commit succeeded (and we are open)."""
+        return not self._closed and self._group.writable
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since open."""
+        return self._group.commits
+
+    def close(self) -> Deferred[None]:
+        """Finish the writes already submitted, then release the database."""
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        closing = self._group.drain()
+        closing.addCallback(lambda _: self._in_thread(self._database.close))
+
+        def stop(result: object) -> object:
+            self._pool.stop()
+            self._log.info("spool {path} closed", path=self._database.path)
+            return result
+
+        return closing.addBoth(stop)
+
+
+def open_spool(
+    directory: str, reactor: IReactorFromThreads, clock: IReactorTime | None = None
+) -> SqliteSpool:
+    """
+    L{SqliteSpool.open}, waiting for the result: for start-up code that must
+    know the spool is usable before it binds a port or returns.  It blocks
+    the calling thread (not needing the reactor to run) for as long as the
+    integrity check takes, so it is no tool for a running bridge.
+    """
+    pool = _start_pool()
+    opening: Future[tuple[SpoolDatabase, SpoolStats]] = Future()
+
+    def open_in_thread() -> None:
+        try:
+            opening.set_result(_open_with_counts(directory))
+        except BaseException as e:
+            opening.set_exception(e)
+
+    pool.callInThread(open_in_thread)
+    try:
+        database, stats = opening.result()
+    except BaseException:
+        pool.stop()
+        raise
+    return SqliteSpool._assemble(reactor, clock, pool, database, stats)
+
+
+def _start_pool() -> ThreadPool:
+    """The one thread that will own the connection, for the spool's lifetime."""
+    pool = ThreadPool(minthreads=1, maxthreads=1, name="maillaser-spool")
+    pool.start()
+    return pool
+
+
+def _open_with_counts(directory: str) -> tuple[SpoolDatabase, SpoolStats]:
+    database = SpoolDatabase.open(directory, create=True)
+    try:
+        return database, database.counts()
+    except BaseException:
+        database.close()
+        raise
+
+
+__all__ = [
+    "DATABASE_NAME",
+    "DuplicateMessage",
+    "MessageNotFound",
+    "SpoolDatabase",
+    "SpoolEntry",
+    "SpoolError",
+    "SqliteSpool",
+    "open_spool",
+]
