@@ -10,10 +10,11 @@ business; what the SMTP client hears in sync mode is the sink's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
@@ -31,6 +32,16 @@ from maillaser.webhook import WebhookResponse
 
 QUICK_BACKOFF = 0.1
 """Seconds before the first quick retry; doubled for each one after."""
+
+OFFLOAD_SIZE = 32 * 1024
+"""
+Messages larger than this are turned into payloads on a worker thread.
+Parsing and html2text are pure Python (html2text costs about 1 µs per
+character of dense markup), so a big message on the reactor thread would
+stall every SMTP session; a small one costs less than the thread hop.
+"""
+
+Offload = Callable[[Callable[[], bytes]], Deferred[bytes]]
 
 
 @attrs.frozen
@@ -70,6 +81,8 @@ class Deliverer:
     max_retries: int
     secrets: Sequence[str] = ()
     header_prefixes: Sequence[str] = ()
+    offload: Offload | None = None
+    """Runs a function on a worker thread; C{None} keeps everything inline."""
     _log = Logger()
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -77,7 +90,7 @@ class Deliverer:
         return Deferred.fromCoroutine(self._round(message))
 
     async def _round(self, message: Message) -> Outcome:
-        body = encode_payload(build_payload(message, self.header_prefixes))
+        body = await self._body(message)
         attempts: list[Attempt] = []
         outcome: Outcome | None = None
         for retry in range(self.max_retries + 1):
@@ -94,6 +107,12 @@ class Deliverer:
         assert outcome is not None
         self._record(message, outcome)
         return outcome
+
+    def _body(self, message: Message) -> Deferred[bytes]:
+        build = partial(_encoded_payload, message, tuple(self.header_prefixes))
+        if self.offload is None or len(message.raw) <= OFFLOAD_SIZE:
+            return succeed(build())
+        return self.offload(build)
 
     async def _attempt(
         self, message: Message, body: bytes, attempts: list[Attempt]
@@ -143,6 +162,10 @@ class Deliverer:
             self.breaker.succeeded()
         else:
             self.breaker.failed()
+
+
+def _encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
+    return encode_payload(build_payload(message, header_prefixes))
 
 
 def describe_error(error: BaseException) -> str:

@@ -11,6 +11,7 @@ close the HTTP pool and the spool.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -26,6 +27,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -138,6 +140,7 @@ class MailLaserService(MultiService):
             max_retries=config.webhook_max_retries,
             secrets=config.webhook_secrets,
             header_prefixes=config.header_prefixes,
+            offload=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
         )
         self.dispatcher: Dispatcher | None = None
         self.smtp_factory = SMTPServerFactory(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.breaker import BreakerState, CircuitBreaker
-from maillaser.delivery import Delivered, Deliverer, Failed, quick_backoff
+from maillaser.delivery import OFFLOAD_SIZE, Delivered, Deliverer, Failed, quick_backoff
 from maillaser.message import Attempt
 from maillaser.webhook import WebhookResponse
 from tests.doubles import ScriptedClient, message
@@ -142,3 +146,32 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(len(client.requests), 1)
         self.clock.advance(10)
         self.assertEqual(len(client.requests), 1)
+
+
+class OffloadTests(SynchronousTestCase):
+    """Big messages are parsed off the reactor thread; small ones inline."""
+
+    def deliver(self, raw_size: int) -> list[str]:
+        offloaded: list[str] = []
+
+        def offload(build: Callable[[], bytes]) -> Deferred[bytes]:
+            offloaded.append("thread")
+            return succeed(build())
+
+        clock = Clock()
+        deliverer = Deliverer(
+            client=ScriptedClient(200),
+            clock=clock,
+            breaker=CircuitBreaker(threshold=1, reset=1.0, clock=clock),
+            max_retries=0,
+            offload=offload,
+        )
+        big = attrs.evolve(message(), raw=b"Subject: x\r\n\r\n" + b"y" * raw_size)
+        self.assertIsInstance(self.successResultOf(deliverer.deliver(big)), Delivered)
+        return offloaded
+
+    def test_small_message_inline(self) -> None:
+        self.assertEqual(self.deliver(OFFLOAD_SIZE - 100), [])
+
+    def test_large_message_on_a_thread(self) -> None:
+        self.assertEqual(self.deliver(OFFLOAD_SIZE + 1), ["thread"])
