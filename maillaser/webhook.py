@@ -10,11 +10,12 @@ covers the whole exchange, from connecting to the last byte of the response.
 from __future__ import annotations
 
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -98,7 +99,16 @@ class WebhookClient:
             self.url, data=body, headers=request_headers, allow_redirects=False
         )
         d.addCallback(_read_response, self.clock)
-        return d.addTimeout(self.timeout, self.clock)
+        return d.addTimeout(self.timeout, self.clock, onTimeoutCancel=_timed_out)
+
+
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    """
+    Our timer fired.  The Agent reports the cancellation as
+    C{ResponseNeverReceived([CancelledError])} or similar, depending on how
+    far the request got; whatever it says, what happened is a timeout.
+    """
+    raise DeferredTimeoutError(f"no complete response within {timeout:g}s")
 
 
 def make_http_client(
