@@ -48,11 +48,18 @@ class BridgeProcess(ProcessProtocol):
 
     @classmethod
     def start(
-        cls, args: list[str], directory: str, command: str = "twistd"
+        cls,
+        args: list[str],
+        directory: str,
+        command: str = "twistd",
+        environment: dict[str, str] | None = None,
+        tac: str | None = None,
     ) -> BridgeProcess:
         process = cls()
         argv = [*runner(command)]
-        if command == "twistd":
+        if tac is not None:
+            argv += ["-n", "--pidfile=", "-y", tac]
+        elif command == "twistd":
             argv += ["-n", "--pidfile=", "maillaser"]
         else:
             argv += ["--log-format=text", "maillaser"]
@@ -60,7 +67,7 @@ class BridgeProcess(ProcessProtocol):
             process,
             argv[0],
             [*argv, *args],
-            env=clean_environment(),
+            env={**clean_environment(), **(environment or {})},
             path=directory,
         )
         process.pid = transport.pid

@@ -6,16 +6,19 @@ counts, and go further where upstream lost mail.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
 import treq
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from maillaser import __version__
 from maillaser.breaker import BreakerState
+from maillaser.signing import VerificationError, verify
 from maillaser.testing import HANG, Reply, WebhookReceiver
 from tests.helpers import TARGET, poll, simple_message, start_bridge, wait
 
@@ -201,3 +204,30 @@ class HealthTests(TestCase):
             response = await treq.get(bridge.health_url + path, persistent=False)
             self.assertEqual(response.code, 404, path)
             await response.content()
+
+
+class SigningTests(TestCase):
+    async def test_signatures_verify_with_the_reference_library(self) -> None:
+        old, new = (
+            "whsec_" + base64.b64encode(b"o" * 32).decode(),
+            "whsec_" + base64.b64encode(b"n" * 32).decode(),
+        )
+        bridge = await start_bridge(self, webhook_secrets=(old, new))
+        await bridge.send(simple_message())
+        [request] = await wait(bridge.receiver.wait_for(1))
+        entries = request.headers["webhook-signature"].split(" ")
+        self.assertEqual([entry[:3] for entry in entries], ["v1,", "v1,"])
+        for secret in (old, new):
+            payload = Webhook(secret).verify(request.body, request.headers)
+            self.assertEqual(payload["subject"], "Integration Test")
+            verify(secret, request.headers, request.body)
+        wrong = "whsec_" + base64.b64encode(b"w" * 32).decode()
+        self.assertRaises(
+            WebhookVerificationError,
+            Webhook(wrong).verify,
+            request.body,
+            request.headers,
+        )
+        self.assertRaises(
+            VerificationError, verify, wrong, request.headers, request.body
+        )

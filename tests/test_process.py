@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -18,6 +19,7 @@ from maillaser.testing import Reply, WebhookReceiver
 from tests.helpers import TARGET, poll, send_mail, simple_message, wait
 from tests.process import BridgeProcess
 
+TAC = str(Path(__file__).parent.parent / "examples" / "maillaser.tac")
 OK = Reply(200)
 CLEAN_SIGTERM = -signal.SIGTERM
 """
@@ -96,6 +98,27 @@ class TwistdTests(ProcessTestCase):
         # twist re-raises the signal after a clean shutdown (SPEC section 5).
         self.assertEqual(await wait(process.ended, 20), -signal.SIGINT, process.output)
         self.assertIn("clean shutdown; 0 message(s) stay spooled", process.output)
+
+    async def test_tac_file_from_the_environment(self) -> None:
+        receiver = await self.receiver()
+        directory = self.mktemp()
+        os.makedirs(directory)
+        environment = {
+            "MAIL_LASER_TARGET_EMAILS": TARGET,
+            "MAIL_LASER_WEBHOOK_URL": receiver.url,
+            "MAIL_LASER_BIND_ADDRESS": "127.0.0.1",
+            "MAIL_LASER_PORT": "0",
+            "MAIL_LASER_HEALTH_BIND_ADDRESS": "127.0.0.1",
+            "MAIL_LASER_HEALTH_PORT": "0",
+            "MAIL_LASER_SPOOL_DIR": "spool",
+            "MAIL_LASER_HOSTNAME": "mx.test",
+        }
+        process = BridgeProcess.start([], directory, environment=environment, tac=TAC)
+        self.addCleanup(self._kill, process)
+        await process.listening()
+        await self.send(process, "via tac")
+        [request] = await wait(receiver.wait_for(1))
+        self.assertEqual(request.json()["subject"], "via tac")
 
     async def test_bad_setting_is_one_line_and_exit_1(self) -> None:
         directory = self.mktemp()
