@@ -66,14 +66,17 @@ class Bridge:
 
 
 async def start_bridge(
-    test: Any, receiver: WebhookReceiver | None = None, **overrides: Any
+    test: Any,
+    receiver: WebhookReceiver | None = None,
+    spool: Any = None,
+    **overrides: Any,
 ) -> Bridge:
     """Start a bridge and a receiver; both are stopped when the test ends."""
     receiver = receiver or WebhookReceiver()
     url = await receiver.listen(reactor)
     test.addCleanup(receiver.stop)
     config = make_config(url, test.mktemp(), **overrides)
-    service = makeService(config, reactor)
+    service = makeService(config, reactor, spool=spool)
     service.startService()
     test.addCleanup(stop_service, service)
     return Bridge(service, receiver)

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from maillaser import __version__
 from maillaser.breaker import BreakerState
 from maillaser.signing import VerificationError, verify
-from maillaser.testing import HANG, Reply, WebhookReceiver
+from maillaser.testing import HANG, MemorySpool, Reply, WebhookReceiver
 from tests.helpers import TARGET, poll, simple_message, start_bridge, wait
 
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as (msg_[0-9a-f]{28})$")
@@ -231,3 +231,19 @@ class SigningTests(TestCase):
         self.assertRaises(
             VerificationError, verify, wrong, request.headers, request.body
         )
+
+
+class SpoolFailureTests(TestCase):
+    async def test_unwritable_spool_is_451_never_250(self) -> None:
+        spool = MemorySpool(broken=True)
+        bridge = await start_bridge(self, spool=spool)
+        result = await bridge.send(simple_message())
+        self.assertEqual(
+            (result["code"], result["reply"]),
+            (451, b"4.3.0 Could not store the message, try again later"),
+        )
+        response = await treq.get(bridge.health_url + "/health", persistent=False)
+        self.assertEqual(response.code, 503)
+        body = json.loads(await response.content())
+        self.assertIn("spool is not writable", body["reasons"])
+        self.assertEqual(bridge.receiver.requests, [])
