@@ -66,6 +66,13 @@ def quick_backoff(retry: int) -> float:
     return QUICK_BACKOFF * float(2 ** (retry - 1))
 
 
+def settlement(outcome: Outcome) -> str:
+    """How a round ended, for metrics: delivered, rejected, or retry (later)."""
+    if isinstance(outcome, Delivered):
+        return "delivered"
+    return "rejected" if outcome.permanent else "retry"
+
+
 def is_transient(status: int) -> bool:
     """Statuses worth retrying: server errors, 408 and 429.  3xx is a failure too."""
     return status >= 500 or status in (408, 429) or 300 <= status < 400
@@ -79,7 +86,7 @@ class Deliverer:
     clock: IReactorTime
     breaker: CircuitBreaker
     max_retries: int
-    secrets: Sequence[str] = ()
+    secrets: Sequence[str] = attrs.field(default=(), repr=False)
     header_prefixes: Sequence[str] = ()
     offload: Offload | None = None
     """Runs a function on a worker thread; C{None} keeps everything inline."""
@@ -121,9 +128,9 @@ class Deliverer:
         headers = request_headers(self.secrets, message.id, int(now), body)
         try:
             response: WebhookResponse = await self.client.post(body, headers)
-        except CancelledError:
-            raise
-        except Exception as error:  # every transport failure is transient
+        except Exception as error:  # every transport failure is transient...
+            if _cancelled(error):  # ...unless the round itself was cancelled
+                raise CancelledError() from error
             attempts.append(Attempt(now, None, describe_error(error)))
             self._log_attempt(message, attempts)
             return Failed(tuple(attempts), permanent=False, reason=attempts[-1].error)
@@ -166,6 +173,20 @@ class Deliverer:
 
 def _encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
     return encode_payload(build_payload(message, header_prefixes))
+
+
+def _cancelled(error: BaseException) -> bool:
+    """
+    Whether C{error} is our own cancellation, however the Agent wrapped it.
+
+    The client turns its timeout into a TimeoutError, so a CancelledError
+    left inside (e.g. C{ResponseNeverReceived([CancelledError])}) means the
+    round was cancelled from outside, at shutdown: stop, do not retry.
+    """
+    if isinstance(error, CancelledError):
+        return True
+    reasons = getattr(error, "reasons", None) or []
+    return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
 
 
 def describe_error(error: BaseException) -> str:

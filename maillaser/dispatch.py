@@ -10,7 +10,7 @@ leaves the spool only when the webhook has taken it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maillaser.breaker import BreakerState, CircuitBreaker
-from maillaser.delivery import Delivered, Deliverer, Failed, Outcome
+from maillaser.delivery import Delivered, Deliverer, Outcome, settlement
 from maillaser.interfaces import ISpool
 from maillaser.message import QueuedMessage
 
@@ -54,6 +54,8 @@ class Dispatcher(Service):
     concurrency: int
     schedule: Sequence[float]
     grace: float = 10.0
+    on_settled: Callable[[str], object] = lambda settlement: None
+    """Told how each round was settled: delivered, retry, rejected or dead."""
     _in_flight: dict[str, Deferred[None]] = attrs.field(factory=dict)
     _timer: IDelayedCall | None = None
     _pumping: bool = False
@@ -161,9 +163,10 @@ class Dispatcher(Service):
 
     def _settle(self, outcome: Outcome, queued: QueuedMessage) -> Deferred[None]:
         message_id = queued.message.id
+        how = settlement(outcome)
         if isinstance(outcome, Delivered):
+            self.on_settled(how)
             return self.spool.delivered(message_id, outcome.attempts)
-        assert isinstance(outcome, Failed)
         rounds = queued.rounds + 1
         delay = (
             None
@@ -171,6 +174,7 @@ class Dispatcher(Service):
             else next_attempt_delay(self.schedule, rounds, outcome.retry_after)
         )
         if delay is None:
+            self.on_settled("dead" if how == "retry" else how)
             self._log.error(
                 "dead-lettered {message_id} after {rounds} round(s): {error}",
                 message_id=message_id,
@@ -178,6 +182,7 @@ class Dispatcher(Service):
                 error=outcome.attempts[-1].error,
             )
             return self.spool.bury(message_id, outcome.attempts)
+        self.on_settled(how)
         self._log.info(
             "{message_id} stays spooled; next round in {delay:.0f}s",
             message_id=message_id,

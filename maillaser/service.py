@@ -38,6 +38,7 @@ from maillaser.delivery import Deliverer
 from maillaser.dispatch import Dispatcher
 from maillaser.interfaces import IMessageSink, ISpool
 from maillaser.message import Refusal
+from maillaser.metrics import Metrics
 from maillaser.sinks import QueueSink, SyncSink
 from maillaser.smtp import SMTPServerFactory
 from maillaser.tls import tls_context
@@ -125,6 +126,7 @@ class MailLaserService(MultiService):
         self.config = config
         self._reactor = reactor
         self.spool = spool
+        self.metrics = Metrics(reactor, self)
         self.breaker = CircuitBreaker(
             config.circuit_breaker_threshold, config.circuit_breaker_reset, reactor
         )
@@ -132,8 +134,8 @@ class MailLaserService(MultiService):
             reactor, config.delivery_concurrency, config.webhook_timeout
         )
         self.deliverer = Deliverer(
-            client=WebhookClient(
-                config.webhook_url, http, reactor, config.webhook_timeout
+            client=self.metrics.timed(
+                WebhookClient(config.webhook_url, http, reactor, config.webhook_timeout)
             ),
             clock=reactor,
             breaker=self.breaker,
@@ -154,6 +156,7 @@ class MailLaserService(MultiService):
             tls_context=tls_context(config.tls_cert, config.tls_key, config.hostname),
             max_connections=config.max_connections,
             max_connections_per_ip=config.max_connections_per_ip,
+            on_reply=self.metrics.smtp_reply,
         )
         self.smtp_listeners = [
             Listener(serverFromString(reactor, description), self.smtp_factory, "SMTP")
@@ -161,7 +164,7 @@ class MailLaserService(MultiService):
         ]
         self.health_listener = Listener(
             serverFromString(reactor, config.health_endpoint),
-            make_site(self.health),
+            make_site(self.health, self.metrics.registry),
             "health",
         )
         for listener in [*self.smtp_listeners, self.health_listener]:
@@ -188,7 +191,7 @@ class MailLaserService(MultiService):
 
     def _make_sink(self) -> IMessageSink:
         if self.config.delivery_mode == "sync":
-            return SyncSink(self.deliverer, self.breaker)
+            return SyncSink(self.deliverer, self.breaker, self.metrics.settled)
         if self.spool is None:
             from maillaser.spool import open_spool
 
@@ -201,6 +204,7 @@ class MailLaserService(MultiService):
             concurrency=self.config.delivery_concurrency,
             schedule=self.config.retry_schedule,
             grace=self.config.shutdown_grace,
+            on_settled=self.metrics.settled,
         )
         self.dispatcher.setServiceParent(self)
         return QueueSink(

@@ -9,13 +9,15 @@ does not know which one it talks to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from maillaser.breaker import CircuitBreaker
-from maillaser.delivery import Deliverer, Failed, Outcome
+from maillaser.delivery import Deliverer, Failed, Outcome, settlement
 from maillaser.dispatch import Dispatcher
 from maillaser.interfaces import IMessageSink, ISpool
 from maillaser.message import Message, Refusal
@@ -55,6 +57,8 @@ class SyncSink:
 
     deliverer: Deliverer
     breaker: CircuitBreaker
+    on_settled: Callable[[str], object] = lambda settlement: None
+    """Told how each round ended: delivered, rejected, or retry (by the client)."""
 
     def check_capacity(self) -> None:
         if self.breaker.allowance() == 0:
@@ -63,7 +67,11 @@ class SyncSink:
     def receive(self, message: Message) -> Deferred[None]:
         if not self.breaker.acquire():
             raise Refusal(451, "4.4.1", "Webhook unavailable, try again later")
-        return self.deliverer.deliver(message).addCallback(_reply_for)
+        return self.deliverer.deliver(message).addCallback(self._settled)
+
+    def _settled(self, outcome: Outcome) -> None:
+        self.on_settled(settlement(outcome))
+        _reply_for(outcome)
 
 
 def _reply_for(outcome: Outcome) -> None:

@@ -49,6 +49,16 @@ MAX_DATA_LINE = 64 * 1024
 MAX_ERRORS = 20
 """Bad commands tolerated per connection before we hang up (scanners)."""
 
+MAX_INPUT_BACKLOG = 64 * 1024
+"""Unprocessed input kept while the client does not read our replies."""
+
+CLOSE_GRACE = 10.0
+"""Seconds a closing connection has to take its last reply before it is cut."""
+
+FLUSH_EVERY = 64
+"""Replies written at once while pipelined input is processed, so that a full
+send buffer pauses us within one received chunk."""
+
 _END_OF_DATA = b"\r\n.\r\n"
 _LINE_START = b"\r\n"
 
@@ -56,7 +66,10 @@ _PATH = re.compile(
     r"""\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))(?P<params>(?:\s.*)?)$""",
     re.DOTALL,
 )
-_ADDRESS = re.compile(r"[^\s@<>()\[\],;:\\\"]+(?:\.[^\s@<>()\[\],;:\\\"]+)*@[^\s@<>]+")
+_ATOM = r"[^\s@<>()\[\],;:\\\".]+"
+# Dots only separate atoms, so matching is linear: an atom class that also
+# admitted dots would try every split of "a.a.a...a" (2**n steps).
+_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[^\s@<>]+")
 _QUOTED_LOCAL_ADDRESS = re.compile(r'"(?:[^"\\]|\\.)*"@[^\s@<>]+')
 _HELO_DOMAIN = re.compile(r"[\x21-\x7e]{1,255}")
 _PARAM = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[^\s=]+))?$")
@@ -124,6 +137,9 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._data_error: _Reply | None = None
         self._data_line_length = 0
         self._waiting = False
+        self._write_blocked = False
+        self._input_paused = False
+        self._abort_timer: IDelayedCall | None = None
         self._processing = False
         self._closing = False
         self._errors = 0
@@ -145,6 +161,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             self._send(refusal)
             self._close()
             return
+        self._wire.registerProducer(self, True)
         self.setTimeout(self.factory.timeout)
         self._send(b"220 " + self.factory.hostname.encode("idna") + b" ESMTP MailLaser")
         self._flush()
@@ -154,12 +171,49 @@ class SMTPSession(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self._buffer += data
+        if self._write_blocked:
+            self._hold_input()
         self._process()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         self._closing = True
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
         self.factory.release(self)
+
+    # IPushProducer, towards our own transport: a client that sends commands
+    # but never reads the replies fills the send buffer; stop reading (as
+    # while a sink decides) instead of buffering replies without bound.
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        self._hold_input()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._hold_input()
+        self._process()
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows
+
+    def _hold_input(self) -> None:
+        """
+        Read from the client only while nothing makes us wait.
+
+        A full send buffer stops the processing at once, but the reading
+        only once input piles up: during a TLS handshake the TLS layer
+        pauses us too, and it must go on reading to finish the handshake.
+        """
+        backlog = self._write_blocked and len(self._buffer) >= MAX_INPUT_BACKLOG
+        paused = self._waiting or backlog
+        if paused != self._input_paused and not self._closing:
+            self._input_paused = paused
+            if paused:
+                self._wire.pauseProducing()
+            else:
+                self._wire.resumeProducing()
 
     def timeoutConnection(self) -> None:
         self._log.info("idle timeout for {peer}", peer=self._peer)
@@ -206,11 +260,15 @@ class SMTPSession(Protocol, TimeoutMixin):
             return  # a synchronous sink answered; the outer loop carries on
         self._processing = True
         try:
-            while not (self._waiting or self._closing) and self._step():
-                pass
+            while self._ready() and self._step():
+                if len(self._replies) >= FLUSH_EVERY:
+                    self._flush()  # may pause us: see pauseProducing
         finally:
             self._processing = False
         self._flush()
+
+    def _ready(self) -> bool:
+        return not (self._waiting or self._closing or self._write_blocked)
 
     def _step(self) -> bool:
         """Handle what the buffer holds next; C{False} when more input is needed."""
@@ -499,7 +557,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._reset_transaction()
         self._waiting = True
         self.setTimeout(None)
-        self._wire.pauseProducing()
+        self._hold_input()
         d = maybeDeferred(self.factory.sink.receive, message)
         d.addCallbacks(
             self._accepted,
@@ -543,16 +601,17 @@ class SMTPSession(Protocol, TimeoutMixin):
             count=len(message.envelope.recipients),
         )
         self._send(_format(250, "2.0.0", f"Ok: queued as {message.id}"))
+        self.factory.on_reply(250)
 
     def _not_accepted(self, failure: Failure, message: Message) -> None:
         if failure.check(Refusal):
             refusal: Any = failure.value
             self._log.info(
-                "refused {message_id} from {peer}: {code} {text}",
+                "refused {message_id} from {peer}: {code} {reason}",
                 message_id=message.id,
                 peer=self._peer,
                 code=refusal.code,
-                text=refusal.text,
+                reason=refusal.text,
             )
             self._send(_format(refusal.code, refusal.status, refusal.text))
         else:
@@ -569,7 +628,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         if self._closing:
             return
         self.setTimeout(self.factory.timeout)
-        self._wire.resumeProducing()
+        self._hold_input()
         if self.factory.draining:
             self._flush()
             self.shut_down()
@@ -579,6 +638,8 @@ class SMTPSession(Protocol, TimeoutMixin):
     # Output and state
 
     def _send(self, line: bytes) -> None:
+        if line[:1] in (b"4", b"5"):
+            self.factory.on_reply(int(line[:3]))
         self._replies.append(line + b"\r\n")
 
     def _flush(self) -> None:
@@ -590,7 +651,13 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._flush()
         self._closing = True
         self._buffer = b""
+        if self._write_blocked:
+            # The client is not reading; it would never take the last reply,
+            # and a polite close would hold the connection slot for ever.
+            self._wire.abortConnection()
+            return
         self._wire.loseConnection()
+        self._abort_timer = self.callLater(CLOSE_GRACE, self._wire.abortConnection)
 
     def _reset_transaction(self) -> None:
         self._sender = None
@@ -636,6 +703,7 @@ class SMTPServerFactory(Factory[SMTPSession]):
         tls_context: Any = None,
         max_connections: int = 1000,
         max_connections_per_ip: int = 50,
+        on_reply: Callable[[int], object] = lambda code: None,
     ) -> None:
         self.sink = sink
         self.clock = clock
@@ -647,6 +715,7 @@ class SMTPServerFactory(Factory[SMTPSession]):
         self.tls_context = tls_context
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
+        self.on_reply = on_reply  # told 250 at the end of DATA, and every 4xx/5xx
         self.draining = False
         self.sessions: set[SMTPSession] = set()
         self._per_host: Counter[str] = Counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from maillaser.config import (
@@ -23,6 +23,7 @@ from maillaser.config import (
     ConfigError,
     load_config,
 )
+from maillaser.logs import configure_runner
 
 
 class Options(usage.Options):
@@ -81,6 +82,7 @@ class Options(usage.Options):
             self["config"] = load_config(self, self._environ, self._dotenv_path)
         except ConfigError as err:
             raise SystemExit(f"maillaser: {err}") from None
+        configure_runner(self, self["config"].log_level)
 
 
 def makeService(options: Options) -> IService:
@@ -93,5 +95,22 @@ def makeService(options: Options) -> IService:
     """
     from maillaser.service import makeService as makeMailLaserService
 
-    service: IService = makeMailLaserService(options["config"])
-    return service
+    runner = _StartupErrorsExit()
+    makeMailLaserService(options["config"]).setServiceParent(runner)
+    return runner
+
+
+class _StartupErrorsExit(MultiService):
+    """
+    Under twistd and twist, a spool that cannot be opened (corrupt, not
+    ours, unwritable) stops start-up with one line and status 1, like a
+    bad setting.  A program composing the bridge itself gets the exception.
+    """
+
+    def privilegedStartService(self) -> None:
+        from maillaser.spool import SpoolError
+
+        try:
+            super().privilegedStartService()
+        except SpoolError as error:
+            raise SystemExit(f"maillaser: {error}") from None

@@ -1,9 +1,12 @@
 """
-The HTTP side: ``/health`` (and later ``/metrics``) on their own endpoint.
+The HTTP side: ``/health`` and ``/metrics`` on their own endpoint.
 
 These resources only read the state of the other parts; they never drive
 them.  They render on the reactor thread because what they render is a
-handful of counters.
+handful of counters, and because the state they read (spool counts,
+sessions, breaker) belongs to the reactor thread.  That is also why
+``/metrics`` is not C{prometheus_client.twisted.MetricsResource}, which
+renders in the thread pool and imports the global reactor.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 from collections.abc import Callable
 
 import attrs
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -49,6 +53,21 @@ class HealthResource(Resource):
         return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
+class MetricsResource(Resource):
+    """One registry in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return generate_latest(self._registry)
+
+
 class _Root(Resource):
     """Anything but the known children is a 404, including ``/``."""
 
@@ -70,7 +89,8 @@ class QuietSite(Site):
         pass
 
 
-def make_site(check: Callable[[], Health]) -> Site:
+def make_site(check: Callable[[], Health], registry: CollectorRegistry) -> Site:
     root = _Root()
     root.putChild(b"health", HealthResource(check))
+    root.putChild(b"metrics", MetricsResource(registry))
     return QuietSite(root)

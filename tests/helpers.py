@@ -14,9 +14,12 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 from maillaser.config import Config
 from maillaser.service import MailLaserService, makeService
@@ -155,3 +158,147 @@ async def wait(d: Awaitable[Any], timeout: float = 10.0) -> Any:
 
 async def _await(d: Awaitable[Any]) -> Any:
     return await d
+
+
+# Raw SMTP over loopback, for the hostile and interop tests (issue 4): a
+# client that writes exactly the bytes a test gives it, which no client
+# library would, and records every byte the server answers.
+
+
+class RawClient(Protocol):
+    """
+    Bytes out exactly as given, bytes in as they come.
+
+    Waits are event-driven and bounded: C{wait_for_replies} fails at once if
+    the server closes first, and after C{timeout} seconds otherwise.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.is_closed = False
+        self._closed: Deferred[None] = Deferred()
+        self._waiters: list[tuple[Callable[[], bool], Deferred[None]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self._wake()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.is_closed = True
+        self._wake()
+        self._closed.callback(None)
+
+    def lines(self) -> list[bytes]:
+        """Every complete reply line so far, continuation lines included."""
+        return bytes(self.received).split(b"\r\n")[:-1]
+
+    def replies(self) -> list[bytes]:
+        """Complete replies so far: the last line of each."""
+        return [line for line in self.lines() if line[3:4] != b"-"]
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def wait_for_replies(
+        self, count: int, timeout: float = 10.0
+    ) -> Deferred[list[bytes]]:
+        """Fires with C{replies()} once there are C{count} of them."""
+        d = self._until(lambda: len(self.replies()) >= count, timeout)
+        return d.addCallback(lambda _: self.replies())
+
+    def wait_closed(self, timeout: float = 10.0) -> Deferred[None]:
+        return self._until(lambda: self.is_closed, timeout)
+
+    def abort(self) -> Deferred[None]:
+        """Vanish (RST) unless already closed; fires once the socket is gone."""
+        if not self.is_closed and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        return self.wait_closed()
+
+    def _until(self, condition: Callable[[], bool], timeout: float) -> Deferred[None]:
+        if condition():
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((condition, d))
+        d.addTimeout(timeout, reactor)
+        d.addErrback(self._explain, timeout)
+        self._wake()
+        return d
+
+    def _explain(self, failure: Failure, timeout: float) -> None:
+        failure.trap(CancelledError, TimeoutError)
+        raise AssertionError(
+            f"no such reply within {timeout}s; got {bytes(self.received)[-2000:]!r}"
+        )
+
+    def _wake(self) -> None:
+        for condition, d in list(self._waiters):
+            if d.called:
+                self._waiters.remove((condition, d))
+            elif condition():
+                self._waiters.remove((condition, d))
+                d.callback(None)
+            elif self.is_closed:
+                self._waiters.remove((condition, d))
+                d.errback(
+                    AssertionError(
+                        "server closed the connection first; got"
+                        f" {bytes(self.received)[-2000:]!r}"
+                    )
+                )
+
+
+async def connect_raw(
+    test: Any, port: int, source: str = "127.0.0.1", greeting: bool = True
+) -> RawClient:
+    """
+    Connect from C{source} (any 127/8 address works on Linux, which is how
+    tests act as several clients); aborted when the test ends.  Waits for
+    the greeting unless told not to.
+    """
+    endpoint = TCP4ClientEndpoint(
+        reactor, "127.0.0.1", port, timeout=5, bindAddress=(source, 0)
+    )
+    client = await wait(connectProtocol(endpoint, RawClient()))
+    test.addCleanup(client.abort)
+    if greeting:
+        await client.wait_for_replies(1)
+    return client
+
+
+async def start_quiet_bridge(
+    test: Any, receiver: WebhookReceiver | None = None, **overrides: Any
+) -> Bridge:
+    """
+    L{start_bridge}, and before the bridge stops, wait for the dispatcher
+    to finish its look at the spool: stopping while it reads logs "spool is
+    closed" (a race in Dispatcher.stopService reported on issue 4).
+    """
+    bridge = await start_bridge(test, receiver, **overrides)
+    test.addCleanup(dispatcher_idle, bridge)
+    return bridge
+
+
+def dispatcher_idle(bridge: Bridge) -> Deferred[None]:
+    dispatcher = bridge.service.dispatcher
+    if dispatcher is None:
+        return succeed(None)
+    return Deferred.fromCoroutine(poll(lambda: not dispatcher._pumping))
+
+
+def count_admissions(factory: Any) -> list[str]:
+    """
+    Record the peer address of every connection the SMTP factory admits,
+    which is how a test tells several messages per connection from one each.
+    """
+    admitted: list[str] = []
+    admit = factory.admit
+
+    def counting(session: Any) -> bytes | None:
+        refusal: bytes | None = admit(session)
+        if refusal is None:
+            admitted.append(session.peer_host)
+        return refusal
+
+    factory.admit = counting
+    return admitted

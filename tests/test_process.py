@@ -134,6 +134,23 @@ class TwistdTests(ProcessTestCase):
             " (0-65535)\n",
         )
 
+    async def test_corrupt_spool_is_one_line_and_exit_1(self) -> None:
+        receiver = await self.receiver()
+        directory = self.mktemp()
+        os.makedirs(os.path.join(directory, "spool"))
+        with open(os.path.join(directory, "spool", "spool.sqlite3"), "wb") as garbage:
+            garbage.write(b"not a database at all " * 1000)
+        process = BridgeProcess.start(self.arguments(receiver, "spool"), directory)
+        self.assertEqual(await wait(process.ended, 30), 1)
+        self.assertTrue(
+            process.output.rstrip().endswith(
+                "maillaser: spool database spool/spool.sqlite3 is unreadable or"
+                " corrupt: file is not a database"
+            ),
+            process.output,
+        )
+        self.assertNotIn("Traceback", process.output)
+
 
 class DurabilityTests(ProcessTestCase):
     """Nothing that got 250 is lost, whatever happens to the process."""

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Message, Refusal
-from maillaser.smtp import MAX_DATA_LINE, SMTPServerFactory, SMTPSession
+from maillaser.smtp import CLOSE_GRACE, MAX_DATA_LINE, SMTPServerFactory, SMTPSession
 
 TARGETS = ["target@example.com", "Second@Example.com", "third@example.com"]
 
@@ -573,3 +573,47 @@ class FuzzTests(SynchronousTestCase):
                 self.assertEqual(last, b"421 4.7.0 Too many errors, closing")
             else:
                 self.assertEqual(last, b"250 2.0.0 OK")
+
+
+class BackPressureTests(SessionTestCase):
+    """A client that does not read its replies cannot make us buffer them."""
+
+    def test_full_send_buffer_stops_processing(self) -> None:
+        self.session.pauseProducing()  # what the transport does when it is full
+        self.assertEqual(self.send(b"NOOP\r\nNOOP\r\n"), [])
+        self.transport.clear()
+        self.session.resumeProducing()
+        self.assertEqual(self.transport.value().splitlines(), [b"250 2.0.0 OK"] * 2)
+
+    def test_reading_stops_only_when_input_piles_up(self) -> None:
+        self.session.pauseProducing()
+        self.send(b"NOOP\r\n")
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(b"NOOP\r\n" * 20_000)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.session.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_closing_on_a_client_that_does_not_read_aborts(self) -> None:
+        self.session.pauseProducing()
+        self.session.timeoutConnection()
+        self.assertTrue(self.transport.disconnected)
+
+    def test_a_polite_close_is_cut_after_the_grace(self) -> None:
+        self.send(b"QUIT\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(self.transport.disconnected)
+
+
+class AddressTests(SessionTestCase):
+    def test_dotted_address_without_at_is_rejected_quickly(self) -> None:
+        self.send(b"EHLO c\r\n")
+        replies = self.send(b"MAIL FROM:<" + b"a." * 200 + b"a>\r\n")
+        self.assertEqual(replies, [b"501 5.1.7 Bad sender address syntax"])
+
+    def test_dotted_address_is_accepted(self) -> None:
+        self.send(b"EHLO c\r\n")
+        replies = self.send(b"MAIL FROM:<first.last.x@mail.example.com>\r\n")
+        self.assertEqual(replies, [b"250 2.1.0 Sender OK"])

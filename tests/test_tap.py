@@ -230,5 +230,6 @@ class MakeServiceTests(SynchronousTestCase):
         fake.makeService = fake_make_service  # type: ignore[attr-defined]
         options = parse([])
         with mock.patch.dict(sys.modules, {"maillaser.service": fake}):
-            self.assertIs(makeService(options), built)
+            runner = makeService(options)
+        self.assertEqual(list(runner), [built])  # type: ignore[call-overload]
         self.assertEqual(calls, [options["config"]])

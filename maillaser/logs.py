@@ -1,0 +1,137 @@
+"""
+Log output for operators: JSON lines, and the level.
+
+Every event about a message carries a C{message_id} field, the id that
+names the SMTP transaction (in the C{Received} header and the C{250}
+reply), the spool entry and the C{webhook-id}, so one search finds a
+message's whole story.
+
+C{twisted.logger} has no per-logger level: a level is a filter in front of
+an observer, so whoever picks the observer must apply it.  Both runners
+pick it from their own options after the plugin's options are parsed,
+which is when L{configure_runner} adjusts them:
+
+  - C{twistd} takes the observer from C{--logger}: L{json_observer} and
+    L{text_observer} apply the level.  Without C{--logger}, C{twistd -n}
+    logs text to standard output, so it is given L{text_observer}, the
+    same text at the level; its log file and syslog (as a daemon, or with
+    C{--logfile} or C{--syslog}) have no level.
+  - C{twist} builds a filtered observer itself, so it is told the level
+    (unless C{twist --log-level} chose other than its default, info) and,
+    for C{--log-format=json} (the default when standard output is not a
+    terminal), to write L{json_lines} rather than Twisted's
+    record-separated JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
+    eventAsText,
+    textFileLogObserver,
+)
+from twisted.python import usage
+
+_LEGACY_KEYS = frozenset(
+    {"message", "time", "isError", "system", "format", "why", "failure"}
+)
+"""What C{twisted.python.log} events repeat of the C{log_} fields."""
+
+_process_level = LogLevel.info
+"""
+The level chosen on the C{twistd}/C{twist} command line (or environment).
+Process-wide because the log observers are; a bridge built with
+C{maillaser.service.makeService} never reads or sets it.
+"""
+
+
+def configure_runner(options: usage.Options, level: str) -> None:
+    """
+    Apply the bridge's log level, and JSON lines, to the runner of this process.
+
+    @param options: the plugin's options, just parsed; C{options.parent} is
+        the runner's (C{twist}'s or C{twistd}'s), if any.
+    @param level: a L{LogLevel} name, from C{Config.log_level}.
+    """
+    global _process_level
+    _process_level = LogLevel.levelWithName(level)
+    runner: Any = options.parent
+    if runner is None:
+        return
+    if "fileLogObserverFactory" in runner:  # twist
+        if runner["logLevel"] is runner.defaultLogLevel:
+            runner["logLevel"] = _process_level
+        if runner.get("logFormat") == "json":
+            runner["fileLogObserverFactory"] = json_lines
+    elif (  # twistd, about to log text to standard output
+        runner.get("nodaemon")
+        and runner.get("logger") is None
+        and runner.get("logfile") in (None, "", "-")
+        and not runner.get("syslog")
+    ):
+        runner["logger"] = f"{__name__}.text_observer"
+
+
+def json_observer() -> ILogObserver:
+    """For C{twistd --logger}: L{json_lines} on standard output, at the level."""
+    return _at_level(json_lines(sys.stdout))
+
+
+def text_observer() -> ILogObserver:
+    """
+    For C{twistd --logger}, and C{twistd -n} without it: Twisted's text
+    lines on standard output, at the level.
+    """
+    return _at_level(textFileLogObserver(sys.stdout))
+
+
+def json_lines(out: IO[Any]) -> ILogObserver:
+    """
+    One flat JSON object per line, for log collectors: C{timestamp} (ISO
+    8601, UTC), C{level}, C{namespace}, C{text} (the message as a text log
+    shows it, with the traceback of a failure), then the event's own
+    fields, such as C{message_id}.
+
+    Not Twisted's event JSON (C{twist --log-format=json}): that one repeats
+    every field in C{log_flattened}, marks objects it cannot store, and
+    starts each record with an RS character that line-based tools choke on.
+    """
+    return FileLogObserver(out, _json_line)
+
+
+def _json_line(event: LogEvent) -> str:
+    line: dict[str, object] = {}
+    if "log_time" in event:
+        when = datetime.fromtimestamp(event["log_time"], UTC)
+        line["timestamp"] = when.isoformat(timespec="microseconds")
+    if "log_level" in event:
+        line["level"] = event["log_level"].name
+    line["namespace"] = event.get("log_namespace", "")
+    line["text"] = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in _LEGACY_KEYS:
+            line.setdefault(key, value)
+    return json.dumps(line, separators=(",", ":"), default=repr) + "\n"
+
+
+def _at_level(observer: ILogObserver) -> ILogObserver:
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_process_level)
+    return FilteringLogObserver(observer, [predicate])
+
+
+__all__ = [
+    "configure_runner",
+    "json_lines",
+    "json_observer",
+    "text_observer",
+]

@@ -1,0 +1,414 @@
+"""
+Real SMTP peers against a real bridge on loopback: swaks (pipelined,
+STARTTLS, implicit TLS), Postfix's smtp-source (parallel bursts, several
+messages per connection), smtplib over implicit TLS, and Python's ssl as the
+TLS client for the RFC 3207 corner cases.  Every message must arrive exactly
+once, with exactly what was sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from maillaser.tls import self_signed
+from tests.helpers import (
+    LOOPBACK,
+    TARGET,
+    Bridge,
+    count_admissions,
+    dispatcher_idle,
+    poll,
+    simple_message,
+    start_quiet_bridge,
+    wait,
+)
+
+SECOND = "second@example.com"
+EHLO_AFTER_TLS = b"mx.test\nPIPELINING\nSIZE 10485760\n8BITMIME\nENHANCEDSTATUSCODES"
+TIMEOUT = 30.0
+"""Seconds any one client program or socket may take before the test fails."""
+
+
+def find_program(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
+
+
+SWAKS = find_program("swaks")
+SMTP_SOURCE = find_program("smtp-source")
+
+
+@functools.cache
+def swaks_speaks_tls() -> bool:
+    """swaks needs Net::SSLeay (Debian: libnet-ssleay-perl) for TLS."""
+    assert SWAKS is not None
+    support = subprocess.run(
+        [SWAKS, "--support"], capture_output=True, timeout=TIMEOUT, check=False
+    )
+    return b"=== TLS supported" in support.stdout + support.stderr
+
+
+def need_swaks(tls: bool = False) -> str:
+    if SWAKS is None:
+        raise SkipTest("swaks is not installed (Debian package swaks)")
+    if tls and not swaks_speaks_tls():
+        raise SkipTest("swaks cannot do TLS: install libnet-ssleay-perl")
+    return SWAKS
+
+
+def need_smtp_source() -> str:
+    if SMTP_SOURCE is None:
+        raise SkipTest("smtp-source is not installed (Debian package postfix)")
+    return SMTP_SOURCE
+
+
+async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run a client program in a thread, so the reactor serves it meanwhile."""
+    return await wait(
+        deferToThread(
+            subprocess.run, args, capture_output=True, timeout=TIMEOUT, check=False
+        ),
+        TIMEOUT + 5,
+    )
+
+
+async def settled(bridge: Bridge, count: int) -> list[Any]:
+    """
+    Wait for C{count} webhook requests and an empty spool; prove that no
+    request came beyond them; return the requests.
+    """
+    spool = bridge.service.spool
+    assert spool is not None
+    await wait(bridge.receiver.wait_for(count), TIMEOUT)
+    await poll(lambda: spool.stats().pending == 0, TIMEOUT)
+    await dispatcher_idle(bridge)
+    assert spool.stats().dead == 0
+    assert len(bridge.receiver.requests) == count, len(bridge.receiver.requests)
+    return list(bridge.receiver.requests)
+
+
+def unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def write_certificate(test: TestCase) -> tuple[bytes, str, str]:
+    """A self-signed certificate for localhost: its PEM and the two paths."""
+    cert_pem, key_pem = self_signed("localhost")
+    directory = Path(test.mktemp())
+    directory.mkdir()
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    return cert_pem, str(cert), str(key)
+
+
+def der(cert_pem: bytes) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii"))
+
+
+SWAKS_MESSAGE = (
+    "From: Swaks Sender <sender@test.com>\n"
+    "To: target@example.com\n"
+    "Subject: swaks {mode}\n"
+    "Message-ID: <swaks-{mode}@test.com>\n"
+    "\n"
+    "line one\n"
+    ".leading dot\n"
+    "last line"
+)
+"""swaks turns LF into CRLF, stuffs the dot and adds CRLF . CRLF itself."""
+
+
+class SwaksTests(TestCase):
+    async def swaks(self, mode: str, *options: str, port: int | None = None) -> None:
+        """Send with swaks in C{mode}; check its exit status and the payload."""
+        program = need_swaks(tls=mode != "pipelined")
+        bridge = await start_quiet_bridge(self)
+        data = Path(self.mktemp())
+        data.write_text(SWAKS_MESSAGE.format(mode=mode))
+        result = await run(
+            program,
+            *("--server", "127.0.0.1", "--port", str(port or bridge.smtp_port)),
+            *("--from", "sender@test.com", "--to", f"{TARGET},{SECOND}"),
+            *("--helo", "client.test", "--data", f"@{data}", "--timeout", "20"),
+            *options,
+        )
+        transcript = result.stdout.decode("utf-8", "replace")
+        self.assertEqual(result.returncode, 0, transcript + result.stderr.decode())
+        # "<~" marks a reply read over TLS, "<-" one in cleartext.
+        arrow = "<-" if mode == "pipelined" else "<~"
+        queued = re.search(
+            rf"^{arrow}  250 2\.0\.0 Ok: queued as (msg_[0-9a-f]{{28}})$",
+            transcript,
+            re.MULTILINE,
+        )
+        self.assertIsNotNone(queued, transcript)
+        assert queued is not None
+        [request] = await settled(bridge, 1)
+        self.assertEqual(request.headers["webhook-id"], queued.group(1))
+        self.assertEqual(
+            request.json(),
+            {
+                "sender": "sender@test.com",
+                "sender_name": "Swaks Sender",
+                "recipient": TARGET,
+                "recipients": [TARGET, SECOND],
+                "subject": f"swaks {mode}",
+                "body": "line one\r\n.leading dot\r\nlast line\r\n",
+                "message_id": f"<swaks-{mode}@test.com>",
+            },
+        )
+
+    async def test_plain_and_pipelined(self) -> None:
+        await self.swaks("pipelined", "--pipeline")
+
+    async def test_starttls(self) -> None:
+        await self.swaks("starttls", "--tls")
+
+
+class SmtpSourceTests(TestCase):
+    async def burst(self, *options: str, messages: int) -> tuple[Bridge, list[Any]]:
+        program = need_smtp_source()
+        bridge = await start_quiet_bridge(self)
+        connections = count_admissions(bridge.service.smtp_factory)
+        result = await run(
+            program,
+            *("-m", str(messages), "-f", "sender@test.com", "-t", TARGET),
+            *("-M", "client.test", *options, f"127.0.0.1:{bridge.smtp_port}"),
+        )
+        self.assertEqual(result.returncode, 0, result.stderr.decode())
+        requests = await settled(bridge, messages)
+        self.assertEqual(len({r.headers["webhook-id"] for r in requests}), messages)
+        payloads = [r.json() for r in requests]
+        self.assertEqual(len({p["message_id"] for p in payloads}), messages)
+        for payload in payloads:
+            self.assertEqual(payload["sender"], "sender@test.com")
+            self.assertEqual(payload["recipients"], [TARGET])
+        return bridge, connections
+
+    async def test_parallel_sessions(self) -> None:
+        """Ten sessions in parallel, 200 messages, one connection each."""
+        bridge, connections = await self.burst("-s", "10", "-S", "burst", messages=200)
+        self.assertEqual(len(connections), 200)
+        subjects = {r.json()["subject"] for r in bridge.receiver.requests}
+        self.assertEqual(subjects, {"burst"})
+
+    async def test_several_messages_per_connection(self) -> None:
+        """-d keeps each of four sessions open for message after message."""
+        bridge, connections = await self.burst(
+            "-d", "-s", "4", "-l", "2000", messages=100
+        )
+        self.assertEqual(len(connections), 4)
+        bodies = {r.json()["body"] for r in bridge.receiver.requests}
+        self.assertEqual(len(bodies), 1)
+        self.assertGreaterEqual(len(bodies.pop()), 2000)
+
+
+class ImplicitTLSTests(TestCase):
+    """An ssl: endpoint next to the plain one: TLS from the first byte."""
+
+    async def setUp(self) -> None:
+        self.cert_pem, cert, key = write_certificate(self)
+        key, cert = quoteStringArgument(key), quoteStringArgument(cert)
+        implicit = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        self.bridge = await start_quiet_bridge(
+            self, smtp_endpoints=(LOOPBACK, implicit)
+        )
+        port = self.bridge.service.smtp_listeners[1].port
+        assert port is not None
+        self.port = int(port.getHost().port)
+
+    async def test_smtplib_over_implicit_tls(self) -> None:
+        def converse() -> dict[str, Any]:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1",
+                self.port,
+                local_hostname="client.test",
+                context=unverified(),
+                timeout=TIMEOUT,
+            ) as client:
+                ehlo = client.ehlo()
+                sock: Any = client.sock
+                refused = client.send_message(
+                    simple_message(subject="implicit"), "sender@test.com", [TARGET]
+                )
+                return {
+                    "ehlo": ehlo,
+                    "starttls": client.has_extn("starttls"),
+                    "cert": sock.getpeercert(binary_form=True),
+                    "refused": refused,
+                }
+
+        result = await wait(deferToThread(converse), TIMEOUT)
+        self.assertEqual(result["ehlo"], (250, EHLO_AFTER_TLS))
+        self.assertFalse(result["starttls"])
+        self.assertEqual(result["cert"], der(self.cert_pem))
+        self.assertEqual(result["refused"], {})
+        [request] = await settled(self.bridge, 1)
+        self.assertEqual(request.json()["subject"], "implicit")
+
+    async def test_plain_port_still_offers_starttls(self) -> None:
+        def ehlo() -> bool:
+            with smtplib.SMTP(
+                "127.0.0.1", self.bridge.smtp_port, "client.test", timeout=TIMEOUT
+            ) as client:
+                client.ehlo()
+                return client.has_extn("starttls")
+
+        self.assertTrue(await wait(deferToThread(ehlo), TIMEOUT))
+
+    async def test_swaks_over_implicit_tls(self) -> None:
+        program = need_swaks(tls=True)
+        result = await run(
+            program,
+            *("--server", "127.0.0.1", "--port", str(self.port), "--tlsc"),
+            *("--from", "sender@test.com", "--to", TARGET, "--helo", "client.test"),
+            *("--header", "Subject: swaks implicit", "--timeout", "20"),
+        )
+        transcript = result.stdout.decode("utf-8", "replace")
+        self.assertEqual(result.returncode, 0, transcript + result.stderr.decode())
+        self.assertNotIn("STARTTLS", transcript)
+        [request] = await settled(self.bridge, 1)
+        self.assertEqual(request.json()["subject"], "swaks implicit")
+
+
+class StartTLSTests(TestCase):
+    """RFC 3207 with a real TLS client (Python's ssl) on loopback."""
+
+    async def converse(self, conversation: Any, **overrides: Any) -> Any:
+        bridge = await start_quiet_bridge(self, **overrides)
+        self.bridge = bridge
+
+        def run_it() -> Any:
+            with smtplib.SMTP(
+                "127.0.0.1", bridge.smtp_port, "client.test", timeout=TIMEOUT
+            ) as client:
+                return conversation(client)
+
+        return await wait(deferToThread(run_it), TIMEOUT)
+
+    async def test_ehlo_after_tls_no_longer_offers_starttls(self) -> None:
+        def conversation(client: smtplib.SMTP) -> Any:
+            client.ehlo()
+            before = client.has_extn("starttls")
+            started = client.starttls(context=unverified())
+            return before, started, client.ehlo()
+
+        before, started, ehlo = await self.converse(conversation)
+        self.assertTrue(before)
+        self.assertEqual(started, (220, b"2.0.0 Ready to start TLS"))
+        self.assertEqual(ehlo, (250, EHLO_AFTER_TLS))
+
+    async def test_helo_and_sender_are_forgotten_after_the_handshake(self) -> None:
+        def conversation(client: smtplib.SMTP) -> Any:
+            client.ehlo()
+            mail = client.mail("sender@test.com")
+            client.starttls(context=unverified())
+            # No EHLO yet: the cleartext HELO no longer counts.
+            no_helo = client.docmd("MAIL", "FROM:<sender@test.com>")
+            client.ehlo()
+            no_mail = client.rcpt(TARGET)
+            return mail, no_helo, no_mail
+
+        mail, no_helo, no_mail = await self.converse(conversation)
+        self.assertEqual(mail, (250, b"2.1.0 Sender OK"))
+        self.assertEqual(no_helo, (503, b"5.5.1 Send HELO/EHLO first"))
+        self.assertEqual(no_mail, (503, b"5.5.1 Need MAIL command first"))
+
+    async def test_second_starttls_is_503(self) -> None:
+        def conversation(client: smtplib.SMTP) -> Any:
+            client.ehlo()
+            client.starttls(context=unverified())
+            client.ehlo()
+            again = client.docmd("STARTTLS")
+            still = client.noop()
+            refused = client.send_message(
+                simple_message(subject="after 503"), "sender@test.com", [TARGET]
+            )
+            return again, still, refused
+
+        again, still, refused = await self.converse(conversation)
+        self.assertEqual(again, (503, b"5.5.1 TLS already active"))
+        self.assertEqual(still, (250, b"2.0.0 OK"))
+        self.assertEqual(refused, {})
+        [request] = await settled(self.bridge, 1)
+        self.assertEqual(request.json()["subject"], "after 503")
+
+    async def test_cleartext_pipelined_after_starttls_is_never_run(self) -> None:
+        """
+        CVE-2011-0411's attack: commands in the same packet as STARTTLS.
+        The server must not answer them, in cleartext or after TLS.
+        """
+        bridge = await start_quiet_bridge(self)
+
+        def inject() -> tuple[bytes, bytes, bool]:
+            with socket.create_connection(
+                ("127.0.0.1", bridge.smtp_port), timeout=TIMEOUT
+            ) as sock:
+                greeting_and_ehlo = read_until(sock, b"250 STARTTLS\r\n")
+                sock.sendall(b"STARTTLS\r\nNOOP\r\n")
+                sock.settimeout(5)  # the server either closes or stays silent
+                after, closed = read_to_end(sock)
+                return greeting_and_ehlo, after, closed
+
+        def read_until(sock: socket.socket, end: bytes) -> bytes:
+            received = b""
+            sock.sendall(b"EHLO client.test\r\n")
+            while not received.endswith(end):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+            return received
+
+        before, after, closed = await wait(deferToThread(inject), TIMEOUT)
+        self.assertTrue(before.endswith(b"250 STARTTLS\r\n"), before)
+        self.assertNotIn(b"250", after)
+        self.assertTrue(closed)
+        await poll(lambda: not bridge.service.smtp_factory.sessions)
+        result = await bridge.send(simple_message(subject="after"), starttls=True)
+        self.assertEqual(result["code"], 250)
+        await settled(bridge, 1)
+
+    async def test_configured_certificate_is_presented(self) -> None:
+        cert_pem, cert, key = write_certificate(self)
+
+        def conversation(client: smtplib.SMTP) -> bytes:
+            client.ehlo()
+            # Verify for real: the configured certificate is the only trust
+            # anchor, and it names localhost.
+            context = ssl.create_default_context(cafile=cert)
+            client._host = "localhost"  # type: ignore[attr-defined]
+            client.starttls(context=context)
+            sock: Any = client.sock
+            return bytes(sock.getpeercert(binary_form=True))
+
+        presented = await self.converse(conversation, tls_cert=cert, tls_key=key)
+        self.assertEqual(presented, der(cert_pem))
+
+
+def read_to_end(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything until the server closes (or resets); whether it did."""
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return received, False
+    return received, True
