@@ -59,6 +59,7 @@ class Dispatcher(Service):
     _in_flight: dict[str, Deferred[None]] = attrs.field(factory=dict)
     _timer: IDelayedCall | None = None
     _pumping: bool = False
+    _pump_done: Deferred[None] | None = None
     _again: bool = False
     _log = Logger()
 
@@ -77,6 +78,7 @@ class Dispatcher(Service):
         d = Deferred.fromCoroutine(self._pump())
         d.addErrback(self._pump_failed)
         d.addBoth(self._pumped)
+        self._pump_done = None if d.called else d
 
     async def _pump(self) -> None:
         self._cancel_timer()
@@ -93,7 +95,7 @@ class Dispatcher(Service):
                 self._start(queued)
             else:
                 self.spool.release(queued.message.id)
-        if len(self._in_flight) < self.concurrency:
+        if self.running and len(self._in_flight) < self.concurrency:
             await self._schedule_next()
 
     def _pumped(self, ignored: object) -> None:
@@ -199,9 +201,11 @@ class Dispatcher(Service):
         """
         super().stopService()
         self._cancel_timer()
-        if not self._in_flight:
+        # A look at the spool in progress must end before the spool closes.
+        looking = [self._pump_done] if self._pumping and self._pump_done else []
+        if not (self._in_flight or looking):
             return succeed(None)
-        pending = list(self._in_flight.values())
+        pending = [*self._in_flight.values(), *looking]
         self._log.info("waiting for {count} delivery round(s)", count=len(pending))
         everything = DeferredList(pending, consumeErrors=True)
         timer = self.clock.callLater(self.grace, _cancel_all, pending)

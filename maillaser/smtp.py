@@ -139,6 +139,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._waiting = False
         self._write_blocked = False
         self._input_paused = False
+        self._producing = False
         self._abort_timer: IDelayedCall | None = None
         self._processing = False
         self._closing = False
@@ -162,6 +163,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             self._close()
             return
         self._wire.registerProducer(self, True)
+        self._producing = True
         self.setTimeout(self.factory.timeout)
         self._send(b"220 " + self.factory.hostname.encode("idna") + b" ESMTP MailLaser")
         self._flush()
@@ -656,6 +658,11 @@ class SMTPSession(Protocol, TimeoutMixin):
             # and a polite close would hold the connection slot for ever.
             self._wire.abortConnection()
             return
+        if self._producing:
+            # A TLS transport closes only once no producer is registered
+            # (ITransport.loseConnection); TCP happens not to wait.
+            self._producing = False
+            self._wire.unregisterProducer()
         self._wire.loseConnection()
         self._abort_timer = self.callLater(CLOSE_GRACE, self._wire.abortConnection)
 

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from maillaser.config import Config
 from maillaser.service import MailLaserService, makeService
-from maillaser.testing import WebhookReceiver
+from maillaser.testing import ReceivedRequest, WebhookReceiver
 
 TARGET = "target@example.com"
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -302,3 +302,22 @@ def count_admissions(factory: Any) -> list[str]:
 
     factory.admit = counting
     return admitted
+
+
+async def settled(
+    bridge: Bridge, count: int, timeout: float = 10.0
+) -> list[ReceivedRequest]:
+    """
+    Wait for C{count} webhook requests, an empty spool and an idle
+    dispatcher (so that nothing more can arrive); prove that no request
+    came beyond them, and none was dead-lettered; return the requests.
+    """
+    spool = bridge.service.spool
+    assert spool is not None
+    await wait(bridge.receiver.wait_for(count), timeout)
+    await poll(lambda: spool.stats().pending == 0, timeout)
+    await dispatcher_idle(bridge)
+    assert spool.stats().dead == 0, spool.stats()
+    requests = bridge.receiver.requests
+    assert len(requests) == count, [r.json() for r in requests]
+    return list(requests)

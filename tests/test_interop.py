@@ -28,8 +28,8 @@ from tests.helpers import (
     TARGET,
     Bridge,
     count_admissions,
-    dispatcher_idle,
     poll,
+    settled,
     simple_message,
     start_quiet_bridge,
     wait,
@@ -81,21 +81,6 @@ async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
         ),
         TIMEOUT + 5,
     )
-
-
-async def settled(bridge: Bridge, count: int) -> list[Any]:
-    """
-    Wait for C{count} webhook requests and an empty spool; prove that no
-    request came beyond them; return the requests.
-    """
-    spool = bridge.service.spool
-    assert spool is not None
-    await wait(bridge.receiver.wait_for(count), TIMEOUT)
-    await poll(lambda: spool.stats().pending == 0, TIMEOUT)
-    await dispatcher_idle(bridge)
-    assert spool.stats().dead == 0
-    assert len(bridge.receiver.requests) == count, len(bridge.receiver.requests)
-    return list(bridge.receiver.requests)
 
 
 def unverified() -> ssl.SSLContext:
@@ -158,7 +143,7 @@ class SwaksTests(TestCase):
         )
         self.assertIsNotNone(queued, transcript)
         assert queued is not None
-        [request] = await settled(bridge, 1)
+        [request] = await settled(bridge, 1, TIMEOUT)
         self.assertEqual(request.headers["webhook-id"], queued.group(1))
         self.assertEqual(
             request.json(),
@@ -191,7 +176,7 @@ class SmtpSourceTests(TestCase):
             *("-M", "client.test", *options, f"127.0.0.1:{bridge.smtp_port}"),
         )
         self.assertEqual(result.returncode, 0, result.stderr.decode())
-        requests = await settled(bridge, messages)
+        requests = await settled(bridge, messages, TIMEOUT)
         self.assertEqual(len({r.headers["webhook-id"] for r in requests}), messages)
         payloads = [r.json() for r in requests]
         self.assertEqual(len({p["message_id"] for p in payloads}), messages)
@@ -258,8 +243,20 @@ class ImplicitTLSTests(TestCase):
         self.assertFalse(result["starttls"])
         self.assertEqual(result["cert"], der(self.cert_pem))
         self.assertEqual(result["refused"], {})
-        [request] = await settled(self.bridge, 1)
+        [request] = await settled(self.bridge, 1, TIMEOUT)
         self.assertEqual(request.json()["subject"], "implicit")
+
+    async def test_quit_closes_at_once(self) -> None:
+        def quit_over_tls() -> tuple[bytes, bytes, bool]:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+            with unverified().wrap_socket(raw) as tls:
+                greeting = read_until(tls, b"\r\n")
+                return (greeting, *quit_and_read_to_end(tls))
+
+        greeting, received, closed = await wait(deferToThread(quit_over_tls), TIMEOUT)
+        self.assertEqual(greeting, b"220 mx.test ESMTP MailLaser\r\n")
+        self.assertEqual(received, b"221 2.0.0 Bye\r\n")
+        self.assertTrue(closed)
 
     async def test_plain_port_still_offers_starttls(self) -> None:
         def ehlo() -> bool:
@@ -282,7 +279,7 @@ class ImplicitTLSTests(TestCase):
         transcript = result.stdout.decode("utf-8", "replace")
         self.assertEqual(result.returncode, 0, transcript + result.stderr.decode())
         self.assertNotIn("STARTTLS", transcript)
-        [request] = await settled(self.bridge, 1)
+        [request] = await settled(self.bridge, 1, TIMEOUT)
         self.assertEqual(request.json()["subject"], "swaks implicit")
 
 
@@ -318,16 +315,16 @@ class StartTLSTests(TestCase):
             client.ehlo()
             mail = client.mail("sender@test.com")
             client.starttls(context=unverified())
-            # No EHLO yet: the cleartext HELO no longer counts.
-            no_helo = client.docmd("MAIL", "FROM:<sender@test.com>")
-            client.ehlo()
+            # Straight after the handshake, before any EHLO: RCPT would
+            # ride on the cleartext MAIL, MAIL on the cleartext EHLO.
             no_mail = client.rcpt(TARGET)
-            return mail, no_helo, no_mail
+            no_helo = client.mail("sender@test.com")
+            return mail, no_mail, no_helo
 
-        mail, no_helo, no_mail = await self.converse(conversation)
+        mail, no_mail, no_helo = await self.converse(conversation)
         self.assertEqual(mail, (250, b"2.1.0 Sender OK"))
-        self.assertEqual(no_helo, (503, b"5.5.1 Send HELO/EHLO first"))
         self.assertEqual(no_mail, (503, b"5.5.1 Need MAIL command first"))
+        self.assertEqual(no_helo, (503, b"5.5.1 Send HELO/EHLO first"))
 
     async def test_second_starttls_is_503(self) -> None:
         def conversation(client: smtplib.SMTP) -> Any:
@@ -345,7 +342,7 @@ class StartTLSTests(TestCase):
         self.assertEqual(again, (503, b"5.5.1 TLS already active"))
         self.assertEqual(still, (250, b"2.0.0 OK"))
         self.assertEqual(refused, {})
-        [request] = await settled(self.bridge, 1)
+        [request] = await settled(self.bridge, 1, TIMEOUT)
         self.assertEqual(request.json()["subject"], "after 503")
 
     async def test_cleartext_pipelined_after_starttls_is_never_run(self) -> None:
@@ -359,21 +356,11 @@ class StartTLSTests(TestCase):
             with socket.create_connection(
                 ("127.0.0.1", bridge.smtp_port), timeout=TIMEOUT
             ) as sock:
-                greeting_and_ehlo = read_until(sock, b"250 STARTTLS\r\n")
+                before = ehlo(sock)
                 sock.sendall(b"STARTTLS\r\nNOOP\r\n")
                 sock.settimeout(5)  # the server either closes or stays silent
                 after, closed = read_to_end(sock)
-                return greeting_and_ehlo, after, closed
-
-        def read_until(sock: socket.socket, end: bytes) -> bytes:
-            received = b""
-            sock.sendall(b"EHLO client.test\r\n")
-            while not received.endswith(end):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                received += chunk
-            return received
+                return before, after, closed
 
         before, after, closed = await wait(deferToThread(inject), TIMEOUT)
         self.assertTrue(before.endswith(b"250 STARTTLS\r\n"), before)
@@ -382,7 +369,31 @@ class StartTLSTests(TestCase):
         await poll(lambda: not bridge.service.smtp_factory.sessions)
         result = await bridge.send(simple_message(subject="after"), starttls=True)
         self.assertEqual(result["code"], 250)
-        await settled(bridge, 1)
+        await settled(bridge, 1, TIMEOUT)
+
+    async def test_quit_over_tls_closes_at_once(self) -> None:
+        """
+        After 221 the server closes, over TLS as in cleartext.  A TLS
+        transport does not close while a producer is registered on it
+        (ITransport.loseConnection), so the session must unregister itself
+        first, or the connection and its slot are held until a timer cuts it.
+        """
+        bridge = await start_quiet_bridge(self)
+
+        def quit_over_tls() -> tuple[bytes, bool]:
+            with socket.create_connection(
+                ("127.0.0.1", bridge.smtp_port), timeout=TIMEOUT
+            ) as sock:
+                ehlo(sock)
+                sock.sendall(b"STARTTLS\r\n")
+                read_until(sock, b"\r\n")
+                with unverified().wrap_socket(sock) as tls:
+                    return quit_and_read_to_end(tls)
+
+        received, closed = await wait(deferToThread(quit_over_tls), TIMEOUT)
+        self.assertEqual(received, b"221 2.0.0 Bye\r\n")
+        self.assertTrue(closed)
+        await poll(lambda: not bridge.service.smtp_factory.sessions, 3)
 
     async def test_configured_certificate_is_presented(self) -> None:
         cert_pem, cert, key = write_certificate(self)
@@ -401,13 +412,37 @@ class StartTLSTests(TestCase):
         self.assertEqual(presented, der(cert_pem))
 
 
+def read_until(sock: socket.socket, end: bytes) -> bytes:
+    received = b""
+    while not received.endswith(end):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def ehlo(sock: socket.socket) -> bytes:
+    """Greeting and EHLO on a fresh connection; what the server said."""
+    greeting = read_until(sock, b"\r\n")
+    sock.sendall(b"EHLO client.test\r\n")
+    return greeting + read_until(sock, b"250 STARTTLS\r\n")
+
+
+def quit_and_read_to_end(sock: socket.socket) -> tuple[bytes, bool]:
+    """QUIT, then the reply and whether the server closed within 3 s."""
+    sock.sendall(b"QUIT\r\n")
+    sock.settimeout(3)
+    return read_to_end(sock)
+
+
 def read_to_end(sock: socket.socket) -> tuple[bytes, bool]:
     """Everything until the server closes (or resets); whether it did."""
     received = b""
     try:
         while chunk := sock.recv(4096):
             received += chunk
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLEOFError):
         pass
     except TimeoutError:
         return received, False
