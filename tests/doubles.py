@@ -52,3 +52,8 @@ def message(n: int = 0, at: float = 0.0) -> Message:
         raw=raw,
         received_at=at,
     )
+
+
+def stored(envelope: Envelope, id: str, received_at: float, raw: bytes) -> Message:
+    """A message as the spool tests store it: their own envelope, id and time."""
+    return Message(id=id, envelope=envelope, raw=raw, received_at=received_at)

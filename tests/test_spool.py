@@ -29,6 +29,7 @@ from maillaser.spool import (
     SqliteSpool,
     open_spool,
 )
+from tests.doubles import stored
 
 RAW = (
     b"From: =?utf-8?q?Caf=C3=A9?= <a@example.org>\r\n"
@@ -38,20 +39,18 @@ RAW = (
 )
 
 
+ENVELOPE = Envelope(
+    sender="",
+    recipients=("Ops@Example.org", "b@example.org"),
+    helo="mx.example.net",
+    peer="192.0.2.7:40001",
+)
+
+
 def message(
     id: str = "msg_1", received_at: float = 1000.0, raw: bytes = RAW
 ) -> Message:
-    return Message(
-        id=id,
-        envelope=Envelope(
-            sender="",
-            recipients=("Ops@Example.org", "b@example.org"),
-            helo="mx.example.net",
-            peer="192.0.2.7:40001",
-        ),
-        raw=raw,
-        received_at=received_at,
-    )
+    return stored(ENVELOPE, id, received_at, raw)
 
 
 def spool_threads() -> list[threading.Thread]:

@@ -19,6 +19,7 @@ import maillaser
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import DATABASE_NAME, SpoolDatabase, SqliteSpool
 from maillaser.spool_admin import format_duration, format_size, main, run
+from tests.doubles import stored
 
 NOW = 1_700_000_000.0
 
@@ -33,18 +34,16 @@ RAW = HEADERS + b"SECRET BODY LINE\r\n"
 REJECTED = "HTTP 422: the receiver\nrejected \x07 this payload for good"
 
 
+ENVELOPE = Envelope(
+    sender="alerts@example.org",
+    recipients=("ops@example.com", "Oncall@Example.com"),
+    helo="mon.example.org",
+    peer="198.51.100.4:51000",
+)
+
+
 def message(id: str, received_at: float, raw: bytes = RAW) -> Message:
-    return Message(
-        id=id,
-        envelope=Envelope(
-            sender="alerts@example.org",
-            recipients=("ops@example.com", "Oncall@Example.com"),
-            helo="mon.example.org",
-            peer="198.51.100.4:51000",
-        ),
-        raw=raw,
-        received_at=received_at,
-    )
+    return stored(ENVELOPE, id, received_at, raw)
 
 
 class Output:
