@@ -41,6 +41,7 @@ from maillaser.message import Refusal
 from maillaser.metrics import Metrics
 from maillaser.sinks import QueueSink, SyncSink
 from maillaser.smtp import SMTPServerFactory
+from maillaser.spool import open_spool
 from maillaser.tls import tls_context
 from maillaser.web import Health, make_site
 from maillaser.webhook import WebhookClient, make_http_client
@@ -107,11 +108,7 @@ class Listener(Service):
     def stopService(self) -> Deferred[object] | None:
         super().stopService()
         port, self.port = self.port, None
-        return None if port is None else Deferred.fromCoroutine(_stop_listening(port))
-
-
-async def _stop_listening(port: IListeningPort) -> object:
-    return await maybeDeferred(port.stopListening)
+        return None if port is None else maybeDeferred(port.stopListening)
 
 
 class MailLaserService(MultiService):
@@ -193,8 +190,6 @@ class MailLaserService(MultiService):
         if self.config.delivery_mode == "sync":
             return SyncSink(self.deliverer, self.breaker, self.metrics.settled)
         if self.spool is None:
-            from maillaser.spool import open_spool
-
             self.spool = open_spool(self.config.spool_dir, self._reactor)
         self.dispatcher = Dispatcher(
             spool=self.spool,
