@@ -10,8 +10,10 @@ business; what the SMTP client hears in sync mode is the sink's.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
+from time import perf_counter
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -41,7 +43,53 @@ character of dense markup), so a big message on the reactor thread would
 stall every SMTP session; a small one costs less than the thread hop.
 """
 
+TURN_BUDGET = 0.005
+"""
+Seconds of payload building done on the reactor thread per iteration.  A
+burst of rounds would otherwise build all their payloads in one callback
+(html2text costs milliseconds per message) and stall every SMTP session.
+"""
+
 Offload = Callable[[Callable[[], bytes]], Deferred[bytes]]
+
+
+@attrs.define
+class TurnBudget:
+    """
+    Runs queued functions on the reactor thread, C{budget} seconds' worth
+    (and at least one) per reactor iteration, yielding to I/O in between.
+    """
+
+    clock: IReactorTime
+    budget: float = TURN_BUDGET
+    _queue: deque[tuple[Callable[[], bytes], Deferred[bytes]]] = attrs.field(
+        factory=deque
+    )
+    _scheduled: bool = False
+
+    def run(self, function: Callable[[], bytes]) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        self._queue.append((function, d))
+        if not self._scheduled:
+            self._scheduled = True
+            self.clock.callLater(0, self._turn)
+        return d
+
+    def _turn(self) -> None:
+        deadline = perf_counter() + self.budget
+        while True:
+            function, d = self._queue.popleft()
+            try:
+                result = function()
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+            if not self._queue or perf_counter() >= deadline:
+                break
+        self._scheduled = bool(self._queue)
+        if self._scheduled:
+            self.clock.callLater(0, self._turn)
 
 
 @attrs.frozen
@@ -90,6 +138,8 @@ class Deliverer:
     header_prefixes: Sequence[str] = ()
     offload: Offload | None = None
     """Runs a function on a worker thread; C{None} keeps everything inline."""
+    inline: Offload | None = None
+    """Runs a small build on the reactor thread, in turn (a L{TurnBudget})."""
     _log = Logger()
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -117,9 +167,11 @@ class Deliverer:
 
     def _body(self, message: Message) -> Deferred[bytes]:
         build = partial(_encoded_payload, message, tuple(self.header_prefixes))
-        if self.offload is None or len(message.raw) <= OFFLOAD_SIZE:
-            return succeed(build())
-        return self.offload(build)
+        if self.offload is not None and len(message.raw) > OFFLOAD_SIZE:
+            return self.offload(build)
+        if self.inline is not None:
+            return self.inline(build)
+        return succeed(build())
 
     async def _attempt(
         self, message: Message, body: bytes, attempts: list[Attempt]

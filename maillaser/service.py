@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from maillaser.breaker import CircuitBreaker
 from maillaser.config import Config, describe
-from maillaser.delivery import Deliverer
+from maillaser.delivery import Deliverer, TurnBudget
 from maillaser.dispatch import Dispatcher
 from maillaser.interfaces import IMessageSink, ISpool
 from maillaser.message import Refusal
@@ -140,6 +140,7 @@ class MailLaserService(MultiService):
             secrets=config.webhook_secrets,
             header_prefixes=config.header_prefixes,
             offload=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+            inline=TurnBudget(reactor).run,
         )
         self.dispatcher: Dispatcher | None = None
         self.smtp_factory = SMTPServerFactory(

@@ -14,7 +14,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 
 from maillaser.breaker import BreakerState, CircuitBreaker
-from maillaser.delivery import OFFLOAD_SIZE, Delivered, Deliverer, Failed, quick_backoff
+from maillaser.delivery import (
+    OFFLOAD_SIZE,
+    Delivered,
+    Deliverer,
+    Failed,
+    TurnBudget,
+    quick_backoff,
+)
 from maillaser.message import Attempt
 from maillaser.webhook import WebhookResponse
 from tests.doubles import ScriptedClient, message
@@ -186,3 +193,44 @@ class OffloadTests(SynchronousTestCase):
 
     def test_large_message_on_a_thread(self) -> None:
         self.assertEqual(self.deliver(OFFLOAD_SIZE + 1), ["thread"])
+
+
+class TurnBudgetTests(SynchronousTestCase):
+    """Payload builds share the reactor with I/O instead of running in a burst."""
+
+    def test_one_build_per_turn_when_the_budget_is_spent(self) -> None:
+        turns_scheduled: list[Callable[[], object]] = []
+
+        class Iterations:
+            """Like the reactor: a call made now runs on the next iteration."""
+
+            def callLater(self, delay: float, f: Callable[[], object]) -> None:
+                turns_scheduled.append(f)
+
+        turns = TurnBudget(Iterations(), budget=0.0)  # type: ignore[arg-type]
+        results = [turns.run(lambda n=n: b"%d" % n) for n in range(3)]
+        self.assertEqual(len(turns_scheduled), 1)
+        for n in range(3):
+            self.assertNoResult(results[n])
+            turns_scheduled.pop(0)()
+            self.assertEqual(self.successResultOf(results[n]), b"%d" % n)
+        self.assertEqual(turns_scheduled, [])
+
+    def test_many_builds_in_one_turn_within_the_budget(self) -> None:
+        clock = Clock()
+        turns = TurnBudget(clock, budget=60.0)
+        results = [turns.run(lambda: b"x") for _ in range(5)]
+        clock.advance(0)
+        self.assertEqual([self.successResultOf(r) for r in results], [b"x"] * 5)
+
+    def test_a_failing_build_fails_only_its_own_round(self) -> None:
+        clock = Clock()
+        turns = TurnBudget(clock)
+
+        def broken() -> bytes:
+            raise ValueError("bad")
+
+        failed, fine = turns.run(broken), turns.run(lambda: b"ok")
+        clock.advance(0)
+        self.failureResultOf(failed, ValueError)
+        self.assertEqual(self.successResultOf(fine), b"ok")

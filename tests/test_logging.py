@@ -25,6 +25,7 @@ from twisted.logger import (
     LogEvent,
     Logger,
     LogLevel,
+    eventAsText,
     globalLogPublisher,
     textFileLogObserver,
 )
@@ -377,3 +378,25 @@ class RunnerTests(TestCase):
     async def test_twist(self) -> None:
         """JSON, since standard output is not a terminal."""
         self.assertOnlyTheWarning(await self.run_bridge("-m", "twisted"))
+
+
+class RenderingTests(SynchronousTestCase):
+    """The fast rendering of JSON lines says exactly what eventAsText says."""
+
+    def test_same_text_as_twisted(self) -> None:
+        events: list[dict[str, object]] = [
+            {
+                "log_format": "got {message_id}: {size} bytes",
+                "message_id": "m",
+                "size": 3,
+            },
+            {"log_format": "next round in {delay:.0f}s", "delay": 4.6},
+            {"log_format": "{value!r} and {{braces}}", "value": "q"},
+            {"log_format": "missing {field}"},
+            {"log_format": "{obj.attribute}", "obj": RenderingTests},
+        ]
+        for event in events:
+            self.assertEqual(
+                logs._text(event),
+                eventAsText(event, includeTimestamp=False, includeSystem=False),
+            )
