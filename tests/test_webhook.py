@@ -6,13 +6,21 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from maillaser import __version__
-from maillaser.webhook import WebhookClient, WebhookResponse, parse_retry_after
+from maillaser.webhook import (
+    CachedEndpoints,
+    WebhookClient,
+    WebhookResponse,
+    parse_retry_after,
+)
 
 
 class Hook(Resource):
@@ -102,3 +110,23 @@ class RetryAfterTests(SynchronousTestCase):
         self.assertIsNone(parse_retry_after(b"soon", now))
         self.assertIsNone(parse_retry_after(b"-5", now))
         self.assertIsNone(parse_retry_after(None, now))
+
+
+class CachedEndpointsTests(SynchronousTestCase):
+    def test_one_endpoint_per_origin(self) -> None:
+        endpoints = CachedEndpoints(
+            MemoryReactorClock(), BrowserLikePolicyForHTTPS(), 5.0
+        )
+        first = endpoints.endpointForURI(URI.fromBytes(b"http://hook.test:8080/a"))
+        again = endpoints.endpointForURI(URI.fromBytes(b"http://hook.test:8080/b"))
+        other = endpoints.endpointForURI(URI.fromBytes(b"https://hook.test/a"))
+        self.assertIs(first, again)
+        self.assertIsNot(first, other)
+
+    def test_connects_where_the_uri_says(self) -> None:
+        reactor = MemoryReactorClock()
+        endpoints = CachedEndpoints(reactor, BrowserLikePolicyForHTTPS(), 5.0)
+        endpoint = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/a"))
+        endpoint.connect(Factory.forProtocol(Protocol))
+        [(host, port, _factory, timeout, _bind)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 8080, 5.0))
