@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import Delivered, Deliverer, Outcome, settlement
 from maillaser.interfaces import ISpool
-from maillaser.message import QueuedMessage
+from maillaser.message import Message, QueuedMessage
 
 POLL_INTERVAL = 5.0
 """Look at the spool at least this often, to notice requeues by the admin tool."""
@@ -79,6 +79,22 @@ class Dispatcher(Service):
         d.addErrback(self._pump_failed)
         d.addBoth(self._pumped)
         self._pump_done = None if d.called else d
+
+    def offer(self, message: Message) -> None:
+        """
+        A message just committed: start its round from memory if a slot is
+        free, sparing a spool read; otherwise it waits in the spool.
+        """
+        if (
+            self.running
+            and len(self._in_flight) < self.concurrency
+            and self.spool.claim(message.id)
+        ):
+            if self.breaker.acquire():
+                self._start(QueuedMessage(message))
+                return
+            self.spool.release(message.id)
+        self.wake()
 
     async def _pump(self) -> None:
         self._cancel_timer()

@@ -71,6 +71,12 @@ class ISpool(Interface):
     def bury(message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
         """Give up: move the message to the dead letters, keeping it on disk."""
 
+    def claim(message_id: str) -> bool:
+        """
+        Claim a message this process has just added, to deliver it from
+        memory rather than read it back; C{False} if it is claimed already.
+        """
+
     def release(message_id: str) -> None:
         """Give back a claim without settling the message (it was not started)."""
 

@@ -40,11 +40,11 @@ class QueueSink:
 
     def receive(self, message: Message) -> Deferred[None]:
         d: Deferred[None] = self.spool.add(message)
-        d.addCallbacks(self._stored, self._not_stored)
+        d.addCallbacks(self._stored, self._not_stored, callbackArgs=(message,))
         return d
 
-    def _stored(self, ignored: object) -> None:
-        self.dispatcher.wake()
+    def _stored(self, ignored: object, message: Message) -> None:
+        self.dispatcher.offer(message)
 
     def _not_stored(self, failure: Failure) -> None:
         raise Refusal(451, "4.3.0", "Could not store the message, try again later")

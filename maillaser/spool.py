@@ -690,6 +690,12 @@ class SqliteSpool:
         self._claimed.update(queued.message.id for queued in fresh)
         return fresh
 
+    def claim(self, message_id: str) -> bool:
+        if message_id in self._claimed:
+            return False
+        self._claimed.add(message_id)
+        return True
+
     def release(self, message_id: str) -> None:
         self._claimed.discard(message_id)
 

@@ -185,6 +185,12 @@ class MemorySpool:
         times = [at for key, at in self.due_at.items() if key not in self.claimed]
         return succeed(min(times, default=None))
 
+    def claim(self, message_id: str) -> bool:
+        if message_id in self.claimed or message_id not in self.pending:
+            return False
+        self.claimed.add(message_id)
+        return True
+
     def release(self, message_id: str) -> None:
         self.claimed.discard(message_id)
 

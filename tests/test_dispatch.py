@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import Deliverer
 from maillaser.dispatch import Dispatcher, next_attempt_delay
+from maillaser.message import QueuedMessage
 from maillaser.testing import MemorySpool
 from maillaser.webhook import WebhookResponse
 from tests.doubles import ScriptedClient, message
@@ -28,7 +30,9 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(next_attempt_delay(SCHEDULE, 2, 60.0), 300.0)
 
 
-class DispatcherTests(SynchronousTestCase):
+class DispatcherCase(SynchronousTestCase):
+    """A dispatcher over a MemorySpool and a scripted webhook, on a Clock."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.spool = MemorySpool()
@@ -62,6 +66,8 @@ class DispatcherTests(SynchronousTestCase):
             ids.append(queued.id)
         return ids
 
+
+class DispatcherTests(DispatcherCase):
     def test_pending_messages_are_delivered_on_start(self) -> None:
         self.add(3)
         client = ScriptedClient()
@@ -170,3 +176,67 @@ class DispatcherTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.spool.stats().pending, 1)
         self.assertEqual(self.spool.stats().dead, 0)
+
+
+class CountingSpool(MemorySpool):
+    """A MemorySpool that counts how often messages are read back."""
+
+    reads = 0
+
+    def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
+        self.reads += 1
+        return super().due(now, limit)
+
+
+class OfferTests(DispatcherCase):
+    """A message just committed is delivered from memory, never twice."""
+
+    def offer(self, dispatcher: Dispatcher) -> str:
+        queued = message(next(self.numbers), at=self.clock.seconds())
+        self.spool.add(queued)
+        dispatcher.offer(queued)
+        return queued.id
+
+    def test_offered_message_starts_without_reading_the_spool(self) -> None:
+        self.spool = CountingSpool()
+        client = ScriptedClient(None)
+        dispatcher = self.dispatcher(client)
+        reads_at_start = self.spool.reads
+        message_id = self.offer(dispatcher)
+        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(self.spool.reads, reads_at_start)
+        self.assertIn(message_id, self.spool.claimed)
+        client.hanging[0].callback(WebhookResponse(200))
+        self.assertEqual(self.spool.stats().pending, 0)
+
+    def test_no_free_slot_leaves_it_to_the_spool(self) -> None:
+        client = ScriptedClient(None, None)
+        dispatcher = self.dispatcher(client, concurrency=1)
+        self.offer(dispatcher)
+        second = self.offer(dispatcher)
+        self.assertEqual(len(client.requests), 1)
+        self.assertNotIn(second, self.spool.claimed)
+        client.hanging[0].callback(WebhookResponse(200))
+        self.assertEqual(len(client.requests), 2)
+        client.hanging[1].callback(WebhookResponse(200))
+        self.assertEqual(self.spool.stats().pending, 0)
+
+    def test_open_breaker_keeps_it_spooled_and_unclaimed(self) -> None:
+        client = ScriptedClient(500, 500)
+        dispatcher = self.dispatcher(client)
+        self.offer(dispatcher)
+        self.offer(dispatcher)
+        self.assertIs(self.breaker.state, BreakerState.open)
+        message_id = self.offer(dispatcher)
+        self.assertEqual(len(client.requests), 2)
+        self.assertNotIn(message_id, self.spool.claimed)
+        self.assertEqual(self.spool.stats().pending, 3)
+
+    def test_a_message_already_claimed_is_not_started_again(self) -> None:
+        client = ScriptedClient(None)
+        dispatcher = self.dispatcher(client)
+        queued = message(next(self.numbers), at=self.clock.seconds())
+        self.spool.add(queued)
+        dispatcher.wake()  # the spool hands it out first
+        dispatcher.offer(queued)
+        self.assertEqual(len(client.requests), 1)
