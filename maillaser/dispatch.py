@@ -86,14 +86,11 @@ class Dispatcher(Service):
         free, sparing a spool read; otherwise it waits in the spool.
         """
         if (
-            self.running
-            and len(self._in_flight) < self.concurrency
+            len(self._in_flight) < self.concurrency
             and self.spool.claim(message.id)
+            and self._start_or_release(QueuedMessage(message))
         ):
-            if self.breaker.acquire():
-                self._start(QueuedMessage(message))
-                return
-            self.spool.release(message.id)
+            return
         self.wake()
 
     async def _pump(self) -> None:
@@ -107,10 +104,7 @@ class Dispatcher(Service):
             batch = await self.spool.due(self.clock.seconds(), slots)
         for queued in batch:
             # The breaker may have changed while the spool was read.
-            if self.running and self.breaker.acquire():
-                self._start(queued)
-            else:
-                self.spool.release(queued.message.id)
+            self._start_or_release(queued)
         if self.running and len(self._in_flight) < self.concurrency:
             await self._schedule_next()
 
@@ -157,6 +151,14 @@ class Dispatcher(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _start_or_release(self, queued: QueuedMessage) -> bool:
+        """Start a claimed message's round if allowed, else give the claim back."""
+        if self.running and self.breaker.acquire():
+            self._start(queued)
+            return True
+        self.spool.release(queued.message.id)
+        return False
 
     def _start(self, queued: QueuedMessage) -> None:
         d = Deferred.fromCoroutine(self._run(queued))

@@ -127,6 +127,11 @@ class SMTPSession(Protocol, TimeoutMixin):
 
     _log = Logger()
     factory: SMTPServerFactory
+    # The transaction, set by _reset_transaction.
+    _sender: str | None
+    _recipients: list[str]
+    _recipient_keys: set[str]
+    _message_id: str
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -147,10 +152,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._tls = False
         self._peer = ""
         self._helo: str | None = None
-        self._sender: str | None = None
-        self._recipients: list[str] = []
-        self._recipient_keys: set[str] = set()
-        self._message_id = ""
+        self._reset_transaction()
 
     # Twisted's Protocol interface
 
