@@ -22,10 +22,9 @@ from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLook
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from maillaser.breaker import CircuitBreaker
+from maillaser.http import BadResponse, ConnectionClosed
 from maillaser.interfaces import IWebhookClient
 from maillaser.message import Attempt, Message
 from maillaser.payload import build_payload, encode_payload
@@ -180,9 +179,9 @@ class Deliverer:
         headers = request_headers(self.secrets, message.id, int(now), body)
         try:
             response: WebhookResponse = await self.client.post(body, headers)
-        except Exception as error:  # every transport failure is transient...
-            if _cancelled(error):  # ...unless the round itself was cancelled
-                raise CancelledError() from error
+        except CancelledError:
+            raise  # the round was cancelled, at shutdown: stop, do not retry
+        except Exception as error:  # every transport failure is transient
             attempts.append(Attempt(now, None, describe_error(error)))
             self._log_attempt(message, attempts)
             return Failed(tuple(attempts), permanent=False, reason=attempts[-1].error)
@@ -227,20 +226,6 @@ def _encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
     return encode_payload(build_payload(message, header_prefixes))
 
 
-def _cancelled(error: BaseException) -> bool:
-    """
-    Whether C{error} is our own cancellation, however the Agent wrapped it.
-
-    The client turns its timeout into a TimeoutError, so a CancelledError
-    left inside (e.g. C{ResponseNeverReceived([CancelledError])}) means the
-    round was cancelled from outside, at shutdown: stop, do not retry.
-    """
-    if isinstance(error, CancelledError):
-        return True
-    reasons = getattr(error, "reasons", None) or []
-    return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
-
-
 def describe_error(error: BaseException) -> str:
     """A short, log-safe description of why no response arrived."""
     if isinstance(error, DeferredTimeoutError):
@@ -251,10 +236,8 @@ def describe_error(error: BaseException) -> str:
         return "DNS lookup failed"
     if isinstance(error, ConnectError):
         return f"connection failed: {error.__class__.__name__}"
-    if isinstance(error, ResponseNeverReceived | ResponseFailed):
-        reasons = getattr(error, "reasons", [])
-        inner = (
-            reasons[0].value if reasons and isinstance(reasons[0], Failure) else error
-        )
-        return f"connection lost: {inner.__class__.__name__}"
+    if isinstance(error, ConnectionClosed):
+        return f"connection lost: {error}"[:200]
+    if isinstance(error, BadResponse):
+        return f"bad response: {error}"
     return f"{error.__class__.__name__}: {error}"[:200]

@@ -10,6 +10,7 @@ leaves the spool only when the webhook has taken it.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -29,6 +30,12 @@ POLL_INTERVAL = 5.0
 
 MIN_SLEEP = 0.01
 """Never spin: even an overdue message waits this long for the next look."""
+
+READY_PER_SLOT = 4
+"""
+Committed messages kept in memory while every slot is busy, per slot.
+Past that they wait in the spool only and are read back when due.
+"""
 
 
 def next_attempt_delay(
@@ -61,6 +68,10 @@ class Dispatcher(Service):
     _pumping: bool = False
     _pump_done: Deferred[None] | None = None
     _again: bool = False
+    _ready: deque[QueuedMessage] = attrs.Factory(deque)
+    """Claimed messages waiting in memory for a slot, oldest first."""
+    _backlog: bool = True
+    """Whether the spool may hold due messages that are not in memory."""
     _log = Logger()
 
     def startService(self) -> None:
@@ -68,7 +79,11 @@ class Dispatcher(Service):
         self.wake()
 
     def wake(self) -> None:
-        """Something may be due: a new message, a finished round, a timer."""
+        """Look at the spool now: something may be due there."""
+        self._backlog = True
+        self._look()
+
+    def _look(self) -> None:
         if not self.running:
             return
         if self._pumping:
@@ -82,26 +97,41 @@ class Dispatcher(Service):
 
     def offer(self, message: Message) -> None:
         """
-        A message just committed: start its round from memory if a slot is
-        free, sparing a spool read; otherwise it waits in the spool.
+        A message just committed: run it from memory as soon as a slot is
+        free, sparing a spool read; if too many are waiting already, it
+        waits in the spool alone.
         """
-        if (
-            len(self._in_flight) < self.concurrency
-            and self.spool.claim(message.id)
-            and self._start_or_release(QueuedMessage(message))
-        ):
+        if not (self.running and self.spool.claim(message.id)):
             return
-        self.wake()
+        if len(self._ready) < self.concurrency * READY_PER_SLOT:
+            self._ready.append(QueuedMessage(message))
+            self._fill()
+        else:
+            self.spool.release(message.id)
+            self._backlog = True
+
+    def _fill(self) -> None:
+        """Start rounds for waiting messages while slots and the breaker allow."""
+        while (
+            self._ready
+            and self.running
+            and len(self._in_flight) < self.concurrency
+            and self.breaker.acquire()
+        ):
+            self._start(self._ready.popleft())
 
     async def _pump(self) -> None:
         self._cancel_timer()
+        self._fill()
         slots = self.concurrency - len(self._in_flight)
         allowance = self.breaker.allowance()
         if allowance is not None:
             slots = min(slots, allowance)
         batch: list[QueuedMessage] = []
-        if slots > 0:
+        if slots > 0 and self._backlog:
+            self._backlog = False  # an offer that overflows meanwhile sets it again
             batch = await self.spool.due(self.clock.seconds(), slots)
+            self._backlog = self._backlog or len(batch) == slots
         for queued in batch:
             # The breaker may have changed while the spool was read.
             self._start_or_release(queued)
@@ -112,7 +142,7 @@ class Dispatcher(Service):
         self._pumping = False
         if self._again:
             self._again = False
-            self.wake()
+            self._look()
 
     def _pump_failed(self, failure: Failure) -> None:
         self._log.failure("could not read the spool; trying again shortly", failure)
@@ -169,17 +199,30 @@ class Dispatcher(Service):
         message_id = queued.message.id
         try:
             outcome = await self.deliverer.deliver(queued.message)
-            await self._settle(outcome, queued)
         except CancelledError:
-            pass  # shutting down: the message simply stays spooled
+            return  # shutting down: the message simply stays spooled
         except Exception:
             self._log.failure(
                 "delivery of {message_id} broke; it stays spooled",
                 message_id=message_id,
             )
+            return
         finally:
+            # The slot is free once the webhook answered; the claim keeps
+            # the message from being handed out again until it is settled.
             self._in_flight.pop(message_id, None)
-            self.wake()
+            self._fill()
+            if self._backlog:
+                self._look()
+        try:
+            await self._settle(outcome, queued)
+        except Exception:
+            self._log.failure(
+                "could not record the outcome for {message_id}; it stays spooled",
+                message_id=message_id,
+            )
+        if not isinstance(outcome, Delivered):
+            self._look()  # its next round needs a timer
 
     def _settle(self, outcome: Outcome, queued: QueuedMessage) -> Deferred[None]:
         message_id = queued.message.id

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 if TYPE_CHECKING:
     from maillaser.webhook import WebhookResponse
@@ -96,8 +96,6 @@ class ISpool(Interface):
 
 class IWebhookClient(Interface):
     """Sends one request to the webhook."""
-
-    url = Attribute("The webhook URL, for logs (credentials already masked).")
 
     def post(body: bytes, headers: dict[bytes, bytes]) -> Deferred[WebhookResponse]:
         """

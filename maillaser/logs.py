@@ -121,7 +121,11 @@ def _json_line(event: LogEvent) -> str:
     for key, value in event.items():
         if not key.startswith("log_") and key not in _LEGACY_KEYS:
             line.setdefault(key, value)
-    return json.dumps(line, separators=(",", ":"), default=repr) + "\n"
+    return _ENCODER.encode(line) + "\n"
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=repr)
+"""Made once: C{json.dumps} with options builds an encoder per call."""
 
 
 def _text(event: LogEvent) -> str:

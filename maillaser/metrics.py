@@ -171,11 +171,6 @@ class _TimedClient:
         self._clock = clock
         self._record = record
 
-    @property
-    def url(self) -> str:
-        url: str = self._client.url
-        return url
-
     def post(
         self, body: bytes, headers: dict[bytes, bytes]
     ) -> Deferred[WebhookResponse]:

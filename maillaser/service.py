@@ -44,7 +44,7 @@ from maillaser.smtp import SMTPServerFactory
 from maillaser.spool import open_spool
 from maillaser.tls import tls_context
 from maillaser.web import Health, make_site
-from maillaser.webhook import WebhookClient, make_http_client
+from maillaser.webhook import make_webhook_client
 
 
 def makeService(
@@ -127,13 +127,14 @@ class MailLaserService(MultiService):
         self.breaker = CircuitBreaker(
             config.circuit_breaker_threshold, config.circuit_breaker_reset, reactor
         )
-        http, self._pool = make_http_client(
-            reactor, config.delivery_concurrency, config.webhook_timeout
+        self._webhook = make_webhook_client(
+            config.webhook_url,
+            reactor,
+            concurrency=config.delivery_concurrency,
+            timeout=config.webhook_timeout,
         )
         self.deliverer = Deliverer(
-            client=self.metrics.timed(
-                WebhookClient(config.webhook_url, http, reactor, config.webhook_timeout)
-            ),
+            client=self.metrics.timed(self._webhook),
             clock=reactor,
             breaker=self.breaker,
             max_retries=config.webhook_max_retries,
@@ -242,11 +243,11 @@ class MailLaserService(MultiService):
         if self.dispatcher is not None:
             draining.append(self.dispatcher.stopService())
         await gatherResults(draining, consumeErrors=True)
-        await self._pool.closeCachedConnections()
+        await self._webhook.pool.close()
         left = 0
         if self.spool is not None:
+            await self.spool.close()  # after the outcomes still being written
             left = self.spool.stats().pending
-            await self.spool.close()
         await maybeDeferred(self.health_listener.stopService)
         self._log.info(
             "clean shutdown; {pending} message(s) stay spooled for the next start",

@@ -1,42 +1,40 @@
 """
-The HTTP request to the webhook, and nothing else.
+The webhook request: one URL, its request head built once, signed headers
+and the JSON body added per attempt, and the response reduced to what the
+deliverer decides on.
 
-One persistent connection pool and one agent for the process; redirects are
-never followed (a webhook that redirects a POST is misconfigured, and a
-redirect would resend a signed body to a URL we were not given); the timeout
-covers the whole exchange, from connecting to the last byte of the response.
+Redirects are never followed (a webhook that redirects a POST is
+misconfigured, and a redirect would resend a signed body to a URL we were
+not given); the timeout covers the whole exchange, from connecting to the
+last byte of the response.
 """
 
 from __future__ import annotations
 
+from base64 import b64encode
 from email.utils import parsedate_to_datetime
+from ipaddress import ip_address
 from typing import Any, NoReturn
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import attrs
-from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, succeed
+import idna
+from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-)
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from maillaser import __version__
+from maillaser.http import ConnectionPool, Response
 from maillaser.interfaces import IWebhookClient
 
 USER_AGENT = f"MailLaser/{__version__}".encode("ascii")
 
 MAX_RESPONSE_BODY = 64 * 1024
-"""Read at most this much of a response; the rest is discarded unread."""
+"""Keep at most this much of a response body; the rest is read and dropped."""
 
 REASON_LENGTH = 200
 
@@ -51,154 +49,125 @@ class WebhookResponse:
     """A short C{text/plain} explanation from the receiver, if it gave one."""
 
 
-@implementer(IBodyProducer)
-@attrs.define
-class BytesProducer:
-    """
-    A request body written in one call.
+@attrs.frozen
+class Target:
+    """Where requests go, taken apart once from the configured URL."""
 
-    treq's default producer for C{bytes} goes through a cooperator, costing
-    reactor iterations per request; the body is already in memory.
-    """
+    scheme: str
+    host: str
+    """IDNA-encoded, without brackets around an IPv6 address."""
+    port: int
+    head: bytes
+    """Request line and the fixed headers, each ending in CRLF."""
 
-    body: bytes
+    @classmethod
+    def from_url(cls, url: str) -> Target:
+        """
+        Percent-encode the path and IDNA-encode the host, as a browser
+        would; credentials in the URL become basic authentication, as curl
+        and requests make them.
+        """
+        parts = urlsplit(url)
+        host = _ascii_host(parts.hostname or "")
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        authority = f"[{host}]" if ":" in host else host
+        if port != default_port:
+            authority += f":{port}"
+        target = quote(parts.path or "/", safe=_URL_SAFE)
+        if parts.query:
+            target += "?" + quote(parts.query, safe=_URL_SAFE + "?")
+        lines = [
+            b"POST " + target.encode("ascii") + b" HTTP/1.1",
+            b"Host: " + authority.encode("ascii"),
+            b"User-Agent: " + USER_AGENT,
+            b"Content-Type: application/json",
+        ]
+        if parts.username is not None:
+            credentials = unquote_to_bytes(parts.username) + b":"
+            credentials += unquote_to_bytes(parts.password or "")
+            lines.append(b"Authorization: Basic " + b64encode(credentials))
+        return cls(parts.scheme, host, port, b"".join(line + b"\r\n" for line in lines))
 
-    @property
-    def length(self) -> int:
-        return len(self.body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def _body_producer(data: Any) -> IBodyProducer:
-    return BytesProducer(data) if isinstance(data, bytes) else IBodyProducer(data)
+    def endpoint(
+        self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float
+    ) -> IStreamClientEndpoint:
+        tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=connect_timeout)
+        if self.scheme == "https":
+            creator = tls_policy.creatorForNetloc(self.host.encode("ascii"), self.port)
+            return wrapClientTLS(creator, tcp)
+        return tcp
 
 
 @implementer(IWebhookClient)
 @attrs.define
 class WebhookClient:
-    """POSTs to one URL through an injected treq C{HTTPClient}."""
+    """POSTs to one L{Target} through a L{ConnectionPool} to its origin."""
 
-    url: str
-    http: HTTPClient
+    target: Target
+    pool: ConnectionPool
     clock: IReactorTime
     timeout: float
 
     def post(
         self, body: bytes, headers: dict[bytes, bytes]
     ) -> Deferred[WebhookResponse]:
-        request_headers = Headers({name: [value] for name, value in headers.items()})
-        request_headers.setRawHeaders(b"user-agent", [USER_AGENT])
-        request_headers.setRawHeaders(b"content-type", [b"application/json"])
-        d = self.http.post(
-            self.url, data=body, headers=request_headers, allow_redirects=False
+        request = b"".join(
+            [
+                self.target.head,
+                *[name + b": " + value + b"\r\n" for name, value in headers.items()],
+                b"Content-Length: %d\r\n\r\n" % len(body),
+                body,
+            ]
         )
-        d.addCallback(_read_response, self.clock)
+        d = self.pool.request(request).addCallback(_summarise, self.clock)
         return d.addTimeout(self.timeout, self.clock, onTimeoutCancel=_timed_out)
 
 
+_URL_SAFE = "/%:@!$&'()*+,;=-._~"
+"""What stays as written in a path or query; anything else is percent-encoded."""
+
+
+def _ascii_host(host: str) -> str:
+    try:
+        return str(ip_address(host))
+    except ValueError:
+        return idna.encode(host, uts46=True).decode("ascii")
+
+
 def _timed_out(result: object, timeout: float) -> NoReturn:
-    """
-    Our timer fired.  The Agent reports the cancellation as
-    C{ResponseNeverReceived([CancelledError])} or similar, depending on how
-    far the request got; whatever it says, what happened is a timeout.
-    """
     raise DeferredTimeoutError(f"no complete response within {timeout:g}s")
 
 
-def make_http_client(
-    reactor: Any, concurrency: int, timeout: float
-) -> tuple[HTTPClient, HTTPConnectionPool]:
+def make_webhook_client(
+    url: str,
+    reactor: Any,
+    *,
+    concurrency: int,
+    timeout: float,
+    tls_policy: IPolicyForHTTPS | None = None,
+) -> WebhookClient:
     """
-    The process-wide client: persistent connections, one per concurrent
-    delivery, and no automatic retries (POST is not idempotent; our own
-    retry logic decides).
+    The process-wide client: as many persistent connections as deliveries
+    run at once, a connection timeout within the request timeout, and the
+    system's trusted certificate authorities for https.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = concurrency
-    pool.cachedConnectionTimeout = 60
-    pool.retryAutomatically = False
-    endpoints = CachedEndpoints(
-        reactor, BrowserLikePolicyForHTTPS(), min(timeout, 30.0)
+    target = Target.from_url(url)
+    endpoint = target.endpoint(
+        reactor, tls_policy or BrowserLikePolicyForHTTPS(), min(timeout, 30.0)
     )
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-    return HTTPClient(agent, data_to_body_producer=_body_producer), pool
-
-
-@implementer(IAgentEndpointFactory)
-@attrs.define
-class CachedEndpoints:
-    """
-    One endpoint per origin, made once.
-
-    The Agent otherwise builds a C{HostnameEndpoint} (and, for https, a TLS
-    connection creator) for every request, even when the pool already holds
-    a connection to reuse; at a thousand messages a second that showed up
-    in the profile.  Endpoints are reusable: each C{connect} is a new attempt.
-    """
-
-    reactor: Any
-    tls_policy: Any
-    connect_timeout: float
-    _endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = attrs.field(
-        factory=dict
+    pool = ConnectionPool(
+        endpoint, reactor, max_idle=concurrency, response_limit=MAX_RESPONSE_BODY
     )
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoints[key] = self._endpoint(uri)
-        return endpoint
-
-    def _endpoint(self, uri: URI) -> IStreamClientEndpoint:
-        tcp = HostnameEndpoint(
-            self.reactor,
-            uri.host.decode("ascii"),
-            uri.port,
-            timeout=self.connect_timeout,
-        )
-        if uri.scheme == b"https":
-            creator = self.tls_policy.creatorForNetloc(uri.host, uri.port)
-            return wrapClientTLS(creator, tcp)
-        return tcp
+    return WebhookClient(target, pool, reactor, timeout)
 
 
-def _read_response(
-    response: IResponse, clock: IReactorTime
-) -> Deferred[WebhookResponse]:
-    collector = _CappedBody(MAX_RESPONSE_BODY)
-    response.deliverBody(collector)
-    return collector.done.addCallback(_summarise, response, clock)
-
-
-def _summarise(
-    body: bytes, response: IResponse, clock: IReactorTime
-) -> WebhookResponse:
-    headers = response.headers
+def _summarise(response: Response, clock: IReactorTime) -> WebhookResponse:
     return WebhookResponse(
-        status=response.code,
-        retry_after=parse_retry_after(
-            _header(headers, b"retry-after"), clock.seconds()
-        ),
-        reason=_reason(_header(headers, b"content-type"), body),
+        status=response.status,
+        retry_after=parse_retry_after(response.header(b"retry-after"), clock.seconds()),
+        reason=_reason(response.header(b"content-type"), response.body),
     )
-
-
-def _header(headers: Headers, name: bytes) -> bytes | None:
-    values = headers.getRawHeaders(name)
-    return values[0] if values else None
 
 
 def parse_retry_after(value: bytes | None, now: float) -> float | None:
@@ -226,36 +195,10 @@ def _reason(content_type: bytes | None, body: bytes) -> str:
     return " ".join(printable.split())[:REASON_LENGTH]
 
 
-class _CappedBody(Protocol):
-    """Collects up to C{limit} bytes of a response body and ignores the rest."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def dataReceived(self, data: bytes) -> None:
-        room = self._limit - self._size
-        if room > 0:
-            self._chunks.append(data[:room])
-        self._size += len(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.done.called:
-            self.done.callback(b"".join(self._chunks))
-
-    def _cancel(self, d: Deferred[bytes]) -> None:
-        producer: Any = self.transport
-        if producer is not None:
-            producer.stopProducing()
-
-
 __all__ = [
-    "BytesProducer",
-    "CachedEndpoints",
+    "Target",
     "WebhookClient",
     "WebhookResponse",
-    "make_http_client",
+    "make_webhook_client",
     "parse_retry_after",
 ]

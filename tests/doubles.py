@@ -18,8 +18,6 @@ class ScriptedClient:
     When the script runs out every request gets C{default}.
     """
 
-    url = "http://hook.test/in"
-
     def __init__(
         self, *script: int | WebhookResponse | Exception | None, default: int = 200
     ) -> None:

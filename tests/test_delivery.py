@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseNeverReceived
 
 from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import (
@@ -146,15 +144,6 @@ class DeliveryTests(SynchronousTestCase):
         self.successResultOf(deliverer.deliver(message()))
         self.breaker.failed()
         self.assertIs(self.breaker.state, BreakerState.closed)
-
-    def test_cancelling_a_round_through_the_agent_stops_it(self) -> None:
-        """treq reports a cancelled request as ResponseNeverReceived."""
-        client = ScriptedClient(None)
-        d = self.deliverer(client).deliver(message())
-        client.hanging[0].errback(ResponseNeverReceived([Failure(CancelledError())]))
-        self.failureResultOf(d, CancelledError)
-        self.clock.advance(10)
-        self.assertEqual(len(client.requests), 1)
 
     def test_cancelling_a_round_stops_it(self) -> None:
         client = ScriptedClient(None)

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import Deliverer
-from maillaser.dispatch import Dispatcher, next_attempt_delay
+from maillaser.dispatch import READY_PER_SLOT, Dispatcher, next_attempt_delay
 from maillaser.message import QueuedMessage
 from maillaser.testing import MemorySpool
 from maillaser.webhook import WebhookResponse
@@ -209,19 +209,39 @@ class OfferTests(DispatcherCase):
         client.hanging[0].callback(WebhookResponse(200))
         self.assertEqual(self.spool.stats().pending, 0)
 
-    def test_no_free_slot_leaves_it_to_the_spool(self) -> None:
+    def test_no_free_slot_keeps_it_waiting_in_memory(self) -> None:
+        self.spool = CountingSpool()
         client = ScriptedClient(None, None)
         dispatcher = self.dispatcher(client, concurrency=1)
+        reads_at_start = self.spool.reads
         self.offer(dispatcher)
         second = self.offer(dispatcher)
         self.assertEqual(len(client.requests), 1)
-        self.assertNotIn(second, self.spool.claimed)
+        self.assertIn(second, self.spool.claimed)
         client.hanging[0].callback(WebhookResponse(200))
         self.assertEqual(len(client.requests), 2)
         client.hanging[1].callback(WebhookResponse(200))
         self.assertEqual(self.spool.stats().pending, 0)
+        self.assertEqual(self.spool.reads, reads_at_start)
 
-    def test_open_breaker_keeps_it_spooled_and_unclaimed(self) -> None:
+    def test_past_the_memory_limit_it_waits_in_the_spool(self) -> None:
+        self.spool = CountingSpool()
+        client = ScriptedClient(*[None] * (2 + READY_PER_SLOT))
+        dispatcher = self.dispatcher(client, concurrency=1)
+        for _ in range(1 + READY_PER_SLOT):
+            self.offer(dispatcher)
+        overflow = self.offer(dispatcher)
+        self.assertNotIn(overflow, self.spool.claimed)
+        reads = self.spool.reads
+        for number in range(1 + READY_PER_SLOT):
+            client.hanging[number].callback(WebhookResponse(200))
+        self.assertEqual(len(client.requests), 2 + READY_PER_SLOT)
+        self.assertEqual(client.requests[-1][1][b"webhook-id"], overflow.encode())
+        self.assertGreater(self.spool.reads, reads)
+        client.hanging[-1].callback(WebhookResponse(200))
+        self.assertEqual(self.spool.stats().pending, 0)
+
+    def test_open_breaker_holds_it_until_the_probe(self) -> None:
         client = ScriptedClient(500, 500)
         dispatcher = self.dispatcher(client)
         self.offer(dispatcher)
@@ -229,8 +249,12 @@ class OfferTests(DispatcherCase):
         self.assertIs(self.breaker.state, BreakerState.open)
         message_id = self.offer(dispatcher)
         self.assertEqual(len(client.requests), 2)
-        self.assertNotIn(message_id, self.spool.claimed)
         self.assertEqual(self.spool.stats().pending, 3)
+        self.clock.advance(60)  # the breaker's reset: the waiting one probes
+        self.assertEqual(client.requests[2][1][b"webhook-id"], message_id.encode())
+        self.assertIs(self.breaker.state, BreakerState.closed)
+        self.assertEqual(len(client.requests), 5)  # then the two to retry
+        self.assertEqual(self.spool.stats().pending, 0)
 
     def test_a_message_already_claimed_is_not_started_again(self) -> None:
         client = ScriptedClient(None)

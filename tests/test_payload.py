@@ -699,7 +699,7 @@ class DegradationTests(SynchronousTestCase):
         raise ZeroDivisionError("injected")
 
     def test_header_step(self) -> None:
-        self.patch(payload, "getaddresses", self.fail)
+        self.patch(payload, "_display_name", self.fail)
         result = parse(corpus("gmail-alternative.eml"))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(result["subject"], "hopefully no html")

@@ -15,7 +15,7 @@ import textwrap
 from email import policy
 from email.header import Header
 from email.message import Message as StdlibMessage
-from email.utils import formataddr
+from email.utils import formataddr, getaddresses
 
 import attrs
 from hypothesis import HealthCheck, given, settings
@@ -442,3 +442,64 @@ class GeneratedMimeTests(SynchronousTestCase):
             at = position % (len(raw) + 1)
             raw[at : at + position % 3] = replacement
         assert_well_formed(self, parse(bytes(raw), ["x-", "content"]))
+
+
+_soup = st.lists(
+    st.sampled_from(
+        [
+            "Ann",
+            "Jörg",
+            "Li",
+            " ",
+            '"',
+            "\\",
+            ".",
+            ",",
+            ";",
+            ":",
+            "@",
+            "<",
+            ">",
+            "(",
+            ")",
+            "a@b.example",
+            "=?utf-8?q?Zo=C3=AB?=",
+            "\t",
+            "[",
+            "]",
+        ]
+    ),
+    max_size=4,
+).map("".join)
+
+
+_name = st.lists(
+    st.sampled_from(["Ann", "Jörg", " ", ".", "=?utf-8?q?Zo=C3=AB?="]), max_size=3
+).map("".join)
+
+
+class DisplayNameTests(SynchronousTestCase):
+    """The fast path for C{Name <address>} finds what C{getaddresses} finds."""
+
+    @FUZZ
+    @given(
+        parts=st.tuples(
+            st.one_of(st.just(""), _soup),
+            st.sampled_from(["", '"']),
+            st.one_of(_name, _soup),
+            st.sampled_from(["", '"']),
+            st.sampled_from(["", " ", "  ", "\t"]),
+            st.one_of(st.just("a@b.example"), _soup),
+            st.one_of(st.just(""), _soup),
+        )
+    )
+    def test_same_as_getaddresses(
+        self, parts: tuple[str, str, str, str, str, str, str]
+    ) -> None:
+        lead, open_quote, name, close_quote, gap, address, tail = parts
+        value = f"{lead}{open_quote}{name}{close_quote}{gap}<{address}>{tail}"
+        raw = value.encode("utf-8")
+        text = payload._unfolded_text(raw)[: payload._ADDRESS_LIMIT]
+        found = getaddresses([text])
+        expected = payload._decode_words(found[0][0]).strip() if found else ""
+        self.assertEqual(payload._display_name(raw), expected)
