@@ -59,7 +59,7 @@ class Response:
 
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?:[ \t][^\r\n]*)?")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([1-5][0-9]{2})(?:[ \t][^\r\n]*)?")
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
 _UNTIL_CLOSE = -1
@@ -103,6 +103,8 @@ class ResponseParser:
                 return False
         if self._chunked:
             buffer = self._chunks(buffer)
+            if self.response is None:
+                return False  # the rest, if any, is kept for the next read
         elif self._remaining != _UNTIL_CLOSE:
             take = min(self._remaining, len(buffer))
             self._keep(buffer[:take])
@@ -132,7 +134,7 @@ class ResponseParser:
         while self._in_head:
             end = _HEAD_END.search(buffer)
             if end is None:
-                if len(buffer) > MAX_HEAD:
+                if len(buffer.rstrip(b"\r\n")) > MAX_HEAD:  # not counting a partial end
                     raise BadResponse("response head too large")
                 self._buffer = buffer
                 return b""
@@ -223,9 +225,9 @@ class ResponseParser:
 def _line(buffer: bytes) -> tuple[bytes | None, bytes]:
     """The first line of C{buffer} without its ending, and what follows."""
     end = buffer.find(b"\n")
+    if (end if end >= 0 else len(buffer)) > MAX_CHUNK_LINE:
+        raise BadResponse("chunk line too long")
     if end < 0:
-        if len(buffer) > MAX_CHUNK_LINE:
-            raise BadResponse("chunk line too long")
         return None, buffer
     return buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
 
@@ -371,6 +373,7 @@ class ConnectionPool:
     _idle: list[tuple[HTTP11Connection, IDelayedCall]] = attrs.field(
         factory=list, init=False
     )
+    _closed: bool = attrs.field(default=False, init=False)
 
     def request(self, data: bytes) -> Deferred[Response]:
         """Send one complete request (head and body) and read its response."""
@@ -384,6 +387,7 @@ class ConnectionPool:
 
     def close(self) -> Deferred[Any]:
         """Close the idle connections; fires when they are closed."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection, timer in idle:
             timer.cancel()
@@ -393,7 +397,7 @@ class ConnectionPool:
         return DeferredList([connection.lost for connection, _ in idle])
 
     def _release(self, connection: HTTP11Connection) -> None:
-        if len(self._idle) >= self.max_idle:
+        if self._closed or len(self._idle) >= self.max_idle:
             connection.transport.loseConnection()
             return
         timer = self.clock.callLater(self.idle_timeout, self._expire, connection)
