@@ -33,9 +33,12 @@ MIN_SLEEP = 0.01
 
 READY_PER_SLOT = 4
 """
-Committed messages kept in memory while every slot is busy, per slot.
-Past that they wait in the spool only and are read back when due.
+Committed messages kept in memory while every slot is busy, per slot, up
+to L{READY_BYTES} of them.  Past that they wait in the spool only and are
+read back when due.
 """
+
+READY_BYTES = 16 * 1024 * 1024
 
 
 def next_attempt_delay(
@@ -70,6 +73,7 @@ class Dispatcher(Service):
     _again: bool = False
     _ready: deque[QueuedMessage] = attrs.Factory(deque)
     """Claimed messages waiting in memory for a slot, oldest first."""
+    _ready_bytes: int = 0
     _backlog: bool = True
     """Whether the spool may hold due messages that are not in memory."""
     _log = Logger()
@@ -103,8 +107,13 @@ class Dispatcher(Service):
         """
         if not (self.running and self.spool.claim(message.id)):
             return
-        if len(self._ready) < self.concurrency * READY_PER_SLOT:
+        size = len(message.raw)
+        if (
+            len(self._ready) < self.concurrency * READY_PER_SLOT
+            and self._ready_bytes + size <= READY_BYTES
+        ):
             self._ready.append(QueuedMessage(message))
+            self._ready_bytes += size
             self._fill()
         else:
             self.spool.release(message.id)
@@ -118,7 +127,9 @@ class Dispatcher(Service):
             and len(self._in_flight) < self.concurrency
             and self.breaker.acquire()
         ):
-            self._start(self._ready.popleft())
+            queued = self._ready.popleft()
+            self._ready_bytes -= len(queued.message.raw)
+            self._start(queued)
 
     async def _pump(self) -> None:
         self._cancel_timer()

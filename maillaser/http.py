@@ -301,7 +301,9 @@ class HTTP11Connection(Protocol):
         try:
             complete = parser.feed(data)
         except BadResponse as error:
-            self._settle(Failure(error)).transport.abortConnection()
+            waiting = self._take()
+            self.transport.abortConnection()
+            waiting.errback(Failure(error))
             return
         if complete:
             assert parser.response is not None
@@ -319,7 +321,7 @@ class HTTP11Connection(Protocol):
                 response = self._parser.finish()
             except BadResponse as error:
                 why = reason.getErrorMessage()
-                self._settle(Failure(ConnectionClosed(f"{error}: {why}")))
+                self._take().errback(Failure(ConnectionClosed(f"{error}: {why}")))
             else:
                 self._take().callback(response)
         self.lost.callback(None)
@@ -330,10 +332,6 @@ class HTTP11Connection(Protocol):
         assert waiting is not None
         self._waiting = self._parser = None
         return waiting
-
-    def _settle(self, failure: Failure) -> HTTP11Connection:
-        self._take().errback(failure)
-        return self
 
     def _cancel(self, waiting: Deferred[Response]) -> None:
         self._waiting = self._parser = None

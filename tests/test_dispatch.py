@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import Deliverer
-from maillaser.dispatch import READY_PER_SLOT, Dispatcher, next_attempt_delay
+from maillaser.dispatch import (
+    READY_BYTES,
+    READY_PER_SLOT,
+    Dispatcher,
+    next_attempt_delay,
+)
 from maillaser.message import QueuedMessage
 from maillaser.testing import MemorySpool
 from maillaser.webhook import WebhookResponse
@@ -240,6 +246,18 @@ class OfferTests(DispatcherCase):
         self.assertGreater(self.spool.reads, reads)
         client.hanging[-1].callback(WebhookResponse(200))
         self.assertEqual(self.spool.stats().pending, 0)
+
+    def test_memory_for_waiting_messages_is_bounded_in_bytes(self) -> None:
+        client = ScriptedClient(None)
+        dispatcher = self.dispatcher(client, concurrency=1)
+        self.offer(dispatcher)
+        big = message(next(self.numbers), at=self.clock.seconds())
+        big = attrs.evolve(big, raw=b"x" * (READY_BYTES + 1))
+        self.spool.add(big)
+        dispatcher.offer(big)
+        self.assertNotIn(big.id, self.spool.claimed)
+        small = self.offer(dispatcher)
+        self.assertIn(small, self.spool.claimed)
 
     def test_open_breaker_holds_it_until_the_probe(self) -> None:
         client = ScriptedClient(500, 500)
