@@ -37,6 +37,9 @@ MAX_HEAD = 64 * 1024
 
 MAX_CHUNK_LINE = 4096
 
+MAX_BODY = 64 * 1024
+"""Keep at most this much of a response body; the rest is read and dropped."""
+
 
 class BadResponse(Exception):
     """The receiver's response is not HTTP/1.1 we can frame."""
@@ -367,7 +370,7 @@ class ConnectionPool:
     clock: IReactorTime
     max_idle: int
     idle_timeout: float = 60.0
-    response_limit: int = 64 * 1024
+    response_limit: int = MAX_BODY
     _idle: list[tuple[HTTP11Connection, IDelayedCall]] = attrs.field(
         factory=list, init=False
     )

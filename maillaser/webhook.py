@@ -33,9 +33,6 @@ from maillaser.interfaces import IWebhookClient
 
 USER_AGENT = f"MailLaser/{__version__}".encode("ascii")
 
-MAX_RESPONSE_BODY = 64 * 1024
-"""Keep at most this much of a response body; the rest is read and dropped."""
-
 REASON_LENGTH = 200
 
 
@@ -156,9 +153,7 @@ def make_webhook_client(
     endpoint = target.endpoint(
         reactor, tls_policy or BrowserLikePolicyForHTTPS(), min(timeout, 30.0)
     )
-    pool = ConnectionPool(
-        endpoint, reactor, max_idle=concurrency, response_limit=MAX_RESPONSE_BODY
-    )
+    pool = ConnectionPool(endpoint, reactor, max_idle=concurrency)
     return WebhookClient(target, pool, reactor, timeout)
 
 
