@@ -12,9 +12,10 @@ so they cannot drift from what C{/health} reports.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +28,8 @@ from maillaser.smtp import SMTPServerFactory
 from maillaser.webhook import WebhookResponse
 
 NAMESPACE = "maillaser"
+
+_Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
 
 OUTCOMES = ("delivered", "retry", "dead", "rejected")
 """How a delivery round ends, as counted by C{maillaser_deliveries_total}."""
@@ -60,13 +63,15 @@ class Metrics:
     def __init__(self, clock: IReactorTime, observed: Observed) -> None:
         self.registry = CollectorRegistry()
         self._clock = clock
-        self._replies = Counter(
-            "smtp_replies",
-            "SMTP replies that accept a message (250 at the end of DATA) or"
-            " refuse (every 4xx and 5xx), by reply code.",
-            ["code"],
-            namespace=NAMESPACE,
-            registry=self.registry,
+        self._replies = _ByLabel(
+            Counter(
+                "smtp_replies",
+                "SMTP replies that accept a message (250 at the end of DATA) or"
+                " refuse (every 4xx and 5xx), by reply code.",
+                ["code"],
+                namespace=NAMESPACE,
+                registry=self.registry,
+            )
         )
         self._accepted = Counter(
             "messages_accepted",
@@ -74,24 +79,28 @@ class Metrics:
             namespace=NAMESPACE,
             registry=self.registry,
         )
-        self._deliveries = Counter(
-            "deliveries",
-            "Delivery rounds by how they were settled: delivered; retry (a"
-            " later round, or in sync mode the client's own retry after 451);"
-            " dead (retry schedule over); rejected (a permanent HTTP 4xx).",
-            ["outcome"],
-            namespace=NAMESPACE,
-            registry=self.registry,
+        self._deliveries = _ByLabel(
+            Counter(
+                "deliveries",
+                "Delivery rounds by how they were settled: delivered; retry (a"
+                " later round, or in sync mode the client's own retry after 451);"
+                " dead (retry schedule over); rejected (a permanent HTTP 4xx).",
+                ["outcome"],
+                namespace=NAMESPACE,
+                registry=self.registry,
+            )
         )
         for outcome in OUTCOMES:
-            self._deliveries.labels(outcome)
-        self._requests = Counter(
-            "webhook_requests",
-            "Webhook HTTP requests by response status, or 'error' when no"
-            " response arrived.",
-            ["status"],
-            namespace=NAMESPACE,
-            registry=self.registry,
+            self._deliveries(outcome)
+        self._requests = _ByLabel(
+            Counter(
+                "webhook_requests",
+                "Webhook HTTP requests by response status, or 'error' when no"
+                " response arrived.",
+                ["status"],
+                namespace=NAMESPACE,
+                registry=self.registry,
+            )
         )
         self._latency = Histogram(
             "webhook_latency_seconds",
@@ -105,21 +114,40 @@ class Metrics:
 
     def smtp_reply(self, code: int) -> None:
         """Hook for the SMTP factory: a final reply was sent."""
-        self._replies.labels(str(code)).inc()
+        self._replies(str(code)).inc()
         if code == 250:
             self._accepted.inc()
 
     def settled(self, settlement: str) -> None:
         """Hook for the dispatcher and the sync sink: how a round was settled."""
-        self._deliveries.labels(settlement).inc()
+        self._deliveries(settlement).inc()
 
     def timed(self, client: IWebhookClient) -> IWebhookClient:
         """C{client}, with each request counted and timed on the injected clock."""
         return _TimedClient(client, self._clock, self._requested)
 
     def _requested(self, status: str, seconds: float) -> None:
-        self._requests.labels(status).inc()
+        self._requests(status).inc()
         self._latency.observe(seconds)
+
+
+class _ByLabel(Generic[_Labelled]):
+    """
+    A metric with one label, each child looked up once: C{labels()}
+    validates and takes a lock on every call, which was most of the cost of
+    counting a message.  The values (reply codes, outcomes, HTTP statuses)
+    are few, so the cache stays small.
+    """
+
+    def __init__(self, metric: _Labelled) -> None:
+        self._metric = metric
+        self._children: dict[str, _Labelled] = {}
+
+    def __call__(self, value: str) -> _Labelled:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._metric.labels(value)
+        return child
 
 
 class _Gauges:

@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from email.utils import formatdate
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -81,6 +82,12 @@ class _Reply(Exception):
     def __init__(self, code: int, status: str, text: str) -> None:
         super().__init__(code, status, text)
         self.line = _format(code, status, text)
+
+
+@lru_cache(maxsize=1)
+def _date(second: int) -> str:
+    """The RFC 5322 date of C{second}, made once for all messages in it."""
+    return formatdate(second)
 
 
 def _format(code: int, status: str, text: str) -> bytes:
@@ -593,7 +600,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         return (
             f"Received: from {envelope.helo} ([{envelope.peer}])\r\n"
             f"\tby {self.factory.hostname} (MailLaser) with {protocol}"
-            f" id {self._message_id}{recipient};\r\n\t{formatdate(now)}\r\n"
+            f" id {self._message_id}{recipient};\r\n\t{_date(int(now))}\r\n"
         ).encode("utf-8", "replace")
 
     def _accepted(self, result: object, message: Message) -> None:

@@ -10,6 +10,7 @@ L{maillaser.config.Config}.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 
@@ -114,3 +115,15 @@ class _StartupErrorsExit(MultiService):
             super().privilegedStartService()
         except SpoolError as error:
             raise SystemExit(f"maillaser: {error}") from None
+
+    def startService(self) -> None:
+        """
+        Once started, move everything start-up made (modules, Twisted, the
+        configuration) out of the garbage collector's sight: a full
+        collection otherwise walks those objects too and paused the reactor
+        for 25-35 ms under load.  Only done here, where the bridge owns the
+        process; a program composing it decides that for itself.
+        """
+        super().startService()
+        gc.collect()
+        gc.freeze()
