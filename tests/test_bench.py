@@ -49,3 +49,6 @@ class QuickBenchmarkTests(SynchronousTestCase):
             {"sent": 20, "received": 20, "lost": 0, "failed": 0},
         )
         self.assertEqual(run["spool_depth_after"], 0)
+        # The stall probe held its own SMTP session throughout.
+        self.assertGreater(run["stall"]["probes"], 0)
+        self.assertEqual(run["stall"]["errors"], 0)

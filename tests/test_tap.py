@@ -5,6 +5,7 @@ value stops start-up, and the hand-over to C{maillaser.service}.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import types
@@ -233,3 +234,24 @@ class MakeServiceTests(SynchronousTestCase):
             runner = makeService(options)
         self.assertEqual(list(runner), [built])  # type: ignore[call-overload]
         self.assertEqual(calls, [options["config"]])
+
+    def test_start_freezes_start_up_objects(self) -> None:
+        """
+        Once the plugin's service has started, what start-up made is out of
+        the collector's sight (a full collection walking it paused the
+        reactor under load); objects made later are still collected.
+        """
+        fake = types.ModuleType("maillaser.service")
+        fake.makeService = lambda config: Service()  # type: ignore[attr-defined]
+        with mock.patch.dict(sys.modules, {"maillaser.service": fake}):
+            runner = makeService(parse([]))
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        made_before: list[object] = []
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        made_after: list[object] = []
+        tracked = gc.get_objects()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertFalse(any(each is made_before for each in tracked))
+        self.assertTrue(any(each is made_after for each in tracked))
