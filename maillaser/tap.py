@@ -96,16 +96,19 @@ def makeService(options: Options) -> IService:
     """
     from maillaser.service import makeService as makeMailLaserService
 
-    runner = _StartupErrorsExit()
+    runner = _OwnProcess()
     makeMailLaserService(options["config"]).setServiceParent(runner)
     return runner
 
 
-class _StartupErrorsExit(MultiService):
+class _OwnProcess(MultiService):
     """
-    Under twistd and twist, a spool that cannot be opened (corrupt, not
-    ours, unwritable) stops start-up with one line and status 1, like a
-    bad setting.  A program composing the bridge itself gets the exception.
+    The bridge when it owns the process, under twistd and twist: what a
+    program composing it with C{makeService} decides for itself.
+
+    A spool that cannot be opened (corrupt, not ours, unwritable) stops
+    start-up with one line and status 1, like a bad setting; a composing
+    program gets the exception.
     """
 
     def privilegedStartService(self) -> None:
@@ -120,9 +123,8 @@ class _StartupErrorsExit(MultiService):
         """
         Once started, move everything start-up made (modules, Twisted, the
         configuration) out of the garbage collector's sight: a full
-        collection otherwise walks those objects too and paused the reactor
-        for 25-35 ms under load.  Only done here, where the bridge owns the
-        process; a program composing it decides that for itself.
+        collection otherwise walks those objects too, pausing the reactor
+        for about 25 ms under load.
         """
         super().startService()
         gc.collect()
