@@ -7,8 +7,8 @@ order follows it from the socket to the webhook:
 ``smtp`` (session) -> ``message`` (the accepted value) -> ``spool`` (durable
 queue) -> ``dispatch`` (scheduling, circuit breaker) -> ``delivery`` (attempts
 and retries) -> ``payload`` (parsing, JSON) and ``signing`` -> ``webhook``
-(the HTTP request).  ``config``, ``tls``, ``web`` and ``service`` assemble
-and observe those parts; ``tap`` and ``twisted/plugins`` expose them to
+(the HTTP request).  ``config``, ``tls``, ``wire``, ``web`` and ``service``
+assemble and observe those parts; ``tap`` and ``twisted/plugins`` expose them to
 ``twistd``.
 """
 

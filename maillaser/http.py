@@ -32,6 +32,8 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from maillaser.wire import write_now
+
 MAX_HEAD = 64 * 1024
 """A response head (status line and headers) larger than this is refused."""
 
@@ -293,7 +295,7 @@ class HTTP11Connection(Protocol):
         assert self._waiting is None, "one request at a time"
         self._parser = ResponseParser(self._limit)
         self._waiting = Deferred(self._cancel)
-        self.transport.write(data)
+        write_now(self.transport, data)
         return self._waiting
 
     def dataReceived(self, data: bytes) -> None:

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Envelope, Message, Refusal, new_message_id
+from maillaser.wire import write_now
 
 MAX_COMMAND_LINE = 512
 """RFC 5321 section 4.5.3.1.4, including the CRLF."""
@@ -656,7 +657,7 @@ class SMTPSession(Protocol, TimeoutMixin):
     def _flush(self) -> None:
         if self._replies:
             replies, self._replies = self._replies, []
-            self._wire.writeSequence(replies)
+            write_now(self._wire, b"".join(replies))
 
     def _close(self) -> None:
         self._flush()

@@ -206,6 +206,9 @@ class RawClient(Protocol):
         d = self._until(lambda: len(self.replies()) >= count, timeout)
         return d.addCallback(lambda _: self.replies())
 
+    def wait_for_bytes(self, count: int, timeout: float = 10.0) -> Deferred[None]:
+        return self._until(lambda: len(self.received) >= count, timeout)
+
     def wait_closed(self, timeout: float = 10.0) -> Deferred[None]:
         return self._until(lambda: self.is_closed, timeout)
 
