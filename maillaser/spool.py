@@ -24,6 +24,7 @@ import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
+from threading import Thread
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -794,9 +795,21 @@ def open_spool(
     return SqliteSpool._assemble(reactor, clock, pool, database, stats)
 
 
+class _DaemonThreadPool(ThreadPool):
+    """
+    Threads that never keep the process alive: if start-up fails after the
+    spool opened (a port already in use, say), nothing closes it, and the
+    process must still exit.  A normal shutdown closes the spool first, and
+    SQLite's journal makes an interrupted transaction as if never begun.
+    """
+
+    def threadFactory(self, *args: Any, **kwargs: Any) -> Thread:  # type: ignore[override]
+        return Thread(*args, daemon=True, **kwargs)
+
+
 def _start_pool() -> ThreadPool:
     """The one thread that will own the connection, for the spool's lifetime."""
-    pool = ThreadPool(minthreads=1, maxthreads=1, name="maillaser-spool")
+    pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name="maillaser-spool")
     pool.start()
     return pool
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
@@ -106,26 +107,37 @@ class _OwnProcess(MultiService):
     The bridge when it owns the process, under twistd and twist: what a
     program composing it with C{makeService} decides for itself.
 
-    A spool that cannot be opened (corrupt, not ours, unwritable) stops
-    start-up with one line and status 1, like a bad setting; a composing
-    program gets the exception.
+    A spool that cannot be opened (corrupt, not ours, unwritable) or an
+    address that cannot be listened on stops start-up with one line and
+    status 1, like a bad setting; a composing program gets the exception.
     """
 
     def privilegedStartService(self) -> None:
-        from maillaser.spool import SpoolError
-
-        try:
+        """Under twistd: the spool opens and the ports are bound here."""
+        with _start_up_errors_in_one_line():
             super().privilegedStartService()
-        except SpoolError as error:
-            raise SystemExit(f"maillaser: {error}") from None
 
     def startService(self) -> None:
         """
-        Once started, move everything start-up made (modules, Twisted, the
-        configuration) out of the garbage collector's sight: a full
-        collection otherwise walks those objects too, pausing the reactor
-        for about 25 ms under load.
+        Under twist, where nothing was started before, the same errors
+        can surface here.  Once started, move everything start-up made
+        (modules, Twisted, the configuration) out of the garbage collector's
+        sight: a full collection otherwise walks those objects too, pausing
+        the reactor for about 25 ms under load.
         """
-        super().startService()
+        with _start_up_errors_in_one_line():
+            super().startService()
         gc.collect()
         gc.freeze()
+
+
+@contextmanager
+def _start_up_errors_in_one_line() -> Iterator[None]:
+    from twisted.internet.error import CannotListenError
+
+    from maillaser.spool import SpoolError
+
+    try:
+        yield
+    except (SpoolError, CannotListenError) as error:
+        raise SystemExit(f"maillaser: {error}") from None

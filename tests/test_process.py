@@ -12,6 +12,8 @@ import signal
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -150,6 +152,29 @@ class TwistdTests(ProcessTestCase):
             process.output,
         )
         self.assertNotIn("Traceback", process.output)
+
+    async def test_address_in_use_is_one_line_and_exit_1(self) -> None:
+        """Whichever runner, and whichever listener: no traceback, no hang."""
+        receiver = await self.receiver()
+        taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory()
+        )
+        self.addCleanup(taken.stopListening)
+        busy = f"tcp:{taken.getHost().port}:interface=127.0.0.1"
+        for command, listener in (("twistd", "smtp"), ("twist", "health")):
+            directory = self.mktemp()
+            os.makedirs(directory)
+            args = [*self.arguments(receiver, "spool"), f"--{listener}={busy}"]
+            process = BridgeProcess.start(args, directory, command)
+            self.assertEqual(await wait(process.ended, 30), 1, process.output)
+            self.assertTrue(
+                process.output.rstrip().endswith(
+                    f"maillaser: Couldn't listen on 127.0.0.1:{taken.getHost().port}:"
+                    " [Errno 98] Address already in use."
+                ),
+                process.output,
+            )
+            self.assertNotIn("Traceback", process.output)
 
 
 class DurabilityTests(ProcessTestCase):
