@@ -49,7 +49,14 @@ MAX_DATA_LINE = 64 * 1024
 """Far above RFC 5321's 1000 octets, which real mail exceeds, yet bounded."""
 
 MAX_ERRORS = 20
-"""Bad commands tolerated per connection before we hang up (scanners)."""
+"""
+Protocol errors (unknown commands, bad syntax, commands out of order)
+tolerated since the last accepted message before we hang up: the mark of a
+scanner or a broken client.  Refusals of well-formed commands, such as a
+recipient we do not serve, are answers, not errors, and do not count.
+"""
+
+_PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 
 MAX_INPUT_BACKLOG = 64 * 1024
 """Unprocessed input kept while the client does not read our replies."""
@@ -82,6 +89,7 @@ class _Reply(Exception):
 
     def __init__(self, code: int, status: str, text: str) -> None:
         super().__init__(code, status, text)
+        self.code = code
         self.line = _format(code, status, text)
 
 
@@ -335,6 +343,8 @@ class SMTPSession(Protocol, TimeoutMixin):
 
     def _error(self, reply: _Reply) -> None:
         self._send(reply.line)
+        if reply.code not in _PROTOCOL_ERRORS:
+            return
         self._errors += 1
         if self._errors >= MAX_ERRORS:
             self._send(_format(421, "4.7.0", "Too many errors, closing"))
@@ -614,6 +624,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         )
         self._send(_format(250, "2.0.0", f"Ok: queued as {message.id}"))
         self.factory.on_reply(250)
+        self._errors = 0
 
     def _not_accepted(self, failure: Failure, message: Message) -> None:
         if failure.check(Refusal):

@@ -370,6 +370,27 @@ class CommandLineTests(SessionTestCase):
         self.assertEqual(len(replies), 21)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_refused_recipients_are_not_errors(self) -> None:
+        unknown = b"".join(b"RCPT TO:<nobody%d@x.test>\r\n" % n for n in range(30))
+        replies = self.send(
+            b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n"
+            + unknown
+            + b"RCPT TO:<target@example.com>\r\nDATA\r\nx\r\n.\r\n"
+        )
+        self.assertEqual(replies.count(b"550 5.1.1 No such user here"), 30)
+        self.assertTrue(replies[-1].startswith(b"250 2.0.0 Ok: queued as msg_"))
+        self.assertEqual(len(self.sink.messages), 1)
+
+    def test_an_accepted_message_forgives_earlier_errors(self) -> None:
+        transaction = (
+            b"BOGUS\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<target@example.com>\r\n"
+            b"DATA\r\nx\r\n.\r\n"
+        )
+        replies = self.send(b"EHLO c\r\n" + transaction * 25)
+        self.assertEqual(len(self.sink.messages), 25)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertNotIn(b"421 4.7.0 Too many errors, closing", replies)
+
 
 class PipeliningTests(SessionTestCase):
     def test_replies_in_order(self) -> None:
