@@ -190,7 +190,12 @@ class MailLaserService(MultiService):
 
     def _make_sink(self) -> IMessageSink:
         if self.config.delivery_mode == "sync":
-            return SyncSink(self.deliverer, self.breaker, self.metrics.settled)
+            return SyncSink(
+                self.deliverer,
+                self.breaker,
+                self.config.delivery_concurrency,
+                self.metrics.settled,
+            )
         if self.spool is None:
             self.spool = open_spool(self.config.spool_dir, self._reactor)
         self.dispatcher = Dispatcher(

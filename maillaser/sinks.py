@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -53,12 +53,22 @@ class QueueSink:
 @implementer(IMessageSink)
 @attrs.define
 class SyncSink:
-    """The webhook's answer becomes the SMTP answer (SPEC section 5)."""
+    """
+    The webhook's answer becomes the SMTP answer (SPEC section 5).
+
+    At most C{concurrency} rounds run at once, as in queue mode; the SMTP
+    sessions past that wait their turn, holding their reply.
+    """
 
     deliverer: Deliverer
     breaker: CircuitBreaker
+    concurrency: int
     on_settled: Callable[[str], object] = lambda settlement: None
     """Told how each round ended: delivered, rejected, or retry (by the client)."""
+    _slots: DeferredSemaphore = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._slots = DeferredSemaphore(self.concurrency)
 
     def check_capacity(self) -> None:
         if self.breaker.allowance() == 0:
@@ -67,7 +77,8 @@ class SyncSink:
     def receive(self, message: Message) -> Deferred[None]:
         if not self.breaker.acquire():
             raise Refusal(451, "4.4.1", "Webhook unavailable, try again later")
-        return self.deliverer.deliver(message).addCallback(self._settled)
+        delivered = self._slots.run(self.deliverer.deliver, message)
+        return delivered.addCallback(self._settled)
 
     def _settled(self, outcome: Outcome) -> None:
         self.on_settled(settlement(outcome))

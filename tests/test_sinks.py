@@ -69,14 +69,28 @@ class QueueSinkTests(SynchronousTestCase):
 
 
 class SyncSinkTests(SynchronousTestCase):
-    def sink(self, *script: int | WebhookResponse | Exception | None) -> SyncSink:
+    def sink(
+        self, *script: int | WebhookResponse | Exception | None, concurrency: int = 4
+    ) -> SyncSink:
         clock = Clock()
         self.breaker = CircuitBreaker(1, 60.0, clock)
-        client = ScriptedClient(*script)
+        self.client = ScriptedClient(*script)
         deliverer = Deliverer(
-            client=client, clock=clock, breaker=self.breaker, max_retries=0
+            client=self.client, clock=clock, breaker=self.breaker, max_retries=0
         )
-        return SyncSink(deliverer, self.breaker)
+        return SyncSink(deliverer, self.breaker, concurrency)
+
+    def test_rounds_at_once_are_bounded(self) -> None:
+        """The third waits for a slot, then goes; nobody is refused."""
+        sink = self.sink(None, None, concurrency=2)
+        waiting = [sink.receive(message(n)) for n in range(3)]
+        self.assertEqual(len(self.client.requests), 2)
+        self.assertNoResult(waiting[2])
+        self.client.hanging[0].callback(WebhookResponse(200))
+        self.assertEqual(len(self.client.requests), 3)
+        self.assertIsNone(self.successResultOf(waiting[0]))
+        self.assertIsNone(self.successResultOf(waiting[2]))
+        self.assertNoResult(waiting[1])
 
     def test_2xx_is_250(self) -> None:
         self.assertIsNone(self.successResultOf(self.sink(200).receive(message())))
