@@ -34,9 +34,24 @@ class Health:
         return not self.problems
 
 
-class HealthResource(Resource):
+class _Endpoint(Resource):
+    """
+    A read-only resource at exactly one path: anything below it is not
+    found, and any method but GET and HEAD is not allowed.
+    """
+
     isLeaf = True
 
+    def render(self, request: IRequest) -> bytes:
+        if request.postpath:
+            return _not_found(request)
+        if request.method not in (b"GET", b"HEAD"):
+            return _plain(request, 405, b"Method Not Allowed", allow=b"GET, HEAD")
+        result: bytes = super().render(request)
+        return result
+
+
+class HealthResource(_Endpoint):
     def __init__(self, check: Callable[[], Health]) -> None:
         super().__init__()
         self._check = check
@@ -53,10 +68,8 @@ class HealthResource(Resource):
         return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-class MetricsResource(Resource):
+class MetricsResource(_Endpoint):
     """One registry in the Prometheus text format."""
-
-    isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
@@ -75,9 +88,19 @@ class _Root(Resource):
         return notFound()
 
     def render(self, request: IRequest) -> bytes:
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"text/plain")
-        return b"Not Found"
+        return _not_found(request)
+
+
+def _not_found(request: IRequest) -> bytes:
+    return _plain(request, 404, b"Not Found")
+
+
+def _plain(request: IRequest, code: int, text: bytes, **headers: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain")
+    for name, value in headers.items():
+        request.setHeader(name.encode("ascii"), value)
+    return text
 
 
 class QuietSite(Site):
