@@ -713,7 +713,22 @@ def _per_ip_limit(source: _Source, max_connections: int) -> int:
     return limit
 
 
+def _check_pem_files(cert_path: str, key_path: str) -> None:
+    from maillaser.tls import UnusableCertificate, load_pem_pair
+
+    try:
+        with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
+            load_pem_pair(cert.read(), key.read())
+    except UnusableCertificate as error:
+        path = cert_path if error.setting == "tls-cert" else key_path
+        raise ConfigError(
+            f"{_BY_OPTION[error.setting].label}: {_show(path)} {error.reason}"
+        ) from None
+
+
 def _check_tls_pair(config: Config) -> None:
+    if config.tls_cert is not None and config.tls_key is not None:
+        _check_pem_files(config.tls_cert, config.tls_key)
     if (config.tls_cert is None) == (config.tls_key is None):
         return
     missing, given = ("tls-key", "tls-cert")

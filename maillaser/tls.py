@@ -12,10 +12,13 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 
@@ -30,6 +33,49 @@ def tls_context(
     return context_from_pem(cert_pem, key_pem)
 
 
+class UnusableCertificate(ValueError):
+    """A configured certificate or key cannot serve STARTTLS."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(setting, reason)
+        self.setting = setting
+        """Which one: C{"tls-cert"} or C{"tls-key"}."""
+        self.reason = reason
+
+
+def load_pem_pair(
+    cert_pem: bytes, key_pem: bytes
+) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
+    """
+    The certificate chain and its key, checked to belong together, so that
+    a wrong file stops start-up rather than every STARTTLS handshake.
+    """
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise UnusableCertificate("tls-cert", "holds no PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise UnusableCertificate(
+            "tls-key", "holds no unencrypted PEM private key"
+        ) from None
+    if _public(key.public_key()) != _public(chain[0].public_key()):
+        raise UnusableCertificate(
+            "tls-key", "does not belong to the first certificate in --tls-cert"
+        )
+    return chain, key
+
+
+def _public(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+    )
+
+
 def context_from_pem(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
     """
     The first certificate in C{cert_pem} is ours; any others are its chain.
@@ -37,8 +83,7 @@ def context_from_pem(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
     Handing pyOpenSSL C{cryptography} objects (not its deprecated X509/PKey
     wrappers) keeps start-up free of deprecation warnings.
     """
-    chain = x509.load_pem_x509_certificates(cert_pem)
-    key = serialization.load_pem_private_key(key_pem, password=None)
+    chain, key = load_pem_pair(cert_pem, key_pem)
     return ssl.CertificateOptions(
         privateKey=key,  # type: ignore[arg-type]
         certificate=chain[0],  # type: ignore[arg-type]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
@@ -24,6 +26,7 @@ from maillaser.config import (
     load_config,
     mask_url,
 )
+from maillaser.tls import self_signed
 
 TARGET = "alerts@example.com"
 URL = "https://hooks.example.com/mail"
@@ -644,18 +647,22 @@ class WebhookSecretTests(SettingTestCase):
 
 
 class TlsFilesTests(SettingTestCase):
-    def make_file(self) -> str:
+    def make_file(self, content: bytes = b"-----BEGIN CERTIFICATE-----\n") -> str:
         path = self.mktemp()
-        with open(path, "w") as pem:
-            pem.write("-----BEGIN CERTIFICATE-----\n")
+        with open(path, "wb") as pem:
+            pem.write(content)
         return path
+
+    def make_pair(self) -> tuple[str, str]:
+        cert, key = self_signed("mx.test")
+        return self.make_file(cert), self.make_file(key)
 
     def test_default(self) -> None:
         config = load()
         self.assertEqual((config.tls_cert, config.tls_key), (None, None))
 
     def test_both(self) -> None:
-        cert, key = self.make_file(), self.make_file()
+        cert, key = self.make_pair()
         config = load({"MAIL_LASER_TLS_CERT": cert, "MAIL_LASER_TLS_KEY": key})
         self.assertEqual((config.tls_cert, config.tls_key), (cert, key))
 
@@ -693,6 +700,54 @@ class TlsFilesTests(SettingTestCase):
                 self.assertEqual(
                     message, f"{label(option)}: cannot read {path!r}: {reason}"
                 )
+
+    def test_not_a_certificate_or_key(self) -> None:
+        """Checked at start-up, not at the first STARTTLS handshake."""
+        cert, key = self.make_pair()
+        _, other_key = self.make_pair()
+        encrypted = serialization.load_pem_private_key(
+            Path(key).read_bytes(), password=None
+        ).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+        garbage = self.make_file(b"not PEM at all")
+        for given_cert, given_key, expected in [
+            (
+                garbage,
+                key,
+                f"{label('tls-cert')}: {garbage!r} holds no PEM certificate",
+            ),
+            (key, key, f"{label('tls-cert')}: {key!r} holds no PEM certificate"),
+            (
+                cert,
+                garbage,
+                f"{label('tls-key')}: {garbage!r} holds no unencrypted PEM private key",
+            ),
+            (
+                cert,
+                cert,
+                f"{label('tls-key')}: {cert!r} holds no unencrypted PEM private key",
+            ),
+            (
+                cert,
+                (locked := self.make_file(encrypted)),
+                f"{label('tls-key')}: {locked!r} holds no unencrypted PEM private key",
+            ),
+            (
+                cert,
+                other_key,
+                f"{label('tls-key')}: {other_key!r} does not belong to the first"
+                " certificate in --tls-cert",
+            ),
+        ]:
+            self.assertEqual(
+                error(
+                    {"MAIL_LASER_TLS_CERT": given_cert, "MAIL_LASER_TLS_KEY": given_key}
+                ),
+                expected,
+            )
 
 
 class HostnameTests(SettingTestCase):
