@@ -48,11 +48,13 @@ def next_attempt_delay(
     Seconds until round C{rounds + 1}, or C{None} when the schedule is over.
 
     C{rounds} counts the rounds already failed, this one included.  A
-    C{Retry-After} longer than the schedule's step is honoured.
+    C{Retry-After} longer than the schedule's step is honoured, up to the
+    schedule's longest step: a receiver asking for next year must not keep
+    a message from its dead-letter verdict for that long.
     """
     if rounds > len(schedule):
         return None
-    return max(schedule[rounds - 1], retry_after or 0.0)
+    return max(schedule[rounds - 1], min(retry_after or 0.0, max(schedule)))
 
 
 @attrs.define(eq=False)

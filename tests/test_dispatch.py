@@ -35,6 +35,10 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual(next_attempt_delay(SCHEDULE, 1, 60.0), 60.0)
         self.assertEqual(next_attempt_delay(SCHEDULE, 2, 60.0), 300.0)
 
+    def test_retry_after_is_capped_by_the_longest_step(self) -> None:
+        self.assertEqual(next_attempt_delay(SCHEDULE, 1, 99_999_999_999.0), 1800.0)
+        self.assertIsNone(next_attempt_delay(SCHEDULE, 4, 99_999_999_999.0))
+
 
 class DispatcherCase(SynchronousTestCase):
     """A dispatcher over a MemorySpool and a scripted webhook, on a Clock."""
