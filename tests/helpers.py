@@ -5,6 +5,7 @@ client (in a thread, since it blocks), and a real HTTP receiver.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,21 @@ from maillaser.testing import ReceivedRequest, WebhookReceiver
 
 TARGET = "target@example.com"
 LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+REPLY_LINE = re.compile(
+    rb"^(?:"
+    rb"220 mx\.test ESMTP MailLaser"  # the greeting
+    rb"|250[ -](?:mx\.test|PIPELINING|SIZE [0-9]+|8BITMIME|ENHANCEDSTATUSCODES"
+    rb"|STARTTLS)"  # HELO and EHLO
+    rb"|354 [\x20-\x7e]*"
+    rb"|([245])[0-9][0-9][ -]\1\.[0-9]{1,3}\.[0-9]{1,3} [\x20-\x7e]*"
+    rb")$"
+)
+"""
+A well-formed reply line from a bridge named mx.test: every 2xx, 4xx and
+5xx reply carries an enhanced status code of its own class (RFC 2034), but
+for the greeting and the HELO/EHLO replies, which RFC 2034 exempts.
+"""
 
 
 def make_config(webhook_url: str, spool_dir: str, **overrides: Any) -> Config:

@@ -5,8 +5,6 @@ through a StringTransport with a Clock.
 
 from __future__ import annotations
 
-import re
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -19,6 +17,7 @@ from zope.interface import implementer
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Message, Refusal
 from maillaser.smtp import CLOSE_GRACE, MAX_DATA_LINE, SMTPServerFactory, SMTPSession
+from tests.helpers import REPLY_LINE
 
 TARGETS = ["target@example.com", "Second@Example.com", "third@example.com"]
 
@@ -530,8 +529,6 @@ class DrainTests(SessionTestCase):
             transport.value(), b"421 4.3.2 mx.test Service shutting down\r\n"
         )
 
-
-REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9][ -]")
 
 _commands = st.sampled_from(
     [

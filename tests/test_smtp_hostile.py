@@ -33,6 +33,7 @@ from maillaser.smtp import (
     SMTPSession,
 )
 from tests.helpers import (
+    REPLY_LINE,
     TARGET,
     Bridge,
     RawClient,
@@ -644,7 +645,6 @@ class StartStopTests(TestCase):
 
 # In memory: valid sessions, mutated.
 
-REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9][ -][\x20-\x7e]*$")
 FUZZ_MAX_SIZE = 500
 
 VALID = (
