@@ -51,6 +51,14 @@ class ConnectionClosed(Exception):
     """The connection ended before a complete response."""
 
 
+class StaleConnection(ConnectionClosed):
+    """
+    A kept-alive connection ended before any byte of the response came: the
+    receiver closed it while it was idle, just as our request went out, and
+    did not read the request.
+    """
+
+
 @attrs.frozen
 class Response:
     status: int
@@ -288,11 +296,16 @@ class HTTP11Connection(Protocol):
         self._forget = forget
         self._parser: ResponseParser | None = None
         self._waiting: Deferred[Response] | None = None
+        self._answered = 0
+        """Responses completed on this connection so far."""
+        self._heard = False
+        """Whether any byte of the current response has arrived."""
         self.lost: Deferred[None] = Deferred()
         """Fires when the connection has closed, for an orderly shutdown."""
 
     def request(self, data: bytes) -> Deferred[Response]:
         assert self._waiting is None, "one request at a time"
+        self._heard = False
         self._parser = ResponseParser(self._limit)
         self._waiting = Deferred(self._cancel)
         write_now(self.transport, data)
@@ -303,6 +316,7 @@ class HTTP11Connection(Protocol):
         if parser is None:
             self.transport.loseConnection()  # a response nobody asked for
             return
+        self._heard = True
         try:
             complete = parser.feed(data)
         except BadResponse as error:
@@ -312,6 +326,7 @@ class HTTP11Connection(Protocol):
             return
         if complete:
             assert parser.response is not None
+            self._answered += 1
             waiting = self._take()
             if parser.reusable and not parser.leftover:
                 self._release(self)
@@ -325,8 +340,10 @@ class HTTP11Connection(Protocol):
             try:
                 response = self._parser.finish()
             except BadResponse as error:
+                stale = self._answered and not self._heard
+                closed = StaleConnection if stale else ConnectionClosed
                 why = reason.getErrorMessage()
-                self._take().errback(Failure(ConnectionClosed(f"{error}: {why}")))
+                self._take().errback(Failure(closed(f"{error}: {why}")))
             else:
                 self._take().callback(response)
         self.lost.callback(None)
@@ -379,11 +396,27 @@ class ConnectionPool:
     _closed: bool = attrs.field(default=False, init=False)
 
     def request(self, data: bytes) -> Deferred[Response]:
-        """Send one complete request (head and body) and read its response."""
+        """
+        Send one complete request (head and body) and read its response.
+
+        A kept-alive connection may be closed by the receiver just as the
+        request goes out (Node.js, for one, closes idle connections after
+        five seconds); when it ends before any byte of the response, and
+        only then, the request goes again on a new connection.  A receiver
+        that did read it sees it twice, with the same C{webhook-id}, which
+        at-least-once delivery allows.
+        """
         if self._idle:
             connection, timer = self._idle.pop()
             timer.cancel()
-            return connection.request(data)
+            return connection.request(data).addErrback(self._on_a_new_one, data)
+        return self._connect(data)
+
+    def _on_a_new_one(self, failure: Failure, data: bytes) -> Deferred[Response]:
+        failure.trap(StaleConnection)
+        return self._connect(data)
+
+    def _connect(self, data: bytes) -> Deferred[Response]:
         connection = HTTP11Connection(self.response_limit, self._release, self._forget)
         connecting = self.endpoint.connect(_Connecting(connection))
         return connecting.addCallback(lambda _: connection.request(data))
@@ -426,4 +459,5 @@ __all__ = [
     "HTTP11Connection",
     "Response",
     "ResponseParser",
+    "StaleConnection",
 ]

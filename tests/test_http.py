@@ -7,6 +7,7 @@ StringTransport; and the pool against a real server on loopback.
 
 from __future__ import annotations
 
+import socket
 from itertools import pairwise
 from typing import Any
 
@@ -45,6 +46,7 @@ from maillaser.http import (
     HTTP11Connection,
     Response,
     ResponseParser,
+    StaleConnection,
 )
 from tests.helpers import wait
 
@@ -905,6 +907,8 @@ class Receiver(Protocol):
     def answer(self, response: bytes) -> None:
         assert self.transport is not None
         self.transport.write(response)
+        if self.server.close_after_answer:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed.callback(None)
@@ -914,12 +918,14 @@ class Server(Factory):
     """
     Answers each request with the next of C{script}, then C{OK}; or, with
     C{hold} set, queues the connection in C{held} for the test to answer.
+    With C{close_after_answer} set, it hangs up after each answer.
     """
 
     def __init__(self) -> None:
         self.connections: list[Receiver] = []
         self.script: list[bytes] = []
         self.hold = False
+        self.close_after_answer = False
         self.held: DeferredQueue[Receiver] = DeferredQueue()
 
     def buildProtocol(self, addr: IAddress | None) -> Receiver:
@@ -1021,6 +1027,38 @@ class ConnectionPoolTests(TestCase):
         await wait(endpoint.connections[0].lost)  # the client has seen it
         self.assertEqual(await wait(pool.request(REQUEST), timeout=5), OK_RESPONSE)
         self.assertEqual(server.requests(), [1, 1])
+
+    async def test_closed_as_the_request_goes_out_means_a_new_connection(
+        self,
+    ) -> None:
+        server, pool, endpoint = await self.start()
+        await wait(pool.request(REQUEST))
+        [receiver] = server.connections
+        assert receiver.transport is not None
+        # The receiver's close reaches the kernel, not yet our reactor.
+        receiver.transport.getHandle().shutdown(socket.SHUT_RDWR)
+        self.assertEqual(await wait(pool.request(REQUEST), timeout=5), OK_RESPONSE)
+        self.assertEqual(server.requests(), [1, 1])
+        self.assertEqual(len(endpoint.connections), 2)
+
+    async def test_a_response_cut_short_is_not_sent_again(self) -> None:
+        server, pool, _ = await self.start()
+        await wait(pool.request(REQUEST))
+        server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]
+        server.close_after_answer = True
+        with self.assertRaises(ConnectionClosed) as raised:
+            await wait(pool.request(REQUEST))
+        self.assertNotIsInstance(raised.exception, StaleConnection)
+        self.assertEqual(server.requests(), [2])
+
+    async def test_a_new_connection_is_not_tried_twice(self) -> None:
+        server, pool, _ = await self.start()
+        server.script = [b""]
+        server.close_after_answer = True
+        with self.assertRaises(ConnectionClosed) as raised:
+            await wait(pool.request(REQUEST))
+        self.assertNotIsInstance(raised.exception, StaleConnection)
+        self.assertEqual(server.requests(), [1])
 
     async def test_newest_idle_connection_first(self) -> None:
         server, pool, _ = await self.start()
