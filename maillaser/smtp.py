@@ -148,6 +148,8 @@ class SMTPSession(Protocol, TimeoutMixin):
     _recipients: list[str]
     _recipient_keys: set[str]
     _message_id: str
+    _utf8: bool
+    """The client asked for SMTPUTF8 (RFC 6531): UTF-8 in addresses and headers."""
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -374,6 +376,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         yield "PIPELINING"
         yield f"SIZE {self.factory.max_message_size}"
         yield "8BITMIME"
+        yield "SMTPUTF8"
         yield "ENHANCEDSTATUSCODES"
         if self._can_start_tls():
             yield "STARTTLS"
@@ -391,6 +394,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             self.factory.sink.check_capacity()
         except Refusal as refusal:
             raise _Reply(refusal.code, refusal.status, refusal.text) from None
+        self._utf8 = "SMTPUTF8" in params
         self._sender = address
         self._message_id = new_message_id(self.factory.clock.seconds())
         self._send(_format(250, "2.1.0", "Sender OK"))
@@ -405,6 +409,9 @@ class SMTPSession(Protocol, TimeoutMixin):
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     raise _Reply(555, "5.5.4", "Unsupported BODY type")
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    raise _Reply(501, "5.5.4", "SMTPUTF8 takes no value")
             else:
                 raise _Reply(555, "5.5.4", f"Unsupported parameter {key}")
 
@@ -607,7 +614,7 @@ class SMTPSession(Protocol, TimeoutMixin):
             if len(envelope.recipients) == 1
             else ""
         )
-        protocol = "ESMTPS" if self._tls else "ESMTP"
+        protocol = ("UTF8SMTP" if self._utf8 else "ESMTP") + ("S" if self._tls else "")
         return (
             f"Received: from {envelope.helo} ([{envelope.peer}])\r\n"
             f"\tby {self.factory.hostname} (MailLaser) with {protocol}"
@@ -692,6 +699,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         self._recipients = []
         self._recipient_keys = set()
         self._message_id = ""
+        self._utf8 = False
 
 
 def _longest_line(chunk: bytes, first_newline: int) -> int:

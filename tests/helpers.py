@@ -32,8 +32,8 @@ LOOPBACK = "tcp:0:interface=127.0.0.1"
 REPLY_LINE = re.compile(
     rb"^(?:"
     rb"220 mx\.test ESMTP MailLaser"  # the greeting
-    rb"|250[ -](?:mx\.test|PIPELINING|SIZE [0-9]+|8BITMIME|ENHANCEDSTATUSCODES"
-    rb"|STARTTLS)"  # HELO and EHLO
+    rb"|250[ -](?:mx\.test|PIPELINING|SIZE [0-9]+|8BITMIME|SMTPUTF8"
+    rb"|ENHANCEDSTATUSCODES|STARTTLS)"  # HELO and EHLO
     rb"|354 [\x20-\x7e]*"
     rb"|([245])[0-9][0-9][ -]\1\.[0-9]{1,3}\.[0-9]{1,3} [\x20-\x7e]*"
     rb")$"

@@ -36,7 +36,9 @@ from tests.helpers import (
 )
 
 SECOND = "second@example.com"
-EHLO_AFTER_TLS = b"mx.test\nPIPELINING\nSIZE 10485760\n8BITMIME\nENHANCEDSTATUSCODES"
+EHLO_AFTER_TLS = (
+    b"mx.test\nPIPELINING\nSIZE 10485760\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES"
+)
 TIMEOUT = 30.0
 """Seconds any one client program or socket may take before the test fails."""
 

@@ -102,6 +102,7 @@ class GreetingAndEhloTests(SessionTestCase):
                 b"250-PIPELINING",
                 b"250-SIZE 10000",
                 b"250-8BITMIME",
+                b"250-SMTPUTF8",
                 b"250 ENHANCEDSTATUSCODES",
             ],
         )
@@ -318,11 +319,29 @@ class DataTests(SessionTestCase):
             [b"250 2.1.0 Sender OK"],
         )
 
+    def test_smtputf8(self) -> None:
+        """RFC 6531: UTF-8 in the envelope, kept as written; traced as such."""
+        sender = "用户@例子.广告".encode()
+        self.send(b"EHLO c\r\n")
+        self.assertEqual(
+            self.send(b"MAIL FROM:<" + sender + b"> SMTPUTF8 BODY=8BITMIME\r\n"),
+            [b"250 2.1.0 Sender OK"],
+        )
+        self.send(b"RCPT TO:<target@example.com>\r\nDATA\r\n")
+        self.send("Subject: café\r\n\r\nx\r\n.\r\n".encode())
+        [message] = self.sink.messages
+        self.assertEqual(message.envelope.sender, "用户@例子.广告")
+        self.assertIn(b") with UTF8SMTP id msg_", message.raw)
+        self.assertEqual(
+            self.send(b"MAIL FROM:<a@b.test> SMTPUTF8=yes\r\n"),
+            [b"501 5.5.4 SMTPUTF8 takes no value"],
+        )
+
     def test_unknown_mail_parameter(self) -> None:
         self.send(b"EHLO c\r\n")
         self.assertEqual(
-            self.send(b"MAIL FROM:<a@b.test> SMTPUTF8\r\n"),
-            [b"555 5.5.4 Unsupported parameter SMTPUTF8"],
+            self.send(b"MAIL FROM:<a@b.test> RET=FULL\r\n"),
+            [b"555 5.5.4 Unsupported parameter RET"],
         )
 
     def test_long_data_line_never_becomes_commands(self) -> None:

@@ -53,6 +53,7 @@ EHLO_REPLY = [
     b"250-PIPELINING",
     b"250-SIZE 10485760",
     b"250-8BITMIME",
+    b"250-SMTPUTF8",
     b"250-ENHANCEDSTATUSCODES",
     b"250 STARTTLS",
 ]
@@ -510,7 +511,7 @@ class PipeliningTests(TestCase):
             b"DATA\r\n",
             6,
         )
-        self.assertEqual(client.lines()[1:7], EHLO_REPLY)
+        self.assertEqual(client.lines()[1 : 1 + len(EHLO_REPLY)], EHLO_REPLY)
         self.assertEqual(
             replies,
             [
