@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from typing import Any
 
 import treq
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -19,8 +20,17 @@ from twisted.trial.unittest import TestCase
 from maillaser import __version__
 from maillaser.breaker import BreakerState
 from maillaser.signing import VerificationError, verify
+from maillaser.spool import SpoolDatabase, SpoolError, SqliteSpool
 from maillaser.testing import HANG, MemorySpool, Reply, WebhookReceiver
-from tests.helpers import TARGET, poll, simple_message, start_bridge, wait
+from tests.helpers import (
+    TARGET,
+    Bridge,
+    poll,
+    settled,
+    simple_message,
+    start_bridge,
+    wait,
+)
 
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as (msg_[0-9a-f]{28})$")
 
@@ -247,3 +257,64 @@ class SpoolFailureTests(TestCase):
         body = json.loads(await response.content())
         self.assertIn("spool is not writable", body["reasons"])
         self.assertEqual(bridge.receiver.requests, [])
+
+    async def health(self, bridge: Bridge) -> tuple[int, dict[str, Any]]:
+        response = await treq.get(bridge.health_url + "/health", persistent=False)
+        return response.code, json.loads(await response.content())
+
+    async def test_full_sqlite_spool_is_451_then_recovers(self) -> None:
+        """
+        The real SQLite spool, full as a full disk would make it: 451 (never
+        250) and /health 503; once there is room again, 250, delivery, and
+        /health 200, with no restart.
+        """
+        bridge = await start_bridge(self)
+        spool = bridge.service.spool
+        assert isinstance(spool, SqliteSpool), spool
+        # SQLite refuses to grow the file past max_page_count with
+        # SQLITE_FULL, "database or disk is full", as on a full disk.  The
+        # connection belongs to the spool's thread, so the pragma runs there.
+        limit = await wait(spool._in_thread(cap_pages, spool._database, None))
+        # Bigger than a page, so storing it must grow the database.
+        big = simple_message(
+            subject="too big for the disk",
+            body="".join(f"line {n} of a long report\n" for n in range(1000)),
+        )
+
+        result = await bridge.send(big)
+        self.assertEqual(
+            (result["code"], result["reply"]),
+            (451, b"4.3.0 Could not store the message, try again later"),
+        )
+        # The failed commit is logged as an error, naming the cause.
+        [logged] = self.flushLoggedErrors(SpoolError)
+        self.assertIn("database or disk is full", str(logged.value))
+        code, body = await self.health(bridge)
+        self.assertEqual(code, 503, body)
+        self.assertEqual(body["status"], "unavailable", body)
+        self.assertIn("spool is not writable", body["reasons"])
+        self.assertEqual(spool.stats().pending, 0)
+
+        await wait(spool._in_thread(cap_pages, spool._database, limit))
+        result = await bridge.send(big)
+        self.assertEqual(result["code"], 250, result)
+        [request] = await settled(bridge, 1)
+        self.assertEqual(request.headers["webhook-id"], queued_id(result))
+        self.assertEqual(request.json()["subject"], "too big for the disk")
+        code, body = await self.health(bridge)
+        self.assertEqual((code, body["status"]), (200, "ok"), body)
+        self.assertNotIn("reasons", body)
+
+
+def cap_pages(database: SpoolDatabase, limit: int | None) -> int:
+    """
+    On the spool's thread: set C{PRAGMA max_page_count} to C{limit}, or to
+    the pages in use now if C{None}; return the previous limit.
+    """
+    connection = database._connection
+    (previous,) = connection.execute("PRAGMA max_page_count").fetchone()
+    if limit is None:
+        (limit,) = connection.execute("PRAGMA page_count").fetchone()
+    (now,) = connection.execute(f"PRAGMA max_page_count = {int(limit)}").fetchone()
+    assert now == limit, (now, limit)
+    return int(previous)

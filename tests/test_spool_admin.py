@@ -9,17 +9,21 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import maillaser
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import DATABASE_NAME, SpoolDatabase, SqliteSpool
 from maillaser.spool_admin import format_duration, format_size, main, run
 from tests.doubles import stored
+from tests.helpers import wait
+from tests.process import clean_environment
 
 NOW = 1_700_000_000.0
 
@@ -425,3 +429,249 @@ class SpoolAdminProcessTests(TestCase):
         self.assertEqual(
             await spool.due(1e10, 10), [QueuedMessage(message("msg_dead", 10.0), 0)]
         )
+
+
+# The console script as installed: ``maillaser-spool`` next to this
+# interpreter, run as a program, against spools written by the project's own
+# SpoolDatabase.  Times are real here, so every age and wait is 30 seconds off
+# a display boundary: the output cannot change while the test runs.
+
+DEAD_ID = "msg_019a7c0a11d2e3f4a5b6c7d8e9f0"
+LATER_ID = "msg_019a7c1e2f3b8d0c4e5f6a7b8c9d"
+DUE_ID = "msg_019a7c1f0a1b2c3d4e5f6a7b8c9d"
+UNKNOWN_ID = "msg_0000000000000000000000000000"
+
+
+def installed_command() -> Path:
+    """Where the installer put C{maillaser-spool}, as for twistd in L{runner}."""
+    return Path(sys.executable).with_name("maillaser-spool")
+
+
+class InstalledCommandTests(TestCase):
+    def setUp(self) -> None:
+        self.command = installed_command()
+        if not self.command.exists():
+            raise SkipTest(f"maillaser-spool is not installed at {self.command}")
+        self.directory = os.path.abspath(os.path.join(self.mktemp(), "spool"))
+        self.now = time.time()
+
+    def make_spool(self) -> None:
+        """
+        DEAD_ID: dead after one attempt (HTTP 410), accepted 1d3h ago;
+        LATER_ID: pending, failed one round, accepted 3h ago, next in 5h30m;
+        DUE_ID: pending, never tried, accepted 2h05m ago, due now.
+        """
+        now = self.now
+        database = SpoolDatabase.open(self.directory, create=True)
+        try:
+            with database.transaction():
+                database.insert(message(DEAD_ID, now - (86400 + 3 * 3600 + 30)))
+                database.insert(message(LATER_ID, now - (3 * 3600 + 30)))
+                database.insert(
+                    message(DUE_ID, now - (2 * 3600 + 5 * 60 + 30), b"x" * 2048)
+                )
+                database.reschedule(
+                    LATER_ID,
+                    now + 5 * 3600 + 30 * 60 + 30,
+                    [Attempt(now - 600, 503, "HTTP 503 Service Unavailable")],
+                )
+                database.bury(
+                    DEAD_ID, now - 3600, [Attempt(now - 3600, 410, "HTTP 410: gone")]
+                )
+        finally:
+            database.close()
+
+    async def run_command(self, *argv: str, **environ: str) -> tuple[int, bytes, bytes]:
+        """
+        Run the installed command as a program, from an unrelated working
+        directory; return its exit status, stdout and stderr.
+        """
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        out, err, code = await wait(
+            getProcessOutputAndValue(
+                str(self.command),
+                argv,
+                env={**clean_environment(), **environ},
+                path=cwd,
+                reactor=reactor,
+            ),
+            30,
+        )
+        return code, out, err
+
+    async def admin(self, *argv: str) -> tuple[int, str, str]:
+        """L{run_command} on this test's spool, output decoded."""
+        code, out, err = await self.run_command("--spool-dir", self.directory, *argv)
+        return code, out.decode("utf-8"), err.decode("utf-8")
+
+    def state_of(self, id: str) -> str | None:
+        database = SpoolDatabase.open(self.directory, create=False)
+        try:
+            return {entry.id: entry.state for entry in database.entries()}.get(id)
+        finally:
+            database.close()
+
+    async def test_list_table(self) -> None:
+        self.make_spool()
+        self.assertEqual(
+            await self.admin("list"),
+            (
+                0,
+                "ID                                STATE    AGE    ATTEMPTS  SIZE"
+                "  NEXT      LAST ERROR\n"
+                f"{DEAD_ID}  dead     1d3h          1  128B  -         HTTP 410: gone\n"
+                f"{LATER_ID}  pending  3h            1  128B  in 5h30m"
+                "  HTTP 503 Service Unavailable\n"
+                f"{DUE_ID}  pending  2h05m         0  2.0K  due\n",
+                "",
+            ),
+        )
+        # The spool directory from the environment, as the bridge reads it.
+        code, out, err = await self.run_command(
+            "list", "--dead", MAIL_LASER_SPOOL_DIR=self.directory
+        )
+        self.assertEqual(
+            (code, [line.split()[0] for line in out.splitlines()], err),
+            (0, [b"ID", DEAD_ID.encode()], b""),
+        )
+
+    async def test_list_json(self) -> None:
+        self.make_spool()
+        code, out, err = await self.admin("list", "--json")
+        self.assertEqual((code, err), (0, ""))
+        listed = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(
+            [(d["id"], d["state"], d["attempts"], d["last_error"]) for d in listed],
+            [
+                (DEAD_ID, "dead", 1, "HTTP 410: gone"),
+                (LATER_ID, "pending", 1, "HTTP 503 Service Unavailable"),
+                (DUE_ID, "pending", 0, ""),
+            ],
+        )
+        dead, later, due = listed
+        self.assertEqual(
+            dead,
+            {
+                "id": DEAD_ID,
+                "state": "dead",
+                "sender": "alerts@example.org",
+                "recipients": ["ops@example.com", "Oncall@Example.com"],
+                "helo": "mon.example.org",
+                "peer": "198.51.100.4:51000",
+                "size": len(RAW),
+                "received_at": self.now - (86400 + 3 * 3600 + 30),
+                "rounds": 0,
+                "attempts": 1,
+                "next_attempt_at": None,
+                "last_error": "HTTP 410: gone",
+                "dead_at": self.now - 3600,
+            },
+        )
+        self.assertEqual(
+            (later["next_attempt_at"], later["rounds"], later["dead_at"]),
+            (self.now + 5 * 3600 + 30 * 60 + 30, 1, None),
+        )
+        self.assertEqual(
+            (due["size"], due["next_attempt_at"]), (2048, due["received_at"])
+        )
+
+    async def test_show(self) -> None:
+        """The envelope, headers and attempts; --raw gives the exact bytes."""
+        self.make_spool()
+        code, out, err = await self.admin("show", DEAD_ID)
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(
+            lines[:6],
+            [
+                f"id:           {DEAD_ID}",
+                "state:        dead",
+                "sender:       <alerts@example.org>",
+                "recipients:   ops@example.com, Oncall@Example.com",
+                "helo:         mon.example.org",
+                "peer:         198.51.100.4:51000",
+            ],
+        )
+        self.assertIn("attempts:     1", lines)
+        self.assertIn("last error:   HTTP 410: gone", lines)
+        self.assertIn("  Subject: disk almost full on db1", lines)
+        self.assertIn("  X-Name: Caf\u00e9", lines)
+        self.assertEqual(lines[-2], "recorded attempts:")
+        self.assertRegex(
+            lines[-1], r"^  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  410  HTTP 410: gone$"
+        )
+        self.assertNotIn("SECRET", out)
+
+        raw = await self.run_command(
+            "--spool-dir", self.directory, "show", DEAD_ID, "--raw"
+        )
+        self.assertEqual(raw, (0, RAW, b""))
+
+    async def test_requeue_dead(self) -> None:
+        """The dead message is pending and due again, under the same id."""
+        self.make_spool()
+        self.assertEqual(
+            await self.admin("requeue", DEAD_ID), (0, f"requeued {DEAD_ID}\n", "")
+        )
+        code, out, _ = await self.admin("list", "--json")
+        [requeued] = [
+            d for d in map(json.loads, out.splitlines()) if d["id"] == DEAD_ID
+        ]
+        self.assertEqual(
+            (code, requeued["state"], requeued["dead_at"], requeued["rounds"]),
+            (0, "pending", None, 0),
+        )
+        self.assertGreaterEqual(requeued["next_attempt_at"], self.now)
+        self.assertLessEqual(requeued["next_attempt_at"], time.time())
+        self.assertEqual(
+            await self.admin("requeue", "--all-dead"),
+            (0, "requeued 0 dead messages\n", ""),
+        )
+
+    async def test_purge(self) -> None:
+        """Only a dead message goes, and only it."""
+        self.make_spool()
+        self.assertEqual(
+            await self.admin("purge", DEAD_ID), (0, f"purged {DEAD_ID}\n", "")
+        )
+        self.assertIsNone(self.state_of(DEAD_ID))
+        code, out, err = await self.admin("list")
+        self.assertEqual(
+            (code, [line.split()[0] for line in out.splitlines()], err),
+            (0, ["ID", LATER_ID, DUE_ID], ""),
+        )
+        self.assertEqual(
+            await self.admin("purge", DUE_ID),
+            (3, "", f"maillaser-spool: message {DUE_ID} is pending, not dead\n"),
+        )
+        self.assertEqual(self.state_of(DUE_ID), "pending")
+
+    async def test_exit_status(self) -> None:
+        """0 success, 1 no spool, 2 usage error, 3 unknown id."""
+        missing = os.path.abspath(os.path.join(self.mktemp(), "nowhere"))
+        self.assertEqual(
+            await self.run_command("--spool-dir", missing, "list"),
+            (1, b"", f"maillaser-spool: error: no spool at {missing}\n".encode()),
+        )
+        self.assertFalse(os.path.exists(missing))
+
+        self.make_spool()
+        for argv in ([], ["list", "--dead", "--pending"]):
+            code, out, err = await self.admin(*argv)
+            self.assertEqual((code, out), (2, ""), argv)
+            self.assertTrue(err.startswith("usage: maillaser-spool"), (argv, err))
+
+        for argv in (["show", UNKNOWN_ID], ["requeue", UNKNOWN_ID]):
+            self.assertEqual(
+                await self.admin(*argv),
+                (3, "", f"maillaser-spool: no message {UNKNOWN_ID} in the spool\n"),
+                argv,
+            )
+        self.assertEqual(
+            [self.state_of(id) for id in (DEAD_ID, LATER_ID, DUE_ID)],
+            ["dead", "pending", "pending"],
+        )
+        code, out, err = await self.admin("--help")
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(out.startswith("usage: maillaser-spool"), out)
