@@ -54,6 +54,9 @@ KEPT_ATTEMPTS = 20
 BUSY_TIMEOUT_MS = 10_000
 """How long a write waits for the other process (bridge or admin) to finish."""
 
+PROBE_SIZE = 64 * 1024
+"""Bytes written to see whether a spool that failed can store mail again."""
+
 State = Literal["pending", "dead"]
 
 _T = TypeVar("_T")
@@ -94,6 +97,9 @@ _SCHEMA = (
 )
 
 _UNCLAIMED_PENDING = "state = 'pending' AND id NOT IN (SELECT value FROM json_each(?))"
+
+_PROBE = Message("probe", Envelope("", ()), bytes(PROBE_SIZE))
+"""Never a real message: real ids are C{msg_} and 28 hex digits."""
 
 _ENTRY_COLUMNS = (
     "id, state, sender, recipients, helo, peer, size, received_at, rounds,"
@@ -318,6 +324,14 @@ class SpoolDatabase:
         return self._settle(
             message_id, "rounds = rounds + 1, next_attempt_at = ?", (at,), attempts
         )
+
+    def probe(self) -> None:
+        """
+        Store a message of L{PROBE_SIZE} bytes and forget it again, in the
+        caller's transaction: it fails when storing mail would.
+        """
+        self.insert(_PROBE)
+        self.delete(_PROBE.id, "pending")
 
     def bury(self, message_id: str, at: float, attempts: Sequence[Attempt]) -> int:
         """Move a pending message to the dead letters; returns its size."""
@@ -552,12 +566,7 @@ class _GroupCommit:
         self, outcome: list[object] | Failure, results: list[Deferred[Any]]
     ) -> None:
         if isinstance(outcome, Failure):
-            self._log.failure(
-                "spool commit of {count} operations failed",
-                outcome,
-                LogLevel.error,
-                count=len(results),
-            )
+            self._log_failure(outcome, len(results))
             self.writable = False
             outcomes: Sequence[object] = [outcome] * len(results)
         else:
@@ -572,6 +581,22 @@ class _GroupCommit:
             else:
                 result.callback(value)
         self._commit_next()
+
+    def _log_failure(self, failure: Failure, count: int) -> None:
+        """The first failure in full; while it lasts, one line each."""
+        if self.writable:
+            self._log.failure(
+                "spool commit of {count} operations failed",
+                failure,
+                LogLevel.error,
+                count=count,
+            )
+        else:
+            self._log.warn(
+                "spool commit of {count} operations failed again: {error}",
+                count=count,
+                error=failure.getErrorMessage(),
+            )
 
 
 @implementer(ISpool)
@@ -734,8 +759,12 @@ class SqliteSpool:
     def refresh(self) -> Deferred[SpoolStats]:
         """
         Re-count from the database, which the admin tool may have changed
-        (requeue, purge) behind this process's back.
+        (requeue, purge) behind this process's back; and if the last commit
+        failed, try a write, so that health sees the spool recover (a full
+        disk freed, say) even if no mail comes to try it.
         """
+        if not self._group.writable:
+            self._write(SpoolDatabase.probe).addErrback(lambda failure: None)
         counted = self._call(self._database.counts)
         return counted.addCallback(self._recounted)
 

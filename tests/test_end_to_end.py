@@ -296,6 +296,10 @@ class SpoolFailureTests(TestCase):
         self.assertEqual(spool.stats().pending, 0)
 
         await wait(spool._in_thread(cap_pages, spool._database, limit))
+        # The dispatcher's periodic look finds out, with no mail to try it.
+        await wait(spool.refresh())
+        code, body = await self.health(bridge)
+        self.assertEqual((code, body["status"]), (200, "ok"), body)
         result = await bridge.send(big)
         self.assertEqual(result["code"], 250, result)
         [request] = await settled(bridge, 1)
