@@ -274,17 +274,22 @@ class Burst:
 class DurabilityTests(ProcessTestCase):
     """Nothing that got 250 is lost, whatever happens to the process."""
 
-    async def burst_while_webhook_is_down(self, spool: str, count: int) -> list[str]:
+    async def start_with_webhook_down(self, spool: str, *extra: str) -> BridgeProcess:
+        """A bridge whose webhook answers 503, and whose breaker then stays open."""
         down = await self.receiver(default=Reply(503))
-        process = await self.start(
+        return await self.start(
             self.arguments(
                 down,
                 spool,
                 "--webhook-max-retries=0",
                 "--circuit-breaker-threshold=1",
                 "--circuit-breaker-reset=3600",
+                *extra,
             )
         )
+
+    async def burst_while_webhook_is_down(self, spool: str, count: int) -> list[str]:
+        process = await self.start_with_webhook_down(spool)
         ids = [await self.send(process, f"burst {n}") for n in range(count)]
         self.process = process
         return ids
@@ -327,17 +332,7 @@ class DurabilityTests(ProcessTestCase):
         """
         senders, kill_after = 8, 40
         spool = os.path.abspath(self.mktemp())
-        down = await self.receiver(default=Reply(503))
-        process = await self.start(
-            self.arguments(
-                down,
-                spool,
-                "--webhook-max-retries=0",
-                "--circuit-breaker-threshold=1",
-                "--circuit-breaker-reset=3600",
-                "--retry-schedule=1s,1h",
-            )
-        )
+        process = await self.start_with_webhook_down(spool, "--retry-schedule=1s,1h")
         # A quota no sender can reach before the kill: the burst is still
         # going when it comes.
         burst = Burst(process.ports["SMTP"], senders, quota=10_000)
