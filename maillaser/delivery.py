@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from time import perf_counter
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -27,7 +28,7 @@ from maillaser.breaker import CircuitBreaker
 from maillaser.http import BadResponse, ConnectionClosed
 from maillaser.interfaces import IWebhookClient
 from maillaser.message import Attempt, Message
-from maillaser.payload import build_payload, encode_payload
+from maillaser.payload import Draft, build_payload, draft_payload, encode_payload
 from maillaser.signing import request_headers
 from maillaser.webhook import WebhookResponse
 
@@ -36,20 +37,28 @@ QUICK_BACKOFF = 0.1
 
 OFFLOAD_SIZE = 32 * 1024
 """
-Messages larger than this are turned into payloads on a worker thread.
-Parsing and html2text are pure Python (html2text costs about 1 µs per
-character of dense markup), so a big message on the reactor thread would
-stall every SMTP session; a small one costs less than the thread hop.
+Messages larger than this are parsed on a worker thread.  Parsing is pure
+Python at a cost the size bounds, so a big message on the reactor thread
+would stall every SMTP session; a small one costs less than the thread hop.
+html2text is not bounded that way (32 KB of nested blockquotes takes over
+100 ms), so an HTML-only body is rendered on the worker whatever the size.
 """
 
 TURN_BUDGET = 0.005
 """
 Seconds of payload building done on the reactor thread per iteration.  A
-burst of rounds would otherwise build all their payloads in one callback
-(html2text costs milliseconds per message) and stall every SMTP session.
+burst of rounds would otherwise parse all their messages in one callback
+(up to about 6 ms each, for 32 KB of header fields) and stall every SMTP
+session.
 """
 
-Offload = Callable[[Callable[[], bytes]], Deferred[bytes]]
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Runs C{function} elsewhere or later; the result comes back on the reactor."""
+
+    def __call__(self, function: Callable[[], _T], /) -> Deferred[_T]: ...
 
 
 @attrs.define
@@ -61,13 +70,11 @@ class TurnBudget:
 
     clock: IReactorTime
     budget: float = TURN_BUDGET
-    _queue: deque[tuple[Callable[[], bytes], Deferred[bytes]]] = attrs.field(
-        factory=deque
-    )
+    _queue: deque[tuple[Callable[[], Any], Deferred[Any]]] = attrs.field(factory=deque)
     _scheduled: bool = False
 
-    def run(self, function: Callable[[], bytes]) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
+    def run(self, function: Callable[[], _T]) -> Deferred[_T]:
+        d: Deferred[_T] = Deferred()
         self._queue.append((function, d))
         if not self._scheduled:
             self._scheduled = True
@@ -138,7 +145,7 @@ class Deliverer:
     offload: Offload | None = None
     """Runs a function on a worker thread; C{None} keeps everything inline."""
     inline: Offload | None = None
-    """Runs a small build on the reactor thread, in turn (a L{TurnBudget})."""
+    """Runs a bounded step on the reactor thread, in turn (a L{TurnBudget})."""
     _log = Logger()
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -164,13 +171,29 @@ class Deliverer:
         self._record(message, outcome)
         return outcome
 
-    def _body(self, message: Message) -> Deferred[bytes]:
-        build = partial(_encoded_payload, message, tuple(self.header_prefixes))
-        if self.offload is not None and len(message.raw) > OFFLOAD_SIZE:
-            return self.offload(build)
+    async def _body(self, message: Message) -> bytes:
+        """
+        The encoded payload, built where its cost is harmless: a big message
+        entirely off the reactor thread; a small one parsed in turn on it,
+        and its HTML, if the body must be rendered from it, off it again.
+        """
+        prefixes = tuple(self.header_prefixes)
+        if len(message.raw) > OFFLOAD_SIZE:
+            return await self._off_reactor(partial(_encoded_payload, message, prefixes))
+        draft = await self._in_turn(partial(draft_payload, message, prefixes))
+        if draft.render is not None:
+            return await self._off_reactor(partial(_encoded_draft, draft))
+        return _encoded_draft(draft)
+
+    def _off_reactor(self, function: Callable[[], _T]) -> Deferred[_T]:
+        if self.offload is not None:
+            return self.offload(function)
+        return self._in_turn(function)
+
+    def _in_turn(self, function: Callable[[], _T]) -> Deferred[_T]:
         if self.inline is not None:
-            return self.inline(build)
-        return succeed(build())
+            return self.inline(function)
+        return succeed(function())
 
     async def _attempt(
         self, message: Message, body: bytes, attempts: list[Attempt]
@@ -224,6 +247,10 @@ class Deliverer:
 
 def _encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
     return encode_payload(build_payload(message, header_prefixes))
+
+
+def _encoded_draft(draft: Draft) -> bytes:
+    return encode_payload(draft.finish())
 
 
 def describe_error(error: BaseException) -> str:

@@ -4,10 +4,14 @@ From the bytes we accepted to the JSON body the webhook receives.
 This runs for every message, on bytes anyone on the Internet can write, in
 the delivery worker's thread (the reactor's, unless the caller moves it).
 Two rules follow.  It never raises: we already said ``250``, so even garbage
-becomes a payload, with empty strings where nothing could be read.  And its
-cost is bounded by the size of the message, never by its structure.
+becomes a payload, with empty strings where nothing could be read.  And the
+parse (L{draft_payload}) costs what the size of the message says, never
+what its structure says, so a small message can be parsed on the reactor
+thread.  html2text is the exception: its cost depends on the markup (32 KB
+of nested blockquotes takes over 100 ms), so rendering an HTML-only body is
+a step of its own (L{Draft.finish}) that a caller can run on a thread.
 
-That second rule is why the MIME tree is walked here and not by
+The bound on the parse is why the MIME tree is walked here and not by
 ``email.feedparser``: the feedparser tests every line against every
 enclosing boundary and handles each line in Python, so 10 MB of empty lines
 costs it about two seconds, and the same lines nested a few hundred
@@ -84,6 +88,8 @@ refuse to decode.  A label naming one counts as unknown.
 """
 
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)(?:\n|\Z)")
+_FIELD_START = re.compile(rb"[!-9;-~]*[ \t]*")
+"""What a line cut off before its colon may hold and still be a field."""
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 # Anchored on ";" so that a search never rescans a long run of name characters.
 _PARAM = re.compile(rb';\s*([^\s=;"]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;]*))')
@@ -115,17 +121,19 @@ def build_payload(
     keys omitted.  Never raises: each step runs on its own, so a failure in
     one (logged) leaves its fields empty and keeps what the others found.
     """
+    return draft_payload(message, header_prefixes).finish()
+
+
+def draft_payload(message: Message, header_prefixes: Sequence[str]) -> Draft:
+    """
+    Everything of L{build_payload} but html2text: the part whose cost the
+    size of the message bounds.
+    """
     parsed = _Parsed(message.raw)
     with _degraded("header", message.id):
         parsed.read_header(header_prefixes)
     with _degraded("MIME structure", message.id):
         parsed.read_bodies()
-    body = parsed.text
-    if body is None:
-        body = ""
-        if parsed.html is not None:
-            with _degraded("HTML", message.id):
-                body = _html_to_text(parsed.html)
     envelope = message.envelope
     payload: dict[str, object] = {"sender": envelope.sender}
     if parsed.sender_name:
@@ -133,14 +141,36 @@ def build_payload(
     payload["recipient"] = envelope.recipients[0] if envelope.recipients else ""
     payload["recipients"] = list(envelope.recipients)
     payload["subject"] = parsed.subject
-    payload["body"] = body
+    payload["body"] = parsed.text or ""
     if parsed.html is not None:
         payload["html_body"] = parsed.html
     if parsed.headers:
         payload["headers"] = parsed.headers
     if parsed.message_id:
         payload["message_id"] = parsed.message_id
-    return payload
+    render = parsed.html if parsed.text is None else None
+    return Draft(message.id, payload, render)
+
+
+@attrs.frozen
+class Draft:
+    """A payload whose body may still have to be rendered from its HTML."""
+
+    message_id: str
+    payload: dict[str, object]
+    """SPEC §4's keys in order, C{body} in its place (empty if still to render)."""
+
+    render: str | None
+    """The HTML C{body} is to be rendered from, or C{None} if it is final."""
+
+    def finish(self) -> dict[str, object]:
+        """The payload, with html2text run if the body needs it."""
+        if self.render is None:
+            return self.payload
+        body = ""
+        with _degraded("HTML", self.message_id):
+            body = _html_to_text(self.render)
+        return {**self.payload, "body": body}
 
 
 def encode_payload(payload: Mapping[str, object]) -> bytes:
@@ -239,8 +269,12 @@ class _Parsed:
             first.setdefault(name.lower(), value)
             pos = match.end()
         self.header_bytes_left -= pos - start
-        if pos == limit < end:
-            return _Head(fields, first, self._after_blank_line(pos, end), False)
+        if limit < end and _FIELD_START.fullmatch(self.raw, pos, limit):
+            # Out of budget at or inside what may be a field: skip the rest of
+            # the header rather than take it for the body.  The search starts
+            # at pos - 1 so that an empty line right at pos counts too.
+            body_start = self._after_blank_line(max(pos - 1, start), end)
+            return _Head(fields, first, body_start, False)
         if self.raw.startswith(b"\r\n", pos, end):
             pos += 2
         elif self.raw.startswith(b"\n", pos, end):
@@ -248,6 +282,7 @@ class _Parsed:
         return _Head(fields, first, pos, True)
 
     def _after_blank_line(self, pos: int, end: int) -> int:
+        """Past the first empty line after a line break at C{pos} or later."""
         found = [
             i + len(blank)
             for blank in (b"\n\r\n", b"\n\n")

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from maillaser.breaker import CircuitBreaker
@@ -133,6 +134,12 @@ class MailLaserService(MultiService):
             concurrency=config.delivery_concurrency,
             timeout=config.webhook_timeout,
         )
+        # One thread of its own, made on first use: payload building is pure
+        # Python, so more threads (such as the reactor's ten) would only take
+        # turns at the GIL, and each turn they take keeps the reactor waiting.
+        self._payload_pool = ThreadPool(
+            minthreads=0, maxthreads=1, name="maillaser-payload"
+        )
         self.deliverer = Deliverer(
             client=self.metrics.timed(self._webhook),
             clock=reactor,
@@ -140,7 +147,7 @@ class MailLaserService(MultiService):
             max_retries=config.webhook_max_retries,
             secrets=config.webhook_secrets,
             header_prefixes=config.header_prefixes,
-            offload=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+            offload=partial(deferToThreadPool, reactor, self._payload_pool),
             inline=TurnBudget(reactor).run,
         )
         self.dispatcher: Dispatcher | None = None
@@ -179,6 +186,7 @@ class MailLaserService(MultiService):
     def startService(self) -> None:
         self._prepare()  # when composed, a parent may only call startService
         self._started_at = self._reactor.seconds()
+        self._payload_pool.start()
         super().startService()
 
     def _prepare(self) -> None:
@@ -248,6 +256,7 @@ class MailLaserService(MultiService):
         if self.dispatcher is not None:
             draining.append(self.dispatcher.stopService())
         await gatherResults(draining, consumeErrors=True)
+        self._payload_pool.stop()
         await self._webhook.pool.close()
         left = 0
         if self.spool is not None:

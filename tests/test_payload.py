@@ -354,6 +354,41 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(result["headers"], {"Subject": "early"})
         self.assertEqual(result["body"], "the body")
 
+    def test_huge_header_budget_ends_inside_a_field(self) -> None:
+        """
+        Running out of budget in the middle of a field (here in its name) is
+        running out at a field boundary: the fields past the limit are
+        ignored, and the rest of the header does not become the body.
+        """
+        filler = b"".join(b"X-Filler-%06d: v\r\n" % n for n in range(20_000))
+        whole, cut = divmod(payload.MAX_HEADER_BYTES, 20)
+        self.assertLess(cut, len(b"X-Filler-000000"))
+        raw = filler + b"Subject: hi\r\n\r\nthe body\r\n"
+        result = parse(raw, ("x-",))
+        self.assertEqual((result["subject"], result["body"]), ("", "the body\r\n"))
+        headers = result["headers"]
+        assert isinstance(headers, dict)
+        self.assertEqual(list(headers)[-1], f"X-Filler-{whole - 1:06d}")
+
+    def test_huge_header_budget_ends_before_the_blank_line(self) -> None:
+        """A header that uses up the budget exactly still has its body."""
+        filler = b"X-Filler: " + b"y" * 20 + b"\r\n"
+        self.assertEqual(payload.MAX_HEADER_BYTES % len(filler), 0)
+        raw = filler * (payload.MAX_HEADER_BYTES // len(filler))
+        self.assertEqual(parse(raw + b"\r\nthe body")["body"], "the body")
+        self.assertEqual(parse(raw + b"X-Late: x\r\n\r\nthe body")["body"], "the body")
+
+    def test_non_field_line_past_the_budget_starts_no_body(self) -> None:
+        """
+        A line that can no longer be a field before the budget ends starts
+        the body, as it would within the budget.
+        """
+        filler = b"X-Filler: " + b"y" * 70 + b"\r\n"
+        head = filler * (payload.MAX_HEADER_BYTES // len(filler))
+        line = b"not a field " + b"z" * len(filler)
+        result = parse(head + line + b"\r\n\r\nafter")
+        self.assertEqual(result["body"], line.decode() + "\r\n\r\nafter")
+
 
 class EnvelopeTests(SynchronousTestCase):
     def test_several_recipients(self) -> None:

@@ -444,6 +444,47 @@ class GeneratedMimeTests(SynchronousTestCase):
         assert_well_formed(self, parse(bytes(raw), ["x-", "content"]))
 
 
+field_names = st.text(
+    alphabet=st.sampled_from(list("XYZabc-_09!~;")), min_size=1, max_size=12
+)
+field_values = st.lists(
+    st.text(alphabet=st.sampled_from(list("abc XYZ:;=<>@\t")), max_size=20),
+    min_size=1,
+    max_size=3,
+)
+
+
+class HeaderBudgetTests(SynchronousTestCase):
+    """Wherever the header budget runs out, the body starts after the blank line."""
+
+    @FUZZ
+    @given(
+        fields=st.lists(st.tuples(field_names, field_values), min_size=1, max_size=12),
+        newline=st.sampled_from([b"\r\n", b"\n"]),
+        data=st.data(),
+    )
+    def test_body_after_the_blank_line(
+        self,
+        fields: list[tuple[str, list[str]]],
+        newline: bytes,
+        data: st.DataObject,
+    ) -> None:
+        fold = newline + b" "
+        header = b"".join(
+            name.encode() + b": " + fold.join(v.encode() for v in lines) + newline
+            for name, lines in fields
+        )
+        budget = data.draw(st.integers(1, len(header) + 2), label="budget")
+        parsed = payload._Parsed(
+            header + newline + b"the body", header_bytes_left=budget
+        )
+        parsed.read_bodies()
+        self.assertEqual(parsed.text, "the body")
+        assert parsed.top is not None
+        names = [name.decode() for name, _ in parsed.top.fields]
+        self.assertEqual(names, [name for name, _ in fields][: len(names)])
+
+
 _soup = st.lists(
     st.sampled_from(
         [
