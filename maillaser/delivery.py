@@ -153,6 +153,30 @@ class Deliverer:
         return Deferred.fromCoroutine(self._round(message))
 
     async def _round(self, message: Message) -> Outcome:
+        """
+        Always an outcome, even when our own code breaks: the caller must
+        settle the message (or it would stay claimed, never tried again),
+        and the breaker must hear of the round (or a probe would never end).
+        """
+        try:
+            outcome = await self._attempts(message)
+        except CancelledError:
+            raise  # the round was cancelled, at shutdown
+        except Exception as error:
+            self._log.failure(
+                "delivery round for {message_id} broke; counted as failed",
+                message_id=message.id,
+            )
+            reason = f"internal error: {describe_error(error)}"
+            outcome = Failed(
+                (Attempt(self.clock.seconds(), None, reason),),
+                permanent=False,
+                reason=reason,
+            )
+        self._record(message, outcome)
+        return outcome
+
+    async def _attempts(self, message: Message) -> Outcome:
         body = await self._body(message)
         attempts: list[Attempt] = []
         outcome: Outcome | None = None
@@ -168,7 +192,6 @@ class Deliverer:
             ):
                 break  # the receiver asked for more patience than a quick retry has
         assert outcome is not None
-        self._record(message, outcome)
         return outcome
 
     async def _body(self, message: Message) -> bytes:

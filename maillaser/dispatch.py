@@ -214,12 +214,6 @@ class Dispatcher(Service):
             outcome = await self.deliverer.deliver(queued.message)
         except CancelledError:
             return  # shutting down: the message simply stays spooled
-        except Exception:
-            self._log.failure(
-                "delivery of {message_id} broke; it stays spooled",
-                message_id=message_id,
-            )
-            return
         finally:
             # The slot is free once the webhook answered; the claim keeps
             # the message from being handed out again until it is settled.

@@ -47,6 +47,24 @@ class DeliveryTests(SynchronousTestCase):
             secrets=(SECRET,),
         )
 
+    def test_a_round_that_breaks_is_a_failed_round(self) -> None:
+        """Settled and retried later like any failure, and the breaker hears it."""
+
+        def broken(function: Callable[[], _T]) -> Deferred[_T]:
+            raise RuntimeError("a bug")
+
+        self.breaker.threshold = 1
+        deliverer = self.deliverer(ScriptedClient())
+        deliverer.inline = broken
+        outcome = self.successResultOf(deliverer.deliver(message()))
+        reason = "internal error: RuntimeError: a bug"
+        self.assertEqual(
+            outcome,
+            Failed((Attempt(1_700_000_000.0, None, reason),), False, reason=reason),
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIs(self.breaker.state, BreakerState.open)
+
     def test_backoff_is_100ms_doubling(self) -> None:
         self.assertEqual([quick_backoff(n) for n in (1, 2, 3, 4)], [0.1, 0.2, 0.4, 0.8])
 
