@@ -182,6 +182,16 @@ def proc_status(pid: int, key: str) -> int:
     raise BenchError(f"no {key} for process {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """C{pid} and its descendants: the bridge and its spool process."""
+    tree = [pid]
+    for member in tree:
+        for task in Path(f"/proc/{member}/task").glob("*"):
+            with suppress(OSError):
+                tree.extend(int(c) for c in (task / "children").read_text().split())
+    return tree
+
+
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """User plus system CPU time of a process (or one of its threads) so far."""
     path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
@@ -435,10 +445,15 @@ class Bridge:
         return -1 if health is None else int(health.get("spool_depth", 0))
 
     def memory_mb(self, key: str = "VmHWM") -> float:
-        return proc_status(self.process.pid, key) / 1024
+        """The bridge's memory and its spool process's, added up."""
+        return sum(proc_status(pid, key) for pid in self.processes()) / 1024
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
+        """The bridge's CPU time and its spool process's, so far."""
+        return sum(cpu_seconds(pid) for pid in self.processes())
+
+    def processes(self) -> list[int]:
+        return process_tree(self.process.pid)
 
     def reactor_cpu_seconds(self) -> float:
         """The main thread's: the reactor's, which limits the throughput."""
@@ -731,7 +746,7 @@ def drive(
     receiver.reset()
     bridge_cpu, receiver_cpu = bridge.cpu_seconds(), receiver.cpu_seconds()
     reactor_cpu = bridge.reactor_cpu_seconds()
-    load = MachineLoad(bridge.process.pid, receiver.process.pid)
+    load = MachineLoad(*bridge.processes(), receiver.process.pid)
     probe = StallProbe(bridge.smtp_port)
     probe.start()
     try:

@@ -7,13 +7,14 @@ message leaves the database only when the webhook accepted it, or when an
 operator purges it from the dead letters by id.
 
 All SQL lives in L{SpoolDatabase}, a synchronous class over one connection.
-The bridge drives it from L{SqliteSpool}, which owns a single dedicated
-thread (SQLite calls block, and the reactor must not), groups concurrent
-writes into one transaction (an fsync costs far more than an insert), and
-keeps the cheap in-memory numbers health checks and back-pressure read.  The
-C{maillaser-spool} admin command uses L{SpoolDatabase} directly, with no
-reactor, possibly while the bridge is running: WAL lets it read alongside the
-bridge and C{busy_timeout} makes its writes wait their turn.
+The bridge drives it through L{SqliteSpool}, which hands every call to the
+spool process (L{maillaser.spool_process}: SQLite calls block, and the
+reactor must not), where concurrent writes share one transaction (an fsync
+costs far more than an insert), and keeps the cheap in-memory numbers
+health checks and back-pressure read.  The C{maillaser-spool} admin command
+uses L{SpoolDatabase} directly, with no reactor, possibly while the bridge
+is running: WAL lets it read alongside the bridge and C{busy_timeout} makes
+its writes wait their turn.
 """
 
 from __future__ import annotations
@@ -22,23 +23,22 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
-from threading import Thread
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import quote
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
+
+if TYPE_CHECKING:
+    from maillaser.spool_process import Batch, SpoolProcess
 
 DATABASE_NAME = "spool.sqlite3"
 
@@ -158,13 +158,15 @@ class SpoolDatabase:
     _connection: sqlite3.Connection
 
     @classmethod
-    def open(cls, directory: str, *, create: bool) -> SpoolDatabase:
+    def open(cls, directory: str, *, create: bool, check: bool = True) -> SpoolDatabase:
         """
         Connect to the spool in C{directory}, checking it is intact and ours.
 
         @param create: make the directory and an empty spool if there is
             none; the admin tool passes C{False}, so a typo in a path can
             never leave a stray spool behind.
+        @param check: run SQLite's integrity check, which reads the whole
+            file; the spool process skips it, the bridge having just run it.
         """
         path = os.path.join(directory, DATABASE_NAME)
         if create:
@@ -184,19 +186,18 @@ class SpoolDatabase:
         connection.row_factory = sqlite3.Row
         database = cls(path, connection)
         try:
-            database._prepare(create)
+            database._prepare(create, check)
         except BaseException:
             connection.close()
             raise
         return database
 
-    def _prepare(self, create: bool) -> None:
+    def _prepare(self, create: bool, check: bool) -> None:
         with self._errors("is unreadable or corrupt"):
             self._connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            problems = [
-                row[0] for row in self._connection.execute("PRAGMA quick_check")
-            ]
-        if problems != ["ok"]:
+            checked = self._connection.execute("PRAGMA quick_check") if check else ()
+            problems = [row[0] for row in checked]
+        if problems not in ([], ["ok"]):
             raise SpoolError(
                 f"spool database {self.path} is corrupt: {'; '.join(problems[:3])}"
             )
@@ -510,100 +511,12 @@ def _entry(row: sqlite3.Row) -> SpoolEntry:
     )
 
 
-_Operation = Callable[[SpoolDatabase], object]
-
-
-@attrs.define
-class _GroupCommit:
-    """
-    Write operations, committed as few transactions as the disk allows.
-
-    While one transaction commits, new operations wait; when it is done, all
-    of them go in the next one.  Under load many SMTP sessions share one
-    fsync; when idle, an operation commits at once.
-    """
-
-    _log = Logger()
-
-    _apply: Callable[[list[_Operation]], Deferred[list[object]]]
-    commits: int = 0
-    """Transactions committed; lets tests and metrics see the grouping."""
-    writable: bool = True
-    """Whether the last commit succeeded."""
-    _waiting: list[tuple[_Operation, Deferred[Any]]] = attrs.Factory(list)
-    _committing: bool = False
-    _drained: list[Deferred[None]] = attrs.Factory(list)
-
-    def submit(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
-        """Deferred firing with C{operation}'s result once it is committed."""
-        result: Deferred[_T] = Deferred()
-        self._waiting.append((operation, result))
-        if not self._committing:
-            self._commit_next()
-        return result
-
-    def drain(self) -> Deferred[None]:
-        """Deferred firing once nothing is committing or waiting."""
-        if not self._committing:
-            return succeed(None)
-        drained: Deferred[None] = Deferred()
-        self._drained.append(drained)
-        return drained
-
-    def _commit_next(self) -> None:
-        group, self._waiting = self._waiting, []
-        self._committing = bool(group)
-        if not group:
-            drained, self._drained = self._drained, []
-            for waiter in drained:
-                waiter.callback(None)
-            return
-        self._apply([operation for operation, _ in group]).addBoth(
-            self._committed, [result for _, result in group]
-        )
-
-    def _committed(
-        self, outcome: list[object] | Failure, results: list[Deferred[Any]]
-    ) -> None:
-        if isinstance(outcome, Failure):
-            self._log_failure(outcome, len(results))
-            self.writable = False
-            outcomes: Sequence[object] = [outcome] * len(results)
-        else:
-            if not self.writable:
-                self._log.info("spool commits succeed again")
-            self.writable = True
-            self.commits += 1
-            outcomes = outcome
-        for result, value in zip(results, outcomes, strict=True):
-            if isinstance(value, Failure):
-                result.errback(value)
-            else:
-                result.callback(value)
-        self._commit_next()
-
-    def _log_failure(self, failure: Failure, count: int) -> None:
-        """The first failure in full; while it lasts, one line each."""
-        if self.writable:
-            self._log.failure(
-                "spool commit of {count} operations failed",
-                failure,
-                LogLevel.error,
-                count=count,
-            )
-        else:
-            self._log.warn(
-                "spool commit of {count} operations failed again: {error}",
-                count=count,
-                error=failure.getErrorMessage(),
-            )
-
-
 @implementer(ISpool)
 @attrs.define
 class SqliteSpool:
     """
-    The bridge's spool: L{SpoolDatabase} on one dedicated thread.
+    The bridge's spool: L{SpoolDatabase}, run by the spool process
+    (L{maillaser.spool_process}).
 
     Claims (messages handed out by L{due} and not yet settled) live only in
     memory, so after a restart every pending message is due again.  A claim
@@ -613,80 +526,69 @@ class SqliteSpool:
 
     _log = Logger()
 
-    _reactor: IReactorFromThreads
+    _reactor: Any
+    """Runs the spool process: an C{IReactorProcess} and C{IReactorTime}."""
     _clock: IReactorTime
-    _pool: ThreadPool
-    _database: SpoolDatabase
-    """Used on the pool's thread only (SQLite itself enforces it)."""
+    path: str
     _stats: SpoolStats
-    _group: _GroupCommit = attrs.field(init=False)
     _claimed: set[str] = attrs.Factory(set)
     _closed: bool = False
+    _writable: bool = True
+    commits: int = 0
+    """Transactions committed since open; lets tests see the grouping."""
+    _process: SpoolProcess = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._group = _GroupCommit(
-            lambda group: self._in_thread(self._database.apply, group)
+        # Imported here: the spool process is built on this module.
+        from maillaser.spool_process import SpoolProcess
+
+        self._process = SpoolProcess(
+            self._reactor,
+            self._clock,
+            os.path.dirname(self.path),
+            self._batched,
+            self._ended,
         )
-
-    @classmethod
-    def open(
-        cls,
-        directory: str,
-        reactor: IReactorFromThreads,
-        clock: IReactorTime | None = None,
-    ) -> Deferred[SqliteSpool]:
-        """
-        Open (or create) the spool in C{directory}.
-
-        Fails with L{SpoolError} if the database is corrupt or not a spool:
-        the bridge must not start and accept mail it cannot keep.
-        """
-        pool = _start_pool()
-
-        def failed(reason: Failure) -> Failure:
-            pool.stop()
-            return reason
-
-        opening = deferToThreadPool(reactor, pool, _open_with_counts, directory)
-        return opening.addCallbacks(
-            lambda opened: cls._assemble(reactor, clock, pool, *opened), failed
-        )
-
-    @classmethod
-    def _assemble(
-        cls,
-        reactor: IReactorFromThreads,
-        clock: IReactorTime | None,
-        pool: ThreadPool,
-        database: SpoolDatabase,
-        stats: SpoolStats,
-    ) -> SqliteSpool:
-        cls._log.info(
-            "spool {path} opened: {pending} pending, {dead} dead",
-            path=database.path,
-            pending=stats.pending,
-            dead=stats.dead,
-        )
-        return cls(
-            reactor,
-            IReactorTime(reactor) if clock is None else clock,
-            pool,
-            database,
-            stats,
-        )
-
-    def _in_thread(self, function: Callable[..., _T], *args: object) -> Deferred[_T]:
-        return deferToThreadPool(self._reactor, self._pool, function, *args)
 
     def _call(self, function: Callable[..., _T], *args: object) -> Deferred[_T]:
-        if self._closed:
-            return fail(SpoolError(f"spool {self._database.path} is closed"))
-        return self._in_thread(function, *args)
+        """C{function(database, *args)} in the spool process, on its own."""
+        return self._request(function, args, write=False)
 
-    def _write(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
+    def _write(self, function: Callable[..., _T], *args: object) -> Deferred[_T]:
+        """The same, in one transaction with the writes that arrive with it."""
+        return self._request(function, args, write=True)
+
+    def _request(
+        self, function: Callable[..., _T], args: tuple[object, ...], write: bool
+    ) -> Deferred[_T]:
         if self._closed:
-            return fail(SpoolError(f"spool {self._database.path} is closed"))
-        return self._group.submit(operation)
+            return fail(SpoolError(f"spool {self.path} is closed"))
+        return self._process.request(function, args, write)
+
+    def _batched(self, batch: Batch) -> None:
+        """Before its answers go out: keep count of commits and failures."""
+        for count, error in batch.transactions:
+            if error is None:
+                self.commits += 1
+                self._succeeded()
+            else:
+                self._failed(error, f"spool commit of {count} operations failed")
+
+    def _ended(self, error: SpoolError) -> None:
+        self._failed(error, "spool process ended")
+
+    def _succeeded(self) -> None:
+        if not self._writable:
+            self._log.info("spool commits succeed again")
+        self._writable = True
+
+    def _failed(self, error: SpoolError, what: str) -> None:
+        """The first failure in full; while it lasts, one line each."""
+        if self._writable:
+            self._log.failure(what, Failure(error), LogLevel.error)
+        else:
+            self._log.warn("{what} again: {error}", what=what, error=str(error))
+        self._writable = False
 
     def _count(self, pending: int = 0, dead: int = 0, size: int = 0) -> None:
         self._stats = SpoolStats(
@@ -703,11 +605,11 @@ class SqliteSpool:
         return settled.addBoth(release)
 
     def add(self, message: Message) -> Deferred[None]:
-        stored = self._write(lambda database: database.insert(message))
+        stored = self._write(SpoolDatabase.insert, message)
         return stored.addCallback(lambda size: self._count(pending=1, size=size))
 
     def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
-        found = self._call(self._database.due, now, limit, tuple(self._claimed))
+        found = self._call(SpoolDatabase.due, now, limit, tuple(self._claimed))
         return found.addCallback(self._claim)
 
     def _claim(self, found: list[QueuedMessage]) -> list[QueuedMessage]:
@@ -726,27 +628,22 @@ class SqliteSpool:
         self._claimed.discard(message_id)
 
     def next_due(self) -> Deferred[float | None]:
-        return self._call(self._database.next_due, tuple(self._claimed))
+        return self._call(SpoolDatabase.next_due, tuple(self._claimed))
 
     def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
-        deleted = self._write(lambda database: database.delete(message_id, "pending"))
+        deleted = self._write(SpoolDatabase.delete, message_id, "pending")
         counted = deleted.addCallback(lambda size: self._count(pending=-1, size=-size))
         return self._settling(message_id, counted)
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
     ) -> Deferred[None]:
-        attempts = tuple(attempts)
-        updated = self._write(
-            lambda database: database.reschedule(message_id, at, attempts)
-        )
+        updated = self._write(SpoolDatabase.reschedule, message_id, at, tuple(attempts))
         return self._settling(message_id, updated.addCallback(lambda size: None))
 
     def bury(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
-        attempts = tuple(attempts)
-        dead_at = self._clock.seconds()
         buried = self._write(
-            lambda database: database.bury(message_id, dead_at, attempts)
+            SpoolDatabase.bury, message_id, self._clock.seconds(), tuple(attempts)
         )
         counted = buried.addCallback(
             lambda size: self._count(pending=-1, dead=1, size=-size)
@@ -763,9 +660,9 @@ class SqliteSpool:
         failed, try a write, so that health sees the spool recover (a full
         disk freed, say) even if no mail comes to try it.
         """
-        if not self._group.writable:
+        if not self._writable:
             self._write(SpoolDatabase.probe).addErrback(lambda failure: None)
-        counted = self._call(self._database.counts)
+        counted = self._call(SpoolDatabase.counts)
         return counted.addCallback(self._recounted)
 
     def _recounted(self, stats: SpoolStats) -> SpoolStats:
@@ -774,82 +671,51 @@ class SqliteSpool:
 
     def writable(self) -> bool:
         """For health: whether the last commit succeeded (and we are open)."""
-        return not self._closed and self._group.writable
-
-    @property
-    def commits(self) -> int:
-        """Transactions committed since open."""
-        return self._group.commits
+        return not self._closed and self._writable
 
     def close(self) -> Deferred[None]:
         """Finish the writes already submitted, then release the database."""
         if self._closed:
             return succeed(None)
         self._closed = True
-        closing = self._group.drain()
-        closing.addCallback(lambda _: self._in_thread(self._database.close))
 
-        def stop(result: object) -> object:
-            self._pool.stop()
-            self._log.info("spool {path} closed", path=self._database.path)
+        def closed(result: object) -> object:
+            self._log.info("spool {path} closed", path=self.path)
             return result
 
-        return closing.addBoth(stop)
+        return self._process.stop().addBoth(closed)
 
 
 def open_spool(
-    directory: str, reactor: IReactorFromThreads, clock: IReactorTime | None = None
+    directory: str, reactor: Any, clock: IReactorTime | None = None
 ) -> SqliteSpool:
     """
-    L{SqliteSpool.open}, waiting for the result: for start-up code that must
-    know the spool is usable before it binds a port or returns.  It blocks
-    the calling thread (not needing the reactor to run) for as long as the
-    integrity check takes, so it is no tool for a running bridge.
+    Check the spool in C{directory} (or create it) and return it, ready:
+    for start-up code that must know the spool is usable before it binds a
+    port.  It blocks for as long as the integrity check takes, so it is no
+    tool for a running bridge.  The spool process starts with the first
+    request, so after any change of user.
+
+    @raise SpoolError: the database is corrupt, not a spool, or unusable:
+        the bridge must not start and accept mail it cannot keep.
     """
-    pool = _start_pool()
-    opening: Future[tuple[SpoolDatabase, SpoolStats]] = Future()
-
-    def open_in_thread() -> None:
-        try:
-            opening.set_result(_open_with_counts(directory))
-        except BaseException as e:
-            opening.set_exception(e)
-
-    pool.callInThread(open_in_thread)
-    try:
-        database, stats = opening.result()
-    except BaseException:
-        pool.stop()
-        raise
-    return SqliteSpool._assemble(reactor, clock, pool, database, stats)
-
-
-class _DaemonThreadPool(ThreadPool):
-    """
-    Threads that never keep the process alive: if start-up fails after the
-    spool opened (a port already in use, say), nothing closes it, and the
-    process must still exit.  A normal shutdown closes the spool first, and
-    SQLite's journal makes an interrupted transaction as if never begun.
-    """
-
-    def threadFactory(self, *args: Any, **kwargs: Any) -> Thread:  # type: ignore[override]
-        return Thread(*args, daemon=True, **kwargs)
-
-
-def _start_pool() -> ThreadPool:
-    """The one thread that will own the connection, for the spool's lifetime."""
-    pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name="maillaser-spool")
-    pool.start()
-    return pool
-
-
-def _open_with_counts(directory: str) -> tuple[SpoolDatabase, SpoolStats]:
     database = SpoolDatabase.open(directory, create=True)
     try:
-        return database, database.counts()
-    except BaseException:
+        stats = database.counts()
+    finally:
         database.close()
-        raise
+    SqliteSpool._log.info(
+        "spool {path} opened: {pending} pending, {dead} dead",
+        path=database.path,
+        pending=stats.pending,
+        dead=stats.dead,
+    )
+    return SqliteSpool(
+        reactor,
+        IReactorTime(reactor) if clock is None else clock,
+        database.path,
+        stats,
+    )
 
 
 __all__ = [

@@ -273,8 +273,8 @@ class SpoolFailureTests(TestCase):
         assert isinstance(spool, SqliteSpool), spool
         # SQLite refuses to grow the file past max_page_count with
         # SQLITE_FULL, "database or disk is full", as on a full disk.  The
-        # connection belongs to the spool's thread, so the pragma runs there.
-        limit = await wait(spool._in_thread(cap_pages, spool._database, None))
+        # connection belongs to the spool process, so the pragma runs there.
+        limit = await wait(spool._call(cap_pages, None))
         # Bigger than a page, so storing it must grow the database.
         big = simple_message(
             subject="too big for the disk",
@@ -295,7 +295,7 @@ class SpoolFailureTests(TestCase):
         self.assertIn("spool is not writable", body["reasons"])
         self.assertEqual(spool.stats().pending, 0)
 
-        await wait(spool._in_thread(cap_pages, spool._database, limit))
+        await wait(spool._call(cap_pages, limit))
         # The dispatcher's periodic look finds out, with no mail to try it.
         await wait(spool.refresh())
         code, body = await self.health(bridge)
@@ -312,7 +312,7 @@ class SpoolFailureTests(TestCase):
 
 def cap_pages(database: SpoolDatabase, limit: int | None) -> int:
     """
-    On the spool's thread: set C{PRAGMA max_page_count} to C{limit}, or to
+    In the spool process: set C{PRAGMA max_page_count} to C{limit}, or to
     the pages in use now if C{None}; return the previous limit.
     """
     connection = database._connection

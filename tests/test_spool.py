@@ -1,17 +1,16 @@
 """
 Tests for L{maillaser.spool}: the durable queue behind every SMTP ``250``.
 
-These use the real reactor, because the spool runs SQLite on a real thread
-and delivers results back through C{callFromThread}.
+These use the real reactor, because the spool runs SQLite in a real child
+process and its answers come back through a pipe.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import stat
-import threading
-from collections.abc import Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
@@ -53,14 +52,37 @@ def message(
     return stored(ENVELOPE, id, received_at, raw)
 
 
-def spool_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if "maillaser-spool" in t.name]
+# Run in the spool process by spool._call, which pickle finds by name.
+
+
+def pid(database: SpoolDatabase) -> int:
+    return os.getpid()
+
+
+def settings(database: SpoolDatabase) -> tuple[object, ...]:
+    return tuple(
+        database._connection.execute(f"PRAGMA {name}").fetchone()[0]
+        for name in ("journal_mode", "synchronous", "busy_timeout")
+    )
+
+
+def limit_pages(database: SpoolDatabase, pages: int) -> None:
+    """SQLite then refuses to grow the file, as on a full disk."""
+    database._connection.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def ended(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 class SqliteSpoolTests(TestCase):
     """
     Where a test must act on the spool's own connection, it does so through
-    C{spool._call}, on the spool's thread, as SQLite requires.
+    C{spool._call}, in the spool process.
     """
 
     def setUp(self) -> None:
@@ -68,7 +90,7 @@ class SqliteSpoolTests(TestCase):
         self.clock = Clock()
 
     async def open(self) -> SqliteSpool:
-        spool = await SqliteSpool.open(self.directory, reactor, self.clock)
+        spool = open_spool(self.directory, reactor, self.clock)
         self.addCleanup(spool.close)
         return spool
 
@@ -93,14 +115,6 @@ class SqliteSpoolTests(TestCase):
     async def test_database_settings(self) -> None:
         """WAL with synchronous commits: durable at commit, readable alongside."""
         spool = await self.open()
-
-        def settings() -> tuple[object, ...]:
-            connection = spool._database._connection
-            return tuple(
-                connection.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "busy_timeout")
-            )
-
         self.assertEqual(await spool._call(settings), ("wal", 2, 10000))
 
     async def test_survives_reopen_and_forgets_claims(self) -> None:
@@ -121,7 +135,7 @@ class SqliteSpoolTests(TestCase):
 
     async def test_group_commit(self) -> None:
         """
-        Adds issued while a commit runs share the next transaction, and each
+        Adds made in one turn of the reactor share one transaction, and each
         Deferred fires only once its message is visible to another connection.
         """
         spool = await self.open()
@@ -135,34 +149,50 @@ class SqliteSpoolTests(TestCase):
         await gatherResults(adds)
 
         self.assertEqual(committed_before_callback, ids)
-        # The first add commits at once; the other 19 wait and go together.
-        self.assertEqual(spool.commits, 2)
+        self.assertEqual(spool.commits, 1)
         self.assertEqual(spool.stats(), SpoolStats(pending=20, bytes=20 * len(RAW)))
 
-    async def test_all_database_work_on_one_other_thread(self) -> None:
-        """SQLite never runs on the reactor thread, and always on the same thread."""
+    async def test_all_database_work_in_one_other_process(self) -> None:
+        """SQLite never runs in the bridge's process, and always in the same one."""
         spool = await self.open()
-        threads: list[int] = []
-        for name in ("insert", "due", "next_due", "counts", "delete"):
-            original = getattr(SpoolDatabase, name)
-
-            def record(
-                *args: object, _original: Callable[..., object] = original
-            ) -> object:
-                threads.append(threading.get_ident())
-                return _original(*args)
-
-            self.patch(SpoolDatabase, name, record)
-
+        writing, reading = spool._write(pid), spool._call(pid)
+        [child] = set(await gatherResults([writing, reading]))
+        self.assertNotEqual(child, os.getpid())
         await spool.add(message())
         await spool.due(1000.0, 1)
-        await spool.next_due()
-        await spool.refresh()
-        await spool.delivered("msg_1", [])
+        self.assertEqual(await spool._call(pid), child)
 
-        self.assertEqual(len(threads), 5)
-        self.assertEqual(len(set(threads)), 1)
-        self.assertNotEqual(threads[0], threading.get_ident())
+    async def test_the_spool_process_outlives_signals_for_the_group(self) -> None:
+        """
+        SIGINT and SIGTERM, which a terminal or a service manager sends to
+        the bridge's whole process group, leave the spool to the bridge.
+        """
+        spool = await self.open()
+        child = await spool._call(pid)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            os.kill(child, number)
+        await spool.add(message())
+        self.assertEqual(await spool._call(pid), child)
+
+    async def test_a_spool_process_that_dies_is_started_again(self) -> None:
+        """
+        What it had not answered fails (451 for SMTP), health says the spool
+        is not writable, and a later request starts a new one.
+        """
+        spool = await self.open()
+        child = await spool._call(pid)
+        os.kill(child, signal.SIGKILL)
+        error = await self.assertFailure(spool.add(message()), SpoolError)
+        self.assertIn("spool process for", str(error))
+        self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
+        self.assertFalse(spool.writable())
+        # At most one start a second, for a child that keeps dying.
+        await self.assertFailure(spool.add(message()), SpoolError)
+        self.clock.advance(1.0)
+        await spool.add(message())
+        self.assertTrue(spool.writable())
+        self.assertNotEqual(await spool._call(pid), child)
+        self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
 
     async def test_due_order_limit_and_claims(self) -> None:
         """
@@ -241,7 +271,7 @@ class SqliteSpoolTests(TestCase):
         racing = spool.due(1000.0, 10)
         self.assertEqual(await racing, [])
         await gatherResults([committing, waiting])
-        self.assertEqual(spool.commits, 3)
+        self.assertEqual(spool.commits, 2)
         self.assertEqual(await spool.due(1999.0, 10), [])
         self.assertEqual(await spool.due(2000.0, 10), [QueuedMessage(message(), 1)])
 
@@ -313,7 +343,7 @@ class SqliteSpoolTests(TestCase):
         await first
         await self.assertFailure(again, DuplicateMessage)
         await other
-        self.assertEqual(spool.commits, 2)
+        self.assertEqual(spool.commits, 1)
         self.assertTrue(spool.writable())
         self.assertEqual(spool.stats(), SpoolStats(pending=2, bytes=2 * len(RAW)))
 
@@ -340,29 +370,26 @@ class SqliteSpoolTests(TestCase):
         stored, writable() turns False, and recovers with the next commit.
         """
         spool = await self.open()
-
-        def limit_pages(pages: int) -> Callable[[], object]:
-            connection = spool._database._connection
-            return lambda: connection.execute(f"PRAGMA max_page_count = {pages}")
-
-        await spool._call(limit_pages(1))
+        await spool._call(limit_pages, 1)
         big = b"x" * 200_000
-        adds = [spool.add(message(f"msg_{i}", raw=big)) for i in range(3)]
-        results = await DeferredList(adds, consumeErrors=True)
+        first = [spool.add(message("msg_0", raw=big))]
+        results = await DeferredList(first, consumeErrors=True)
+        later = [spool.add(message(f"msg_{i}", raw=big)) for i in (1, 2)]
+        results += await DeferredList(later, consumeErrors=True)
 
         self.assertEqual([ok for ok, _ in results], [False, False, False])
         for _, failure in results:
             failure.trap(SpoolError)
             self.assertIn("database or disk is full", failure.getErrorMessage())
             self.assertIn(DATABASE_NAME, failure.getErrorMessage())
-        # The first failure in full; the next, while it lasts, as a warning.
+        # The first failed commit in full; the next, while it lasts, a warning.
         self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
         self.assertFalse(spool.writable())
         self.assertEqual(spool.commits, 0)
         self.assertEqual(spool.stats(), SpoolStats())
         self.assertEqual(await spool.due(5000.0, 10), [])
 
-        await spool._call(limit_pages(1_000_000))
+        await spool._call(limit_pages, 1_000_000)
         await spool.add(message(raw=big))
         self.assertTrue(spool.writable())
         self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(big)))
@@ -370,36 +397,28 @@ class SqliteSpoolTests(TestCase):
     async def test_refresh_finds_out_when_the_disk_has_room_again(self) -> None:
         """Without any mail to try it, health would say unwritable for ever."""
         spool = await self.open()
-        connection = spool._database._connection
-
-        def cap(pages: int) -> Callable[[], object]:
-            return lambda: connection.execute(f"PRAGMA max_page_count = {pages}")
-
-        await spool._call(cap(1))
+        await spool._call(limit_pages, 1)
         await self.assertFailure(spool.add(message(raw=b"x" * 200_000)), SpoolError)
         self.flushLoggedErrors(SpoolError)
         await spool.refresh()
         self.assertFalse(spool.writable())  # the probe could not store either
-        await spool._call(cap(1_000_000))
+        await spool._call(limit_pages, 1_000_000)
         await spool.refresh()
         self.assertTrue(spool.writable())
         self.assertEqual(await spool.refresh(), SpoolStats())  # nothing left behind
-        self.assertEqual(await spool._call(spool._database.entries), [])
+        self.assertEqual(await spool._call(SpoolDatabase.entries), [])
 
     async def test_corrupt_database(self) -> None:
-        """A damaged file stops start-up with an error naming it; no thread leaks."""
+        """A damaged file stops start-up with an error naming it."""
         os.makedirs(self.directory)
         path = os.path.join(self.directory, DATABASE_NAME)
         with open(path, "wb") as f:
             f.write(b"this is not an SQLite database, it is garbage " * 200)
-        error = await self.assertFailure(
-            SqliteSpool.open(self.directory, reactor), SpoolError
-        )
+        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
         self.assertEqual(
             str(error),
             f"spool database {path} is unreadable or corrupt: file is not a database",
         )
-        self.assertEqual(spool_threads(), [])
 
     async def test_damaged_page(self) -> None:
         """quick_check finds damage inside an otherwise valid database file."""
@@ -413,9 +432,7 @@ class SqliteSpoolTests(TestCase):
         with open(path, "r+b") as f:
             f.seek(4096 * 3)
             f.write(b"\xa5" * 4096)
-        error = await self.assertFailure(
-            SqliteSpool.open(self.directory, reactor), SpoolError
-        )
+        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
         self.assertTrue(str(error).startswith(f"spool database {path} is "), error)
 
     async def test_foreign_database(self) -> None:
@@ -426,9 +443,7 @@ class SqliteSpoolTests(TestCase):
         other.execute("CREATE TABLE messages (id TEXT)")
         other.commit()
         other.close()
-        error = await self.assertFailure(
-            SqliteSpool.open(self.directory, reactor), SpoolError
-        )
+        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
         self.assertEqual(str(error), f"{path} is not a MailLaser spool database")
         other = sqlite3.connect(path)
         self.assertEqual(other.execute("PRAGMA journal_mode").fetchone(), ("delete",))
@@ -441,17 +456,19 @@ class SqliteSpoolTests(TestCase):
         newer = sqlite3.connect(path)
         newer.execute("PRAGMA user_version = 2")
         newer.close()
-        error = await self.assertFailure(
-            SqliteSpool.open(self.directory, reactor), SpoolError
-        )
+        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
         self.assertEqual(
             str(error),
             f"{path} has spool schema version 2; this MailLaser reads version 1",
         )
 
     async def test_close_finishes_writes(self) -> None:
-        """Writes submitted before close() are committed; later ones fail."""
+        """
+        Writes submitted before close() are committed; later ones fail; and
+        the spool process is gone.
+        """
         spool = await self.open()
+        child = await spool._call(pid)
         adds = [spool.add(message(f"msg_{i}")) for i in range(3)]
         closing = spool.close()
         late = spool.add(message("msg_late"))
@@ -463,7 +480,7 @@ class SqliteSpoolTests(TestCase):
         )
         self.assertFalse(spool.writable())
         await self.assertFailure(spool.due(1000.0, 1), SpoolError)
-        self.assertEqual(spool_threads(), [])
+        self.assertTrue(ended(child))
         self.assertEqual(
             [entry.id for entry in self.database().entries()],
             ["msg_0", "msg_1", "msg_2"],
@@ -484,4 +501,3 @@ class SqliteSpoolTests(TestCase):
         with open(os.path.join(self.directory, DATABASE_NAME), "wb") as f:
             f.write(b"garbage" * 1000)
         self.assertRaises(SpoolError, open_spool, self.directory, reactor)
-        self.assertEqual(spool_threads(), [])

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import maillaser
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
-from maillaser.spool import DATABASE_NAME, SpoolDatabase, SqliteSpool
+from maillaser.spool import DATABASE_NAME, SpoolDatabase, open_spool
 from maillaser.spool_admin import format_duration, format_size, main, run
 from tests.doubles import stored
 from tests.helpers import wait
@@ -398,7 +398,7 @@ class SpoolAdminProcessTests(TestCase):
         the bridge holds the spool open; the bridge sees it after refresh().
         """
         directory = os.path.abspath(os.path.join(self.mktemp(), "spool"))
-        spool = await SqliteSpool.open(directory, reactor)
+        spool = open_spool(directory, reactor)
         self.addCleanup(spool.close)
         await spool.add(message("msg_dead", 10.0))
         await spool.bury("msg_dead", [Attempt(11.0, 400, "HTTP 400")])
