@@ -572,7 +572,9 @@ class SqliteSpool:
                 self.commits += 1
                 self._succeeded()
             else:
-                self._failed(error, f"spool commit of {count} operations failed")
+                self._failed(
+                    error, "spool commit of {count} writes failed", count=count
+                )
 
     def _ended(self, error: SpoolError) -> None:
         self._failed(error, "spool process ended")
@@ -582,12 +584,12 @@ class SqliteSpool:
             self._log.info("spool commits succeed again")
         self._writable = True
 
-    def _failed(self, error: SpoolError, what: str) -> None:
+    def _failed(self, error: SpoolError, what: str, **fields: object) -> None:
         """The first failure in full; while it lasts, one line each."""
         if self._writable:
-            self._log.failure(what, Failure(error), LogLevel.error)
+            self._log.failure(what, Failure(error), LogLevel.error, **fields)
         else:
-            self._log.warn("{what} again: {error}", what=what, error=str(error))
+            self._log.warn(what + " again: {error}", error=str(error), **fields)
         self._writable = False
 
     def _count(self, pending: int = 0, dead: int = 0, size: int = 0) -> None:
