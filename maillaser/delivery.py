@@ -10,11 +10,9 @@ business; what the SMTP client hears in sync mode is the sink's.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
-from time import perf_counter
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -28,74 +26,20 @@ from maillaser.breaker import CircuitBreaker
 from maillaser.http import BadResponse, ConnectionClosed
 from maillaser.interfaces import IWebhookClient
 from maillaser.message import Attempt, Message
-from maillaser.payload import Draft, build_payload, draft_payload, encode_payload
+from maillaser.payload import encoded_payload
 from maillaser.signing import request_headers
 from maillaser.webhook import WebhookResponse
 
 QUICK_BACKOFF = 0.1
 """Seconds before the first quick retry; doubled for each one after."""
 
-OFFLOAD_SIZE = 32 * 1024
-"""
-Messages larger than this are parsed on a worker thread.  Parsing is pure
-Python at a cost the size bounds, so a big message on the reactor thread
-would stall every SMTP session; a small one costs less than the thread hop.
-html2text is not bounded that way (32 KB of nested blockquotes takes over
-100 ms), so an HTML-only body is rendered on the worker whatever the size.
-"""
-
-TURN_BUDGET = 0.005
-"""
-Seconds of payload building done on the reactor thread per iteration.  A
-burst of rounds would otherwise parse all their messages in one callback
-(up to about 6 ms each, for 32 KB of header fields) and stall every SMTP
-session.
-"""
-
 _T = TypeVar("_T")
 
 
 class Offload(Protocol):
-    """Runs C{function} elsewhere or later; the result comes back on the reactor."""
+    """Runs C{function} elsewhere; the result comes back on the reactor."""
 
     def __call__(self, function: Callable[[], _T], /) -> Deferred[_T]: ...
-
-
-@attrs.define
-class TurnBudget:
-    """
-    Runs queued functions on the reactor thread, C{budget} seconds' worth
-    (and at least one) per reactor iteration, yielding to I/O in between.
-    """
-
-    clock: IReactorTime
-    budget: float = TURN_BUDGET
-    _queue: deque[tuple[Callable[[], Any], Deferred[Any]]] = attrs.field(factory=deque)
-    _scheduled: bool = False
-
-    def run(self, function: Callable[[], _T]) -> Deferred[_T]:
-        d: Deferred[_T] = Deferred()
-        self._queue.append((function, d))
-        if not self._scheduled:
-            self._scheduled = True
-            self.clock.callLater(0, self._turn)
-        return d
-
-    def _turn(self) -> None:
-        deadline = perf_counter() + self.budget
-        while True:
-            function, d = self._queue.popleft()
-            try:
-                result = function()
-            except Exception:
-                d.errback()
-            else:
-                d.callback(result)
-            if not self._queue or perf_counter() >= deadline:
-                break
-        self._scheduled = bool(self._queue)
-        if self._scheduled:
-            self.clock.callLater(0, self._turn)
 
 
 @attrs.frozen
@@ -143,9 +87,12 @@ class Deliverer:
     secrets: Sequence[str] = attrs.field(default=(), repr=False)
     header_prefixes: Sequence[str] = ()
     offload: Offload | None = None
-    """Runs a function on a worker thread; C{None} keeps everything inline."""
-    inline: Offload | None = None
-    """Runs a bounded step on the reactor thread, in turn (a L{TurnBudget})."""
+    """
+    Builds payloads away from the reactor: the bridge's payload process
+    (L{maillaser.child}).  Parsing is pure Python, and html2text's cost is
+    bounded by no size (32 KB of nested blockquotes takes over 100 ms);
+    C{None} builds them right here, for tests.
+    """
     _log = Logger()
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -194,29 +141,11 @@ class Deliverer:
         assert outcome is not None
         return outcome
 
-    async def _body(self, message: Message) -> bytes:
-        """
-        The encoded payload, built where its cost is harmless: a big message
-        entirely off the reactor thread; a small one parsed in turn on it,
-        and its HTML, if the body must be rendered from it, off it again.
-        """
-        prefixes = tuple(self.header_prefixes)
-        if len(message.raw) > OFFLOAD_SIZE:
-            return await self._off_reactor(partial(_encoded_payload, message, prefixes))
-        draft = await self._in_turn(partial(draft_payload, message, prefixes))
-        if draft.render is not None:
-            return await self._off_reactor(partial(_encoded_draft, draft))
-        return _encoded_draft(draft)
-
-    def _off_reactor(self, function: Callable[[], _T]) -> Deferred[_T]:
-        if self.offload is not None:
-            return self.offload(function)
-        return self._in_turn(function)
-
-    def _in_turn(self, function: Callable[[], _T]) -> Deferred[_T]:
-        if self.inline is not None:
-            return self.inline(function)
-        return succeed(function())
+    def _body(self, message: Message) -> Deferred[bytes]:
+        build = partial(encoded_payload, message, tuple(self.header_prefixes))
+        if self.offload is None:
+            return succeed(build())
+        return self.offload(build)
 
     async def _attempt(
         self, message: Message, body: bytes, attempts: list[Attempt]
@@ -266,14 +195,6 @@ class Deliverer:
             self.breaker.succeeded()
         else:
             self.breaker.failed()
-
-
-def _encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
-    return encode_payload(build_payload(message, header_prefixes))
-
-
-def _encoded_draft(draft: Draft) -> bytes:
-    return encode_payload(draft.finish())
 
 
 def describe_error(error: BaseException) -> str:

@@ -2,14 +2,11 @@
 From the bytes we accepted to the JSON body the webhook receives.
 
 This runs for every message, on bytes anyone on the Internet can write, in
-the delivery worker's thread (the reactor's, unless the caller moves it).
-Two rules follow.  It never raises: we already said ``250``, so even garbage
-becomes a payload, with empty strings where nothing could be read.  And the
-parse (L{draft_payload}) costs what the size of the message says, never
-what its structure says, so a small message can be parsed on the reactor
-thread.  html2text is the exception: its cost depends on the markup (32 KB
-of nested blockquotes takes over 100 ms), so rendering an HTML-only body is
-a step of its own (L{Draft.finish}) that a caller can run on a thread.
+the bridge's payload process (see L{maillaser.child}).  Two rules follow.
+It never raises: we already said ``250``, so even garbage becomes a
+payload, with empty strings where nothing could be read.  And the parse
+costs what the size of the message says, never what its structure says
+(html2text aside, whose input and output are capped).
 
 The bound on the parse is why the MIME tree is walked here and not by
 ``email.feedparser``: the feedparser tests every line against every
@@ -121,19 +118,17 @@ def build_payload(
     keys omitted.  Never raises: each step runs on its own, so a failure in
     one (logged) leaves its fields empty and keeps what the others found.
     """
-    return draft_payload(message, header_prefixes).finish()
-
-
-def draft_payload(message: Message, header_prefixes: Sequence[str]) -> Draft:
-    """
-    Everything of L{build_payload} but html2text: the part whose cost the
-    size of the message bounds.
-    """
     parsed = _Parsed(message.raw)
     with _degraded("header", message.id):
         parsed.read_header(header_prefixes)
     with _degraded("MIME structure", message.id):
         parsed.read_bodies()
+    body = parsed.text
+    if body is None:
+        body = ""
+        if parsed.html is not None:
+            with _degraded("HTML", message.id):
+                body = _html_to_text(parsed.html)
     envelope = message.envelope
     payload: dict[str, object] = {"sender": envelope.sender}
     if parsed.sender_name:
@@ -141,36 +136,19 @@ def draft_payload(message: Message, header_prefixes: Sequence[str]) -> Draft:
     payload["recipient"] = envelope.recipients[0] if envelope.recipients else ""
     payload["recipients"] = list(envelope.recipients)
     payload["subject"] = parsed.subject
-    payload["body"] = parsed.text or ""
+    payload["body"] = body
     if parsed.html is not None:
         payload["html_body"] = parsed.html
     if parsed.headers:
         payload["headers"] = parsed.headers
     if parsed.message_id:
         payload["message_id"] = parsed.message_id
-    render = parsed.html if parsed.text is None else None
-    return Draft(message.id, payload, render)
+    return payload
 
 
-@attrs.frozen
-class Draft:
-    """A payload whose body may still have to be rendered from its HTML."""
-
-    message_id: str
-    payload: dict[str, object]
-    """SPEC §4's keys in order, C{body} in its place (empty if still to render)."""
-
-    render: str | None
-    """The HTML C{body} is to be rendered from, or C{None} if it is final."""
-
-    def finish(self) -> dict[str, object]:
-        """The payload, with html2text run if the body needs it."""
-        if self.render is None:
-            return self.payload
-        body = ""
-        with _degraded("HTML", self.message_id):
-            body = _html_to_text(self.render)
-        return {**self.payload, "body": body}
+def encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
+    """The request body for C{message}: what the payload process makes."""
+    return encode_payload(build_payload(message, header_prefixes))
 
 
 def encode_payload(payload: Mapping[str, object]) -> bytes:

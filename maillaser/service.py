@@ -11,7 +11,6 @@ close the HTTP pool and the spool.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -27,15 +26,14 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from maillaser.breaker import CircuitBreaker
+from maillaser.child import ChildError, ChildProcess
 from maillaser.config import Config, describe
-from maillaser.delivery import Deliverer, TurnBudget
+from maillaser.delivery import Deliverer
 from maillaser.dispatch import Dispatcher
 from maillaser.interfaces import IMessageSink, ISpool
 from maillaser.message import Refusal
@@ -134,11 +132,8 @@ class MailLaserService(MultiService):
             concurrency=config.delivery_concurrency,
             timeout=config.webhook_timeout,
         )
-        # One thread of its own, made on first use: payload building is pure
-        # Python, so more threads (such as the reactor's ten) would only take
-        # turns at the GIL, and each turn they take keeps the reactor waiting.
-        self._payload_pool = ThreadPool(
-            minthreads=0, maxthreads=1, name="maillaser-payload"
+        self._payloads = ChildProcess(
+            reactor, reactor, ["payload"], on_exit=self._payload_process_ended
         )
         self.deliverer = Deliverer(
             client=self.metrics.timed(self._webhook),
@@ -147,8 +142,7 @@ class MailLaserService(MultiService):
             max_retries=config.webhook_max_retries,
             secrets=config.webhook_secrets,
             header_prefixes=config.header_prefixes,
-            offload=partial(deferToThreadPool, reactor, self._payload_pool),
-            inline=TurnBudget(reactor).run,
+            offload=self._payloads.run,
         )
         self.dispatcher: Dispatcher | None = None
         self.smtp_factory = SMTPServerFactory(
@@ -186,7 +180,6 @@ class MailLaserService(MultiService):
     def startService(self) -> None:
         self._prepare()  # when composed, a parent may only call startService
         self._started_at = self._reactor.seconds()
-        self._payload_pool.start()
         super().startService()
 
     def _prepare(self) -> None:
@@ -224,6 +217,10 @@ class MailLaserService(MultiService):
             self.config.spool_max_bytes,
         )
 
+    def _payload_process_ended(self, error: ChildError) -> None:
+        """Its rounds fail and go again later; a later payload starts a new one."""
+        self._log.failure("payload process ended", Failure(error), LogLevel.error)
+
     def health(self) -> Health:
         problems: list[str] = []
         if self._stopping:
@@ -256,7 +253,7 @@ class MailLaserService(MultiService):
         if self.dispatcher is not None:
             draining.append(self.dispatcher.stopService())
         await gatherResults(draining, consumeErrors=True)
-        self._payload_pool.stop()
+        await self._payloads.stop()
         await self._webhook.pool.close()
         left = 0
         if self.spool is not None:

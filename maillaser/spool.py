@@ -8,23 +8,26 @@ operator purges it from the dead letters by id.
 
 All SQL lives in L{SpoolDatabase}, a synchronous class over one connection.
 The bridge drives it through L{SqliteSpool}, which hands every call to the
-spool process (L{maillaser.spool_process}: SQLite calls block, and the
-reactor must not), where concurrent writes share one transaction (an fsync
-costs far more than an insert), and keeps the cheap in-memory numbers
-health checks and back-pressure read.  The C{maillaser-spool} admin command
-uses L{SpoolDatabase} directly, with no reactor, possibly while the bridge
-is running: WAL lets it read alongside the bridge and C{busy_timeout} makes
-its writes wait their turn.
+spool process (a child of the bridge, see L{maillaser.child}: SQLite calls
+block, and the reactor must not), where concurrent writes share one
+transaction (an fsync costs far more than an insert), and keeps the cheap
+in-memory numbers health checks and back-pressure read.  The
+C{maillaser-spool} admin command uses L{SpoolDatabase} directly, with no
+reactor, possibly while the bridge is running: WAL lets it read alongside
+the bridge and C{busy_timeout} makes its writes wait their turn.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
+import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from functools import partial
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import attrs
@@ -34,11 +37,18 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from maillaser.child import (
+    Answer,
+    Batch,
+    ChildError,
+    ChildProcess,
+    Request,
+    call,
+    portable,
+    serve,
+)
 from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
-
-if TYPE_CHECKING:
-    from maillaser.spool_process import Batch, SpoolProcess
 
 DATABASE_NAME = "spool.sqlite3"
 
@@ -515,8 +525,8 @@ def _entry(row: sqlite3.Row) -> SpoolEntry:
 @attrs.define
 class SqliteSpool:
     """
-    The bridge's spool: L{SpoolDatabase}, run by the spool process
-    (L{maillaser.spool_process}).
+    The bridge's spool: L{SpoolDatabase}, run by the spool process, a child
+    of the bridge (L{serve_spool}).
 
     Claims (messages handed out by L{due} and not yet settled) live only in
     memory, so after a restart every pending message is due again.  A claim
@@ -536,16 +546,13 @@ class SqliteSpool:
     _writable: bool = True
     commits: int = 0
     """Transactions committed since open; lets tests see the grouping."""
-    _process: SpoolProcess = attrs.field(init=False)
+    _process: ChildProcess = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        # Imported here: the spool process is built on this module.
-        from maillaser.spool_process import SpoolProcess
-
-        self._process = SpoolProcess(
+        self._process = ChildProcess(
             self._reactor,
             self._clock,
-            os.path.dirname(self.path),
+            ["spool", os.path.abspath(os.path.dirname(self.path))],
             self._batched,
             self._ended,
         )
@@ -563,7 +570,8 @@ class SqliteSpool:
     ) -> Deferred[_T]:
         if self._closed:
             return fail(SpoolError(f"spool {self.path} is closed"))
-        return self._process.request(function, args, write)
+        requested = self._process.request(function, args, write)
+        return requested.addErrback(_as_spool_error)
 
     def _batched(self, batch: Batch) -> None:
         """Before its answers go out: keep count of commits and failures."""
@@ -576,7 +584,7 @@ class SqliteSpool:
                     error, "spool commit of {count} writes failed", count=count
                 )
 
-    def _ended(self, error: SpoolError) -> None:
+    def _ended(self, error: ChildError) -> None:
         self._failed(error, "spool process ended")
 
     def _succeeded(self) -> None:
@@ -584,7 +592,7 @@ class SqliteSpool:
             self._log.info("spool commits succeed again")
         self._writable = True
 
-    def _failed(self, error: SpoolError, what: str, **fields: object) -> None:
+    def _failed(self, error: Exception, what: str, **fields: object) -> None:
         """The first failure in full; while it lasts, one line each."""
         if self._writable:
             self._log.failure(what, Failure(error), LogLevel.error, **fields)
@@ -686,6 +694,66 @@ class SqliteSpool:
             return result
 
         return self._process.stop().addBoth(closed)
+
+
+def _as_spool_error(failure: Failure) -> Failure:
+    """A spool process that ended is a spool that could not store."""
+    failure.trap(ChildError)
+    raise SpoolError(str(failure.value))
+
+
+# The spool process (see L{maillaser.child}).
+
+
+def serve_spool(directory: str) -> None:
+    """The spool process's life: its database, until its input ends."""
+    try:
+        # The bridge checked the database before it started us.
+        database = SpoolDatabase.open(directory, create=False, check=False)
+    except SpoolError as error:
+        sys.exit(str(error))
+    try:
+        serve(partial(answer_requests, database))
+    finally:
+        database.close()
+
+
+def answer_requests(database: SpoolDatabase, requests: Sequence[Request]) -> Batch:
+    """In order, each run of writes in one transaction: a group commit."""
+    answers: list[Answer] = []
+    transactions: list[tuple[int, Exception | None]] = []
+    for write, run_of in itertools.groupby(requests, key=lambda r: r.write):
+        group = list(run_of)
+        if write:
+            transactions.append((len(group), _commit(database, group, answers)))
+        else:
+            answers.extend(call(request, database) for request in group)
+    return Batch(answers, transactions)
+
+
+def _commit(
+    database: SpoolDatabase, writes: list[Request], answers: list[Answer]
+) -> Exception | None:
+    """
+    Answer C{writes}: each alone if only it could not be done (a message
+    already there, or gone), all with the error if the transaction failed.
+    """
+    try:
+        results = database.apply([partial(_run, request) for request in writes])
+    except Exception as error:
+        failed = portable(error)
+        answers.extend(Answer(request.number, failed, True) for request in writes)
+        return failed
+    for request, result in zip(writes, results, strict=True):
+        if isinstance(result, Failure):
+            answers.append(Answer(request.number, result.value, True))
+        else:
+            answers.append(Answer(request.number, result))
+    return None
+
+
+def _run(request: Request, database: SpoolDatabase) -> object:
+    return request.function(database, *request.args)
 
 
 def open_spool(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -12,14 +14,11 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from maillaser import payload
 from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import (
-    OFFLOAD_SIZE,
     Delivered,
     Deliverer,
     Failed,
-    TurnBudget,
     quick_backoff,
 )
 from maillaser.message import Attempt
@@ -55,7 +54,7 @@ class DeliveryTests(SynchronousTestCase):
 
         self.breaker.threshold = 1
         deliverer = self.deliverer(ScriptedClient())
-        deliverer.inline = broken
+        deliverer.offload = broken
         outcome = self.successResultOf(deliverer.deliver(message()))
         reason = "internal error: RuntimeError: a bug"
         self.assertEqual(
@@ -179,37 +178,16 @@ class DeliveryTests(SynchronousTestCase):
 
 
 class OffloadTests(SynchronousTestCase):
-    """
-    Big messages are parsed off the reactor thread and small ones in turn on
-    it, but html2text, whose cost the size does not bound, never runs there.
-    """
-
-    def setUp(self) -> None:
-        self.steps: list[str] = []
-        self.on_thread = False
-        self.rendered_on_thread: list[bool] = []
-        render = payload._html_to_text
-
-        def recording_render(html: str) -> str:
-            self.rendered_on_thread.append(self.on_thread)
-            return render(html)
-
-        self.patch(payload, "_html_to_text", recording_render)
-
-    def offload(self, function: Callable[[], _T]) -> Deferred[_T]:
-        self.steps.append("thread")
-        self.on_thread = True
-        try:
-            return succeed(function())
-        finally:
-            self.on_thread = False
-
-    def in_turn(self, function: Callable[[], _T]) -> Deferred[_T]:
-        self.steps.append("turn")
-        return succeed(function())
+    """Every payload is built by the offload, whatever its size or kind."""
 
     def deliver(self, raw: bytes, offload: bool = True) -> bytes:
-        """The body posted for C{raw}; C{self.steps} says where it was built."""
+        """The body posted for C{raw}; C{self.built} holds what was offloaded."""
+        self.built: list[object] = []
+
+        def record(function: Callable[[], _T]) -> Deferred[_T]:
+            self.built.append(function)
+            return succeed(function())
+
         clock = Clock()
         client = ScriptedClient(200)
         deliverer = Deliverer(
@@ -217,89 +195,34 @@ class OffloadTests(SynchronousTestCase):
             clock=clock,
             breaker=CircuitBreaker(threshold=1, reset=1.0, clock=clock),
             max_retries=0,
-            offload=self.offload if offload else None,
-            inline=self.in_turn,
+            header_prefixes=("X-",),
+            offload=record if offload else None,
         )
         delivered = deliverer.deliver(attrs.evolve(message(), raw=raw))
         self.assertIsInstance(self.successResultOf(delivered), Delivered)
         [(body, _headers)] = client.requests
         return body
 
-    def test_small_message_inline(self) -> None:
-        self.deliver(b"Subject: x\r\n\r\n" + b"y" * (OFFLOAD_SIZE - 100))
-        self.assertEqual(self.steps, ["turn"])
+    def test_built_by_the_offload(self) -> None:
+        for raw in (
+            b"Subject: small\r\n\r\nplain",
+            b"Subject: large\r\n\r\n" + b"y" * 100_000,
+            b"Content-Type: text/html\r\nX-Id: 1\r\n\r\n<p>rendered</p>",
+        ):
+            body = self.deliver(raw)
+            expected = encode_payload(
+                build_payload(attrs.evolve(message(), raw=raw), ("X-",))
+            )
+            self.assertEqual(body, expected)
+            self.assertEqual(len(self.built), 1)
 
-    def test_large_message_on_a_thread(self) -> None:
-        self.deliver(b"Subject: x\r\n\r\n" + b"y" * (OFFLOAD_SIZE + 1))
-        self.assertEqual(self.steps, ["thread"])
+    def test_what_goes_to_the_offload_can_cross_a_pipe(self) -> None:
+        """The payload process gets the build by pickle."""
+        self.deliver(b"Subject: x\r\n\r\nbody")
+        [build] = self.built
+        self.assertEqual(pickle.loads(pickle.dumps(build))(), build())  # type: ignore[operator]
 
-    def test_small_html_rendered_on_a_thread(self) -> None:
-        """
-        Parsed in turn, rendered on the thread: html2text took over 100 ms
-        of the reactor's time on these 32 KB of nested blockquotes.  The
-        payload is the one L{build_payload} makes in one go.
-        """
-        html = b"<blockquote>" * 130 + b"<p>x</p>" * 3800
-        raw = b"Content-Type: text/html\r\n\r\n" + html
-        self.assertLess(len(raw), OFFLOAD_SIZE)
-        body = self.deliver(raw)
-        self.assertEqual(self.steps, ["turn", "thread"])
-        self.assertEqual(self.rendered_on_thread, [True])
-        expected = build_payload(attrs.evolve(message(), raw=raw), ())
-        self.assertEqual(body, encode_payload(expected))
-
-    def test_plain_alternative_needs_no_rendering(self) -> None:
-        raw = (
-            b"Content-Type: multipart/alternative; boundary=b\r\n\r\n"
-            b"--b\r\nContent-Type: text/plain\r\n\r\nplain\r\n"
-            b"--b\r\nContent-Type: text/html\r\n\r\n<p>html</p>\r\n--b--\r\n"
-        )
-        self.deliver(raw)
-        self.assertEqual((self.steps, self.rendered_on_thread), (["turn"], []))
-
-    def test_without_offload_rendered_in_turn(self) -> None:
-        """With no thread to go to, the rendering takes a turn of its own."""
-        self.deliver(b"Content-Type: text/html\r\n\r\n<p>x</p>", offload=False)
-        self.assertEqual(self.steps, ["turn", "turn"])
-        self.assertEqual(self.rendered_on_thread, [False])
-
-
-class TurnBudgetTests(SynchronousTestCase):
-    """Payload builds share the reactor with I/O instead of running in a burst."""
-
-    def test_one_build_per_turn_when_the_budget_is_spent(self) -> None:
-        turns_scheduled: list[Callable[[], object]] = []
-
-        class Iterations:
-            """Like the reactor: a call made now runs on the next iteration."""
-
-            def callLater(self, delay: float, f: Callable[[], object]) -> None:
-                turns_scheduled.append(f)
-
-        turns = TurnBudget(Iterations(), budget=0.0)  # type: ignore[arg-type]
-        results = [turns.run(lambda n=n: b"%d" % n) for n in range(3)]
-        self.assertEqual(len(turns_scheduled), 1)
-        for n in range(3):
-            self.assertNoResult(results[n])
-            turns_scheduled.pop(0)()
-            self.assertEqual(self.successResultOf(results[n]), b"%d" % n)
-        self.assertEqual(turns_scheduled, [])
-
-    def test_many_builds_in_one_turn_within_the_budget(self) -> None:
-        clock = Clock()
-        turns = TurnBudget(clock, budget=60.0)
-        results = [turns.run(lambda: b"x") for _ in range(5)]
-        clock.advance(0)
-        self.assertEqual([self.successResultOf(r) for r in results], [b"x"] * 5)
-
-    def test_a_failing_build_fails_only_its_own_round(self) -> None:
-        clock = Clock()
-        turns = TurnBudget(clock)
-
-        def broken() -> bytes:
-            raise ValueError("bad")
-
-        failed, fine = turns.run(broken), turns.run(lambda: b"ok")
-        clock.advance(0)
-        self.failureResultOf(failed, ValueError)
-        self.assertEqual(self.successResultOf(fine), b"ok")
+    def test_without_offload_built_here(self) -> None:
+        body = self.deliver(b"Content-Type: text/html\r\n\r\n<p>x</p>", offload=False)
+        self.assertEqual(json.loads(body)["body"], "x")
+        self.assertEqual(self.built, [])

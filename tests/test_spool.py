@@ -15,8 +15,9 @@ import stat
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from maillaser.child import Answer, ChildError, Request
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import (
     DATABASE_NAME,
@@ -26,6 +27,7 @@ from maillaser.spool import (
     SpoolEntry,
     SpoolError,
     SqliteSpool,
+    answer_requests,
     open_spool,
 )
 from tests.doubles import stored
@@ -177,19 +179,21 @@ class SqliteSpoolTests(TestCase):
     async def test_a_spool_process_that_dies_is_started_again(self) -> None:
         """
         What it had not answered fails (451 for SMTP), health says the spool
-        is not writable, and a later request starts a new one.
+        is not writable, and the next request starts a new one.
         """
         spool = await self.open()
         child = await spool._call(pid)
         os.kill(child, signal.SIGKILL)
         error = await self.assertFailure(spool.add(message()), SpoolError)
-        self.assertIn("spool process for", str(error))
-        self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
+        self.assertIn("child spool", str(error))
+        self.assertEqual(len(self.flushLoggedErrors(ChildError)), 1)
         self.assertFalse(spool.writable())
-        # At most one start a second, for a child that keeps dying.
-        await self.assertFailure(spool.add(message()), SpoolError)
+        # At most one start a second, for a child that keeps dying: the
+        # next request waits for it rather than fail.
+        added = spool.add(message())
+        self.assertNoResult(added)
         self.clock.advance(1.0)
-        await spool.add(message())
+        await added
         self.assertTrue(spool.writable())
         self.assertNotEqual(await spool._call(pid), child)
         self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
@@ -501,3 +505,89 @@ class SqliteSpoolTests(TestCase):
         with open(os.path.join(self.directory, DATABASE_NAME), "wb") as f:
             f.write(b"garbage" * 1000)
         self.assertRaises(SpoolError, open_spool, self.directory, reactor)
+
+
+class AnswerRequestsTests(SynchronousTestCase):
+    """The spool process's side: a batch of requests, each run of writes at once."""
+
+    def setUp(self) -> None:
+        self.database = SpoolDatabase.open(self.mktemp(), create=True)
+        self.addCleanup(self.database.close)
+
+    def test_each_run_of_writes_is_one_transaction(self) -> None:
+        """In order; reads see the writes before them, not those after."""
+        requests = [
+            Request(0, SpoolDatabase.insert, (message("msg_1"),), write=True),
+            Request(1, SpoolDatabase.insert, (message("msg_2"),), write=True),
+            Request(2, SpoolDatabase.counts, (), write=False),
+            Request(
+                3, SpoolDatabase.delete, (message("msg_1").id, "pending"), write=True
+            ),
+        ]
+        batch = answer_requests(self.database, requests)
+        size = len(message("msg_1").raw)
+        self.assertEqual(
+            batch.answers,
+            [
+                Answer(0, size),
+                Answer(1, size),
+                Answer(2, SpoolStats(pending=2, bytes=2 * size)),
+                Answer(3, size),
+            ],
+        )
+        self.assertEqual(batch.transactions, [(2, None), (1, None)])
+
+    def test_a_write_that_cannot_be_done_fails_alone(self) -> None:
+        batch = answer_requests(
+            self.database,
+            [
+                Request(0, SpoolDatabase.insert, (message("msg_1"),), write=True),
+                Request(1, SpoolDatabase.insert, (message("msg_1"),), write=True),
+                Request(2, SpoolDatabase.delete, ("msg_nope", "pending"), write=True),
+            ],
+        )
+        self.assertEqual(batch.answers[0], Answer(0, len(message("msg_1").raw)))
+        self.assertIsInstance(batch.answers[1].value, DuplicateMessage)
+        self.assertIsInstance(batch.answers[2].value, MessageNotFound)
+        self.assertEqual([a.failed for a in batch.answers], [False, True, True])
+        self.assertEqual(batch.transactions, [(3, None)])
+
+    def test_a_failed_transaction_fails_every_write_in_it(self) -> None:
+        self.database._connection.execute("PRAGMA max_page_count = 1")
+        big = [message(f"msg_{n}", raw=b"x" * 200_000) for n in range(2)]
+        batch = answer_requests(
+            self.database,
+            [
+                Request(n, SpoolDatabase.insert, (m,), write=True)
+                for n, m in enumerate(big)
+            ],
+        )
+        [(count, error)] = batch.transactions
+        self.assertEqual(count, 2)
+        assert error is not None
+        self.assertIn("database or disk is full", str(error))
+        self.assertEqual(
+            batch.answers, [Answer(0, error, True), Answer(1, error, True)]
+        )
+
+    def test_a_bug_is_answered_and_the_spool_goes_on(self) -> None:
+        """A read's fails alone, a write's fails its transaction."""
+
+        def broken(database: SpoolDatabase) -> None:
+            raise ZeroDivisionError("a bug")
+
+        batch = answer_requests(
+            self.database,
+            [
+                Request(0, broken, (), write=False),
+                Request(1, SpoolDatabase.insert, (message(),), write=True),
+                Request(2, broken, (), write=True),
+                Request(3, SpoolDatabase.counts, (), write=False),
+            ],
+        )
+        [(count, error)] = batch.transactions
+        self.assertEqual(count, 2)
+        self.assertIsInstance(error, ZeroDivisionError)
+        self.assertEqual([a.failed for a in batch.answers], [True, True, True, False])
+        self.assertIsInstance(batch.answers[0].value, ZeroDivisionError)
+        self.assertEqual(batch.answers[3], Answer(3, SpoolStats()))  # rolled back

@@ -1,0 +1,51 @@
+"""
+The bridge's payload process: payloads are built in a child process, which
+ends with the bridge, and whose death costs a round, not a message.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from email.message import EmailMessage
+
+from twisted.trial.unittest import TestCase
+
+from maillaser.child import ChildError
+from tests.helpers import TARGET, dispatcher_idle, poll, start_bridge, wait
+
+
+def html_only(html: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "sender@test.com"
+    message["To"] = TARGET
+    message["Subject"] = "html"
+    message.set_content(html, subtype="html")
+    return message
+
+
+class PayloadProcessTests(TestCase):
+    async def test_built_in_a_child_that_ends_with_the_bridge(self) -> None:
+        bridge = await start_bridge(self)
+        await bridge.send(html_only("<p>small</p>"))
+        [request] = await wait(bridge.receiver.wait_for(1))
+        self.assertEqual(request.json()["body"], "small")
+        child = bridge.service._payloads.transport.pid
+        self.assertNotEqual(child, os.getpid())
+
+        await dispatcher_idle(bridge)
+        await wait(bridge.service.stopService())
+        self.assertIsNone(bridge.service._payloads.transport.pid)  # reaped
+
+    async def test_a_payload_process_that_dies_costs_a_round(self) -> None:
+        """The round fails and goes again; a new process builds the payload."""
+        bridge = await start_bridge(self)
+        await bridge.send(html_only("<p>first</p>"))
+        await wait(bridge.receiver.wait_for(1))
+        payloads = bridge.service._payloads
+        os.kill(payloads.transport.pid, signal.SIGKILL)
+        await poll(lambda: payloads.transport.pid is None)  # reaped
+        await bridge.send(html_only("<p>second</p>"))
+        [_, second] = await wait(bridge.receiver.wait_for(2), timeout=20)
+        self.assertEqual(second.json()["body"], "second")
+        self.assertEqual(len(self.flushLoggedErrors(ChildError)), 1)
