@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.breaker import BreakerState, CircuitBreaker
 from maillaser.delivery import (
+    INLINE_SIZE,
     Delivered,
     Deliverer,
     Failed,
@@ -55,7 +56,8 @@ class DeliveryTests(SynchronousTestCase):
         self.breaker.threshold = 1
         deliverer = self.deliverer(ScriptedClient())
         deliverer.offload = broken
-        outcome = self.successResultOf(deliverer.deliver(message()))
+        html = attrs.evolve(message(), raw=b"Content-Type: text/html\r\n\r\n<p>x</p>")
+        outcome = self.successResultOf(deliverer.deliver(html))
         reason = "internal error: RuntimeError: a bug"
         self.assertEqual(
             outcome,
@@ -178,7 +180,7 @@ class DeliveryTests(SynchronousTestCase):
 
 
 class OffloadTests(SynchronousTestCase):
-    """Every payload is built by the offload, whatever its size or kind."""
+    """Payloads are built by the offload, but for small messages with no HTML."""
 
     def deliver(self, raw: bytes, offload: bool = True) -> bytes:
         """The body posted for C{raw}; C{self.built} holds what was offloaded."""
@@ -203,22 +205,25 @@ class OffloadTests(SynchronousTestCase):
         [(body, _headers)] = client.requests
         return body
 
-    def test_built_by_the_offload(self) -> None:
-        for raw in (
-            b"Subject: small\r\n\r\nplain",
-            b"Subject: large\r\n\r\n" + b"y" * 100_000,
-            b"Content-Type: text/html\r\nX-Id: 1\r\n\r\n<p>rendered</p>",
-        ):
+    def test_built_by_the_offload_unless_small_and_without_html(self) -> None:
+        small = b"Subject: small\r\nX-Id: 1\r\n\r\nplain"
+        for raw, offloaded in [
+            (small, False),
+            (small + b"y" * (INLINE_SIZE - len(small)), False),
+            (small + b"y" * (INLINE_SIZE - len(small) + 1), True),
+            (b"Content-Type: Text/HTML\r\n\r\n<p>rendered</p>", True),
+            (b"Subject: mentions text/html\r\n\r\nplain", True),
+        ]:
             body = self.deliver(raw)
             expected = encode_payload(
                 build_payload(attrs.evolve(message(), raw=raw), ("X-",))
             )
             self.assertEqual(body, expected)
-            self.assertEqual(len(self.built), 1)
+            self.assertEqual(len(self.built), offloaded, raw[:30])
 
     def test_what_goes_to_the_offload_can_cross_a_pipe(self) -> None:
         """The payload process gets the build by pickle."""
-        self.deliver(b"Subject: x\r\n\r\nbody")
+        self.deliver(b"Content-Type: text/html\r\n\r\n<p>body</p>")
         [build] = self.built
         self.assertEqual(pickle.loads(pickle.dumps(build))(), build())  # type: ignore[operator]
 
