@@ -37,9 +37,9 @@ INLINE_SIZE = 4096
 """
 Messages up to this size with no HTML in them are built right here, on the
 reactor thread: parsing one costs less than the trip to the payload
-process, and at this size never much (about 0.5 ms for 4 KB of header
-fields, the worst).  html2text's cost has no such bound, so a message that
-may need it always makes the trip.
+process, and at this size never much (typically 20 µs; under 2 ms for the
+worst found, hundreds of tiny MIME parts).  html2text's cost has no such
+bound, so a message that may need it always makes the trip.
 """
 
 _T = TypeVar("_T")
