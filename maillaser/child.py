@@ -25,6 +25,7 @@ leaves a request that reached it unanswered.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import pickle
@@ -32,6 +33,7 @@ import signal
 import struct
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Any
 
 import attrs
@@ -49,6 +51,9 @@ READ_SIZE = 1024 * 1024
 
 RESPAWN_INTERVAL = 1.0
 """Seconds between starts of a child that keeps failing, at the least."""
+
+PIPE_SIZE = 1024 * 1024
+"""Bytes a pipe to or from a child holds (Linux's largest by default)."""
 
 STOP_TIMEOUT = 10.0
 """Seconds a child has to finish its work and exit before it is killed."""
@@ -95,9 +100,10 @@ class Batch:
     """For the spool, per transaction: how many writes, and why it failed."""
 
 
-def frame(value: object) -> bytes:
+def frame(value: object) -> list[bytes]:
+    """C{value}'s frame, in two pieces: a megabyte is not copied to join them."""
     data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
+    return [_LENGTH.pack(len(data)), data]
 
 
 class FrameReader:
@@ -157,7 +163,8 @@ def serve(handle: Handler, source: int = 0, sink: int = 1) -> None:
     while chunk := os.read(source, READ_SIZE):
         requests = [request for turn in reader.feed(chunk) for request in turn]
         if requests:
-            _write_all(sink, frame(handle(requests)))
+            for piece in frame(handle(requests)):
+                _write_all(sink, piece)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -258,7 +265,7 @@ class ChildProcess(ProcessProtocol):
             return  # no child yet: they go when it starts
         turn, self._outgoing = self._outgoing, []
         assert self.transport is not None
-        self.transport.write(frame(turn))
+        self.transport.writeSequence(frame(turn))
 
     def stop(self) -> Deferred[None]:
         """End the child once it has answered everything asked of it."""
@@ -290,13 +297,14 @@ class ChildProcess(ProcessProtocol):
         self._started_at = self._clock.seconds()
         self._ended = Deferred()
         self._errors = b""
-        self._reactor.spawnProcess(
+        process = self._reactor.spawnProcess(
             self,
             sys.executable,
             [sys.executable, "-c", _PROGRAM, *self._job],
             env=_environment(),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
+        _widen(process)
         self._send()
 
     def _kill(self) -> None:
@@ -338,6 +346,20 @@ class ChildProcess(ProcessProtocol):
         waiting, self._waiting = self._waiting, {}
         for answer in waiting.values():
             answer.errback(Failure(error))
+
+
+def _widen(process: Any) -> None:
+    """
+    Pipes of L{PIPE_SIZE}, where Linux allows: through the usual 64 KB a
+    large message takes a turn of the reactor per 64 KB, and behind it the
+    frames queue up, to be copied together again and again.
+    """
+    size_option = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if size_option is None:
+        return
+    for pipe in getattr(process, "pipes", {}).values():
+        with suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), size_option, PIPE_SIZE)
 
 
 def _environment() -> dict[str, str]:

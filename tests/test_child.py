@@ -34,7 +34,7 @@ class FrameTests(SynchronousTestCase):
     def test_values_survive_any_split(
         self, values: list[bytes], sizes: list[int]
     ) -> None:
-        stream = b"".join(frame(value) for value in values)
+        stream = b"".join(piece for value in values for piece in frame(value))
         reader = FrameReader()
         received = []
         start = 0
