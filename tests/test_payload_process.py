@@ -5,13 +5,14 @@ ends with the bridge, and whose death costs a round, not a message.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 from email.message import EmailMessage
 
 from twisted.trial.unittest import TestCase
 
-from maillaser.child import ChildError
+from maillaser.child import PIPE_SIZE, ChildError
 from tests.helpers import TARGET, dispatcher_idle, poll, start_bridge, wait
 
 
@@ -30,8 +31,12 @@ class PayloadProcessTests(TestCase):
         await bridge.send(html_only("<p>small</p>"))
         [request] = await wait(bridge.receiver.wait_for(1))
         self.assertEqual(request.json()["body"], "small")
-        child = bridge.service._payloads.transport.pid
-        self.assertNotEqual(child, os.getpid())
+        payloads = bridge.service._payloads
+        self.assertNotEqual(payloads.transport.pid, os.getpid())
+        if hasattr(fcntl, "F_GETPIPE_SZ"):  # Linux: a large message in one go
+            for pipe in payloads.transport.pipes.values():
+                size = fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ)
+                self.assertEqual(size, PIPE_SIZE)
 
         await dispatcher_idle(bridge)
         await wait(bridge.service.stopService())
