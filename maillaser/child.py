@@ -12,11 +12,11 @@ nothing: the reactor writes requests to a pipe and reads answers from
 another, as it reads sockets, and the work runs on another core.  A bug or
 a message that kills a child costs the requests it had, not the bridge.
 
-The bridge sends the requests made in one turn of its reactor as one frame
-(a length and a pickle) to the child's standard input; the child (L{main},
-in a Python of its own) takes every frame that has arrived, answers them
-all with its job's handler, and writes the answers in one frame on its
-standard output.  Pickle is safe here: both ends are this package, speaking
+The bridge sends the requests made in one turn of its reactor, each a frame
+(a length and a pickle), in one write to the child's standard input; the
+child (L{main}, in a Python of its own) takes every frame that has arrived,
+answers them all with its job's handler, and writes the answers in one
+frame on its standard output.  Pickle is safe here: both ends are this package, speaking
 over pipes only they hold.  A child ignores SIGINT and SIGTERM, which a
 terminal or a service manager sends to the whole process group: it ends
 when its input ends, because the bridge closed it or died, and so never
@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import math
 import os
 import pickle
 import signal
 import struct
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Any
@@ -39,10 +41,11 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import maillaser
 
@@ -51,6 +54,9 @@ READ_SIZE = 1024 * 1024
 
 RESPAWN_INTERVAL = 1.0
 """Seconds between starts of a child that keeps failing, at the least."""
+
+WRITE_SIZE = 1024 * 1024
+"""Bytes of requests written to a child per turn of the reactor, about."""
 
 PIPE_SIZE = 1024 * 1024
 """Bytes a pipe to or from a child holds (Linux's largest by default)."""
@@ -161,7 +167,7 @@ def serve(handle: Handler, source: int = 0, sink: int = 1) -> None:
     """Answer requests from C{source} on C{sink} until C{source} ends."""
     reader = FrameReader()
     while chunk := os.read(source, READ_SIZE):
-        requests = [request for turn in reader.feed(chunk) for request in turn]
+        requests = reader.feed(chunk)
         if requests:
             for piece in frame(handle(requests)):
                 _write_all(sink, piece)
@@ -189,9 +195,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 # The bridge's end.
 
 
+@implementer(IPushProducer)
 class ChildProcess(ProcessProtocol):
     """
     Requests to a child, each answered through a Deferred.
+
+    It is the producer for the child's input: while the pipe and Twisted's
+    buffer in front of it are full, requests wait in a list, to go in one
+    frame once they drain, rather than be copied into that buffer and,
+    each time it empties, copied together again.
 
     The child is started by the first request.  If it ends on its own
     (killed, out of memory), what it had not answered fails with a
@@ -224,11 +236,12 @@ class ChildProcess(ProcessProtocol):
         self._on_exit = on_exit
         self._numbers = itertools.count()
         self._waiting: dict[int, Deferred[Any]] = {}
-        self._outgoing: list[Request] = []
+        self._outgoing: deque[Request] = deque()
         self._reader = FrameReader()
         self._started_at: float | None = None
         self._starting: IDelayedCall | None = None
         self._stopping = False
+        self._paused = False
         self._ended: Deferred[None] | None = None
         """While a child runs: fires when it has ended."""
         self._errors = b""
@@ -255,17 +268,30 @@ class ChildProcess(ProcessProtocol):
         self._outgoing.append(Request(number, function, args, write))
         if self._ended is None:
             self._start_soon()
-        elif len(self._outgoing) == 1:
+        elif len(self._outgoing) == 1 and not self._paused:
             self._reactor.callLater(0, self._send)
         return answer
 
     def _send(self) -> None:
-        """At the end of the turn: what this turn asked, in one frame."""
-        if self._ended is None or not self._outgoing:
-            return  # no child yet: they go when it starts
-        turn, self._outgoing = self._outgoing, []
+        """At the end of the turn: what this turn asked, in one write."""
+        if self._ended is None or self._paused or not self._outgoing:
+            return  # no child yet, or a full pipe: they go later
+        self._write(WRITE_SIZE)
+        if self._outgoing:
+            self._reactor.callLater(0, self._send)
+
+    def _write(self, limit: float) -> None:
+        """
+        Requests as they were asked, up to about C{limit} bytes: their
+        pickling is work for the reactor, which must not do it all at once.
+        """
+        pieces: list[bytes] = []
+        size = 0
+        while self._outgoing and size < limit:
+            pieces += frame(self._outgoing.popleft())
+            size += len(pieces[-1])
         assert self.transport is not None
-        self.transport.writeSequence(frame(turn))
+        self.transport.writeSequence(pieces)
 
     def stop(self) -> Deferred[None]:
         """End the child once it has answered everything asked of it."""
@@ -275,7 +301,7 @@ class ChildProcess(ProcessProtocol):
                 self._starting.cancel()
             self._fail_waiting(ChildError(f"{self.name} is stopped"))
             return succeed(None)
-        self._send()
+        self._write(math.inf)  # full pipe or not: the child reads it all first
         assert self.transport is not None
         self.transport.closeStdin()
         ended, timer = self._ended, self._clock.callLater(STOP_TIMEOUT, self._kill)
@@ -305,12 +331,26 @@ class ChildProcess(ProcessProtocol):
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         _widen(process)
+        self._paused = False
+        process.registerProducer(self, True)
         self._send()
 
     def _kill(self) -> None:
         self._log.warn("{name} did not finish in time; killing it", name=self.name)
         assert self.transport is not None
         self.transport.signalProcess("KILL")
+
+    # IPushProducer, for the child's input
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._send()
+
+    def stopProducing(self) -> None:
+        pass  # processEnded follows
 
     # ProcessProtocol
 
@@ -342,7 +382,7 @@ class ChildProcess(ProcessProtocol):
         ended.callback(None)
 
     def _fail_waiting(self, error: ChildError) -> None:
-        self._outgoing = []
+        self._outgoing.clear()
         waiting, self._waiting = self._waiting, {}
         for answer in waiting.values():
             answer.errback(Failure(error))

@@ -24,7 +24,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -60,6 +60,9 @@ APPLICATION_ID = 0x4D4C5350
 
 KEPT_ATTEMPTS = 20
 """Attempts recorded per message; older ones are dropped, the count is kept."""
+
+DUE_BYTES = 4 * 1024 * 1024
+"""Bytes of messages one L{SpoolDatabase.due} hands out, past its first."""
 
 BUSY_TIMEOUT_MS = 10_000
 """How long a write waits for the other process (bridge or admin) to finish."""
@@ -417,13 +420,24 @@ class SpoolDatabase:
     def due(
         self, now: float, limit: int, claimed: Collection[str]
     ) -> list[QueuedMessage]:
-        """Up to C{limit} pending messages due at C{now}, skipping C{claimed}."""
+        """
+        Up to C{limit} pending messages due at C{now}, skipping C{claimed},
+        oldest first, and no more than L{DUE_BYTES} of them but the first:
+        the bridge unpickles them all at once, on its reactor thread.
+        """
         with self.transaction(write=False):
+            sizes = self._connection.execute(
+                f"SELECT id, size FROM messages WHERE {_UNCLAIMED_PENDING}"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, received_at"
+                " LIMIT ?",
+                (json.dumps(list(claimed)), now, limit),
+            ).fetchall()
+            chosen = list(_within(DUE_BYTES, sizes))
             rows = self._connection.execute(
                 "SELECT id, sender, recipients, helo, peer, raw, received_at, rounds"
-                f" FROM messages WHERE {_UNCLAIMED_PENDING} AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, received_at LIMIT ?",
-                (json.dumps(list(claimed)), now, limit),
+                " FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+                " ORDER BY next_attempt_at, received_at",
+                (json.dumps(chosen),),
             ).fetchall()
         return [
             QueuedMessage(
@@ -497,6 +511,16 @@ class SpoolDatabase:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def _within(budget: int, sizes: Iterable[tuple[str, int]]) -> Iterator[str]:
+    """The ids, in order, while their sizes add up to C{budget}; the first always."""
+    total = 0
+    for number, (message_id, size) in enumerate(sizes):
+        total += size
+        if number and total > budget:
+            return
+        yield message_id
 
 
 def _envelope(row: sqlite3.Row) -> Envelope:

@@ -21,6 +21,7 @@ from maillaser.child import Answer, ChildError, Request
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import (
     DATABASE_NAME,
+    DUE_BYTES,
     DuplicateMessage,
     MessageNotFound,
     SpoolDatabase,
@@ -591,3 +592,19 @@ class AnswerRequestsTests(SynchronousTestCase):
         self.assertEqual([a.failed for a in batch.answers], [True, True, True, False])
         self.assertIsInstance(batch.answers[0].value, ZeroDivisionError)
         self.assertEqual(batch.answers[3], Answer(3, SpoolStats()))  # rolled back
+
+
+class DueTests(SynchronousTestCase):
+    def test_at_most_due_bytes_but_never_none(self) -> None:
+        """The bridge unpickles a due() at once: large messages come a few at a time."""
+        database = SpoolDatabase.open(self.mktemp(), create=True)
+        self.addCleanup(database.close)
+        megabyte = b"x" * (1024 * 1024 - 100)
+        with database.transaction():
+            database.insert(message("msg_huge", 1.0, raw=b"y" * (2 * DUE_BYTES)))
+            for n in range(6):
+                database.insert(message(f"msg_{n}", 2.0 + n, raw=megabyte))
+        first = database.due(100.0, 10, ())
+        self.assertEqual([q.message.id for q in first], ["msg_huge"])
+        rest = database.due(100.0, 10, ["msg_huge"])
+        self.assertEqual([q.message.id for q in rest], [f"msg_{n}" for n in range(4)])
