@@ -8,9 +8,23 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from maillaser.child import Answer, ChildError, FrameReader, Request, frame, run_each
+from maillaser.child import (
+    RESPAWN_INTERVAL,
+    WRITE_SIZE,
+    Answer,
+    Batch,
+    ChildError,
+    ChildProcess,
+    FrameReader,
+    Request,
+    frame,
+    run_each,
+)
 
 
 class Unpicklable(Exception):
@@ -64,3 +78,119 @@ class RunEachTests(SynchronousTestCase):
         self.assertIsInstance(refused.value, ChildError)
         self.assertEqual(str(refused.value), "Unpicklable('1/2')")
         self.assertEqual(batch.transactions, ())
+
+
+class FakeProcess:
+    """What L{ChildProcess} uses of a process transport, recorded."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[bytes]] = []
+        self.producer: object = None
+        self.stdin_closed = False
+        self.pipes: dict[int, object] = {}
+        self.pid = 4242
+
+    def writeSequence(self, pieces: list[bytes]) -> None:
+        self.writes.append(list(pieces))
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def requests(self, write: int) -> list[Request]:
+        return FrameReader().feed(b"".join(self.writes[write]))
+
+
+class FakeReactor(Clock):
+    """A clock that starts fake processes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list[FakeProcess] = []
+
+    def spawnProcess(
+        self, protocol: ChildProcess, *args: object, **kw: object
+    ) -> FakeProcess:
+        process = FakeProcess()
+        self.processes.append(process)
+        protocol.makeConnection(process)  # type: ignore[arg-type]
+        return process
+
+
+class ChildProcessTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.exits: list[ChildError] = []
+        self.child = ChildProcess(
+            self.reactor, self.reactor, ["payload"], on_exit=self.exits.append
+        )
+
+    def answer(self, *answers: Answer) -> None:
+        for piece in frame(Batch(list(answers))):
+            self.child.childDataReceived(1, piece)
+
+    def test_what_a_turn_asks_goes_in_one_write(self) -> None:
+        first = self.child.request(divide, (1, 2))
+        [process] = self.reactor.processes  # started by the first request
+        self.assertEqual(len(process.writes), 1)  # which goes at once
+        more = [self.child.request(divide, (n, 1)) for n in (3, 4)]
+        self.assertEqual(len(process.writes), 1)
+        self.reactor.advance(0)
+        self.assertEqual([r.args for r in process.requests(1)], [(3, 1), (4, 1)])
+        self.answer(Answer(0, 0.5), Answer(1, 3.0), Answer(2, ValueError(), True))
+        self.assertEqual(self.successResultOf(first), 0.5)
+        self.assertEqual(self.successResultOf(more[0]), 3.0)
+        self.failureResultOf(more[1], ValueError)
+
+    def test_a_full_pipe_holds_requests_back(self) -> None:
+        self.child.request(divide, (1, 1))
+        [process] = self.reactor.processes
+        self.child.pauseProducing()
+        for n in range(3):
+            self.child.request(divide, (n, 1))
+        self.reactor.advance(0)
+        self.assertEqual(len(process.writes), 1)
+        self.child.resumeProducing()
+        self.assertEqual(len(process.requests(1)), 3)
+
+    def test_a_megabyte_a_turn(self) -> None:
+        self.child.request(divide, (1, 1))
+        [process] = self.reactor.processes
+        big = b"x" * (WRITE_SIZE // 2)
+        for _ in range(5):
+            self.child.request(len, (big,))
+        self.reactor.advance(0)
+        self.assertEqual(len(process.requests(1)), 2)
+        self.reactor.advance(0)
+        self.assertEqual(len(process.requests(2)), 2)
+        self.reactor.advance(0)
+        self.assertEqual(len(process.requests(3)), 1)
+
+    def test_stop_sends_what_waits_then_closes(self) -> None:
+        self.child.request(divide, (1, 1))
+        [process] = self.reactor.processes
+        self.child.pauseProducing()
+        self.child.request(divide, (2, 1))
+        self.child.stop()
+        self.assertEqual([r.args for r in process.requests(1)], [(2, 1)])
+        self.assertTrue(process.stdin_closed)
+        self.failureResultOf(self.child.request(divide, (3, 1)), ChildError)
+
+    def test_a_child_that_dies(self) -> None:
+        """What it had fails; the next request waits a second for a new one."""
+        lost = self.child.request(divide, (1, 1))
+        self.child.childDataReceived(2, b"Killed\n")
+        self.child.processEnded(Failure(ProcessTerminated(signal=9)))
+        error = self.failureResultOf(lost, ChildError).value
+        self.assertIn("child payload ended", str(error))
+        self.assertIn("Killed", str(error))
+        self.assertEqual(self.exits, [error])
+        waiting = self.child.request(divide, (2, 1))
+        self.assertEqual(len(self.reactor.processes), 1)
+        self.reactor.advance(RESPAWN_INTERVAL)
+        [_, second] = self.reactor.processes
+        self.assertEqual([r.args for r in second.requests(0)], [(2, 1)])
+        self.answer(Answer(1, 2.0))
+        self.assertEqual(self.successResultOf(waiting), 2.0)
