@@ -6,7 +6,7 @@ program or a C{.tac} file; C{twistd maillaser} calls it too.  It builds each
 stage with its collaborators injected and owns the order of shutdown, which
 C{MultiService}'s fan-out cannot express: stop accepting, let transactions
 in DATA and deliveries in flight finish (bounded by the grace period), then
-close the HTTP pool and the spool.
+stop the payload process and close the HTTP pool and the spool.
 """
 
 from __future__ import annotations
