@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import json
 import math
 import os
 import pickle
@@ -43,11 +44,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import maillaser
+from maillaser.logs import json_lines
 
 READ_SIZE = 1024 * 1024
 """Bytes a child reads at once: a burst of small messages in one frame."""
@@ -183,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """A child: C{spool DIRECTORY} or C{payload}."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Log events go to the bridge, which logs them as its own.
+    globalLogBeginner.beginLoggingTo(
+        [json_lines(sys.stderr)], discardBuffer=True, redirectStandardIO=False
+    )
     job, *args = sys.argv[1:] if argv is None else argv
     if job == "payload":
         serve(run_each)
@@ -245,6 +251,7 @@ class ChildProcess(ProcessProtocol):
         self._ended: Deferred[None] | None = None
         """While a child runs: fires when it has ended."""
         self._errors = b""
+        self._partial_line = b""
 
     @property
     def name(self) -> str:
@@ -323,6 +330,7 @@ class ChildProcess(ProcessProtocol):
         self._started_at = self._clock.seconds()
         self._ended = Deferred()
         self._errors = b""
+        self._partial_line = b""
         process = self._reactor.spawnProcess(
             self,
             sys.executable,
@@ -356,7 +364,7 @@ class ChildProcess(ProcessProtocol):
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd == 2:
-            self._errors = (self._errors + data)[-4096:]
+            self._relay(data)
             return
         for batch in self._reader.feed(data):
             self._on_batch(batch)
@@ -367,9 +375,33 @@ class ChildProcess(ProcessProtocol):
                 else:
                     waiting.callback(answer.value)
 
+    def _relay(self, data: bytes) -> None:
+        """
+        The child's log: its JSON lines logged here, with their level and
+        fields; anything else (a dying interpreter's traceback) as warnings,
+        the last of it kept to say why the child ended.
+        """
+        *lines, self._partial_line = (self._partial_line + data).split(b"\n")
+        for line in filter(bytes.strip, lines):
+            try:
+                event = json.loads(line)
+                level = LogLevel.levelWithName(event.pop("level"))
+            except (ValueError, KeyError, InvalidLogLevelError, AttributeError):
+                self._errors = (self._errors + line + b"\n")[-4096:]
+                text = line.decode("utf-8", "replace")
+                self._log.warn("{child}: {text}", child=self.name, text=text)
+                continue
+            event.pop("timestamp", None)
+            event.pop("namespace", None)
+            text = event.pop("text", "")
+            self._log.emit(
+                level, "{child}: {text}", child=self.name, text=text, **event
+            )
+
     def processEnded(self, reason: Failure) -> None:
         ended, self._ended = self._ended, None
         self._reader = FrameReader()
+        self._relay(b"\n")  # a last line without its end
         why = self._errors.decode("utf-8", "replace").strip()
         error = ChildError(
             f"{self.name} ended: {reason.getErrorMessage()}"

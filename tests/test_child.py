@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from maillaser.child import (
     RESPAWN_INTERVAL,
@@ -25,6 +27,7 @@ from maillaser.child import (
     frame,
     run_each,
 )
+from tests.helpers import poll, wait
 
 
 class Unpicklable(Exception):
@@ -38,6 +41,14 @@ def divide(a: int, b: int) -> float:
 
 def refuse(a: int, b: int) -> None:
     raise Unpicklable(a, b)
+
+
+def warn(message_id: str) -> str:
+    """Run in a real child: it logs, as the payload module does."""
+    Logger(namespace="maillaser.payload").warn(
+        "could not read {message_id}", message_id=message_id
+    )
+    return "logged"
 
 
 class FrameTests(SynchronousTestCase):
@@ -194,3 +205,42 @@ class ChildProcessTests(SynchronousTestCase):
         self.assertEqual([r.args for r in second.requests(0)], [(2, 1)])
         self.answer(Answer(1, 2.0))
         self.assertEqual(self.successResultOf(waiting), 2.0)
+
+    def test_the_childs_log_is_logged_here(self) -> None:
+        """With its level and fields; what is not a log line, as a warning."""
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.child.request(divide, (1, 1))
+        self.child.childDataReceived(
+            2,
+            b'{"timestamp":"t","level":"warn","namespace":"maillaser.payload",'
+            b'"text":"could not read msg_1","message_id":"msg_1"}\nTraceb',
+        )
+        self.child.childDataReceived(2, b"ack: boom\n\n")
+        relayed = [
+            (e["log_level"], formatEvent(e), e.get("message_id")) for e in events
+        ]
+        self.assertEqual(
+            relayed,
+            [
+                (LogLevel.warn, "child payload: could not read msg_1", "msg_1"),
+                (LogLevel.warn, "child payload: Traceback: boom", None),
+            ],
+        )
+
+
+class RealChildTests(TestCase):
+    async def test_a_real_child_logs_through_the_bridge(self) -> None:
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        child = ChildProcess(reactor, reactor, ["payload"])
+        self.addCleanup(child.stop)
+        self.assertEqual(await wait(child.request(warn, ("msg_7",))), "logged")
+        await poll(lambda: any(e.get("message_id") == "msg_7" for e in events))
+        [event] = [e for e in events if e.get("message_id") == "msg_7"]
+        self.assertEqual(
+            (event["log_level"], formatEvent(event)),
+            (LogLevel.warn, "child payload: could not read msg_7"),
+        )
