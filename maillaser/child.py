@@ -124,13 +124,14 @@ class FrameReader:
         self._buffer += data
         values = []
         start = 0
-        while len(self._buffer) - start >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self._buffer, start)
-            end = start + _LENGTH.size + length
-            if len(self._buffer) < end:
-                break
-            values.append(pickle.loads(self._buffer[start + _LENGTH.size : end]))
-            start = end
+        with memoryview(self._buffer) as buffer:  # frames unpickled in place
+            while len(buffer) - start >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(buffer, start)
+                end = start + _LENGTH.size + length
+                if len(buffer) < end:
+                    break
+                values.append(pickle.loads(buffer[start + _LENGTH.size : end]))
+                start = end
         del self._buffer[:start]
         return values
 
