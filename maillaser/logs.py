@@ -25,7 +25,9 @@ which is when L{configure_runner} adjusts them:
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -112,16 +114,36 @@ def json_lines(out: IO[Any]) -> ILogObserver:
 def _json_line(event: LogEvent) -> str:
     line: dict[str, object] = {}
     if "log_time" in event:
-        when = datetime.fromtimestamp(event["log_time"], UTC)
-        line["timestamp"] = when.isoformat(timespec="microseconds")
+        line["timestamp"] = _timestamp(event["log_time"])
     if "log_level" in event:
         line["level"] = event["log_level"].name
     line["namespace"] = event.get("log_namespace", "")
     line["text"] = _text(event)
-    for key, value in event.items():
-        if not key.startswith("log_") and key not in _LEGACY_KEYS:
-            line.setdefault(key, value)
+    line.update(
+        {
+            key: value
+            for key, value in event.items()
+            if key[:4] != "log_" and key not in _LEGACY_KEYS and key not in line
+        }
+    )
     return _ENCODER.encode(line) + "\n"
+
+
+def _timestamp(when: float) -> str:
+    """
+    C{datetime.isoformat}'s text for C{when}, in UTC, to the microsecond,
+    at a third of its cost: the events of one second share its date.
+    """
+    second = math.floor(when)
+    micro = round((when - second) * 1e6)
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    return f"{_second(second)}.{micro:06d}+00:00"
+
+
+@functools.lru_cache(maxsize=2)
+def _second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=repr)

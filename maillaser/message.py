@@ -10,12 +10,34 @@ and the ``webhook-id`` header.
 
 from __future__ import annotations
 
+import operator
 import os
 import time
+from typing import Any, TypeVar
 
 import attrs
 
+_C = TypeVar("_C", bound=type)
 
+
+def _pickled_as_fields(cls: _C) -> _C:
+    """
+    Pickle instances of the attrs class C{cls} as its field values.
+
+    These values cross the pipes to the child processes for every message,
+    and attrs's own pickling of a frozen class (a dict of fields, then
+    C{object.__setattr__} for each) costs twice as much.
+    """
+    fields = operator.attrgetter(*(field.name for field in attrs.fields(cls)))
+
+    def reduce(self: Any) -> tuple[type, tuple[object, ...]]:
+        return cls, fields(self)
+
+    cls.__reduce__ = reduce  # type: ignore[assignment]
+    return cls
+
+
+@_pickled_as_fields
 @attrs.frozen
 class Envelope:
     """
@@ -36,6 +58,7 @@ class Envelope:
     peer: str = ""
 
 
+@_pickled_as_fields
 @attrs.frozen
 class Message:
     """A message we have accepted responsibility for."""
@@ -46,6 +69,7 @@ class Message:
     received_at: float = 0.0
 
 
+@_pickled_as_fields
 @attrs.frozen
 class Attempt:
     """One HTTP request to the webhook and how it ended."""
@@ -58,6 +82,7 @@ class Attempt:
     """Empty on success; otherwise a short, log-safe reason."""
 
 
+@_pickled_as_fields
 @attrs.frozen
 class QueuedMessage:
     """A message as the spool hands it to the dispatcher."""
@@ -67,6 +92,7 @@ class QueuedMessage:
     """Delivery rounds already made (a round is one attempt plus quick retries)."""
 
 
+@_pickled_as_fields
 @attrs.frozen
 class SpoolStats:
     """A snapshot of the spool, cheap enough for every health probe."""

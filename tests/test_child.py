@@ -6,6 +6,8 @@ and tests/test_payload_process.py).
 
 from __future__ import annotations
 
+import pickle
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
@@ -24,8 +26,16 @@ from maillaser.child import (
     ChildProcess,
     FrameReader,
     Request,
+    batch_frame,
     frame,
     run_each,
+)
+from maillaser.message import (
+    Attempt,
+    Envelope,
+    Message,
+    QueuedMessage,
+    SpoolStats,
 )
 from tests.helpers import poll, wait
 
@@ -67,6 +77,19 @@ class FrameTests(SynchronousTestCase):
             received += reader.feed(stream[start : start + size])
             start += size
         self.assertEqual(received, values)
+
+    def test_the_values_that_cross_the_pipes(self) -> None:
+        """They come out equal, though pickled as their fields only."""
+        envelope = Envelope("a@example.net", ("b@example.com", "c@example.com"))
+        message = Message("msg_1", envelope, b"Subject: x\r\n\r\nhi\r\n", 17.5)
+        values = [
+            QueuedMessage(message, rounds=2),
+            Attempt(1.0, None, "timed out"),
+            SpoolStats(pending=1, dead=2, bytes=3),
+        ]
+        for value in values:
+            copy = pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+            self.assertEqual((type(copy), copy), (type(value), value))
 
 
 class RunEachTests(SynchronousTestCase):
@@ -111,7 +134,8 @@ class FakeProcess:
         self.stdin_closed = True
 
     def requests(self, write: int) -> list[Request]:
-        return FrameReader().feed(b"".join(self.writes[write]))
+        frames = FrameReader().feed(b"".join(self.writes[write]))
+        return [Request._make(request) for request in frames]
 
 
 class FakeReactor(Clock):
@@ -139,7 +163,7 @@ class ChildProcessTests(SynchronousTestCase):
         )
 
     def answer(self, *answers: Answer) -> None:
-        for piece in frame(Batch(list(answers))):
+        for piece in batch_frame(Batch(list(answers))):
             self.child.childDataReceived(1, piece)
 
     def test_what_a_turn_asks_goes_in_one_write(self) -> None:

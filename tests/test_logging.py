@@ -13,8 +13,11 @@ import re
 import shutil
 import sys
 import tempfile
+from datetime import UTC, datetime
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.application.twist._options import TwistOptions
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -137,6 +140,14 @@ class JsonLinesTests(SynchronousTestCase):
             '"namespace":"maillaser.smtp.SMTPSession",'
             '"text":"accepted msg_1 from 127.0.0.1","message_id":"msg_1",'
             '"peer":"127.0.0.1"}\n',
+        )
+
+    @given(st.floats(min_value=0, max_value=2**33))
+    def test_timestamp_as_datetime_writes_it(self, when: float) -> None:
+        """The cached date changes nothing, down to the rounding."""
+        self.assertEqual(
+            logs._timestamp(when),
+            datetime.fromtimestamp(when, UTC).isoformat(timespec="microseconds"),
         )
 
     def test_failure_and_odd_values(self) -> None:
