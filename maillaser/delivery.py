@@ -35,11 +35,10 @@ QUICK_BACKOFF = 0.1
 
 INLINE_SIZE = 4096
 """
-Messages up to this size with no HTML in them are built right here, on the
-reactor thread: parsing one costs less than the trip to the payload
-process, and at this size never much (typically 20 µs; under 2 ms for the
-worst found, hundreds of tiny MIME parts).  html2text's cost has no such
-bound, so a message that may need it always makes the trip.
+The default of L{Deliverer.inline_size}.  At this size parsing a message
+costs little (typically 20 µs; under 2 ms for the worst found, hundreds
+of tiny MIME parts); html2text's cost has no such bound, so a message
+that may need it always makes the trip to the payload process.
 """
 
 _T = TypeVar("_T")
@@ -102,6 +101,15 @@ class Deliverer:
     bounded by no size (32 KB of nested blockquotes takes over 100 ms);
     C{None} builds them right here, for tests.
     """
+    inline_size: int = INLINE_SIZE
+    """
+    Messages up to this size with no HTML in them are built right here,
+    on the reactor thread, rather than offloaded.  Worth it where a sender
+    waits for each payload (sync mode): the trip is on its way to C{250}.
+    Where nobody waits (queue mode, 0), the dispatcher starts rounds many
+    at a time and their requests share the pipe's writes, so offloading
+    everything leaves the reactor more time for SMTP.
+    """
     _log = Logger()
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -152,7 +160,7 @@ class Deliverer:
 
     def _body(self, message: Message) -> Deferred[bytes]:
         build = partial(encoded_payload, message, tuple(self.header_prefixes))
-        if self.offload is None or _cheap(message.raw):
+        if self.offload is None or _cheap(message.raw, self.inline_size):
             return succeed(build())
         return self.offload(build)
 
@@ -206,13 +214,13 @@ class Deliverer:
             self.breaker.failed()
 
 
-def _cheap(raw: bytes) -> bool:
+def _cheap(raw: bytes, limit: int) -> bool:
     """
     Small, and with no C{text/html} part: a part is HTML only if its
     Content-Type says so, so where the words do not appear there is none
     to render (where they appear in the text, the trip is only wasted).
     """
-    return len(raw) <= INLINE_SIZE and b"text/html" not in raw.lower()
+    return len(raw) <= limit and b"text/html" not in raw.lower()
 
 
 def describe_error(error: BaseException) -> str:

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from maillaser.breaker import CircuitBreaker
 from maillaser.child import ChildError, ChildProcess
 from maillaser.config import Config, describe
-from maillaser.delivery import Deliverer
+from maillaser.delivery import INLINE_SIZE, Deliverer
 from maillaser.dispatch import Dispatcher
 from maillaser.interfaces import IMessageSink, ISpool
 from maillaser.message import Refusal
@@ -143,6 +143,7 @@ class MailLaserService(MultiService):
             secrets=config.webhook_secrets,
             header_prefixes=config.header_prefixes,
             offload=self._payloads.run,
+            inline_size=INLINE_SIZE if config.delivery_mode == "sync" else 0,
         )
         self.dispatcher: Dispatcher | None = None
         self.smtp_factory = SMTPServerFactory(

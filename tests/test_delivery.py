@@ -182,7 +182,9 @@ class DeliveryTests(SynchronousTestCase):
 class OffloadTests(SynchronousTestCase):
     """Payloads are built by the offload, but for small messages with no HTML."""
 
-    def deliver(self, raw: bytes, offload: bool = True) -> bytes:
+    def deliver(
+        self, raw: bytes, offload: bool = True, inline_size: int = INLINE_SIZE
+    ) -> bytes:
         """The body posted for C{raw}; C{self.built} holds what was offloaded."""
         self.built: list[object] = []
 
@@ -199,6 +201,7 @@ class OffloadTests(SynchronousTestCase):
             max_retries=0,
             header_prefixes=("X-",),
             offload=record if offload else None,
+            inline_size=inline_size,
         )
         delivered = deliverer.deliver(attrs.evolve(message(), raw=raw))
         self.assertIsInstance(self.successResultOf(delivered), Delivered)
@@ -220,6 +223,10 @@ class OffloadTests(SynchronousTestCase):
             )
             self.assertEqual(body, expected)
             self.assertEqual(len(self.built), offloaded, raw[:30])
+
+    def test_with_no_inline_size_everything_is_offloaded(self) -> None:
+        self.deliver(b"Subject: small\r\n\r\nplain", inline_size=0)
+        self.assertEqual(len(self.built), 1)
 
     def test_what_goes_to_the_offload_can_cross_a_pipe(self) -> None:
         """The payload process gets the build by pickle."""

@@ -13,7 +13,14 @@ from email.message import EmailMessage
 from twisted.trial.unittest import TestCase
 
 from maillaser.child import PIPE_SIZE, ChildError
-from tests.helpers import TARGET, dispatcher_idle, poll, start_bridge, wait
+from tests.helpers import (
+    TARGET,
+    dispatcher_idle,
+    poll,
+    simple_message,
+    start_bridge,
+    wait,
+)
 
 
 def html_only(html: str) -> EmailMessage:
@@ -54,3 +61,13 @@ class PayloadProcessTests(TestCase):
         [_, second] = await wait(bridge.receiver.wait_for(2), timeout=20)
         self.assertEqual(second.json()["body"], "second")
         self.assertEqual(len(self.flushLoggedErrors(ChildError)), 1)
+
+    async def test_small_plain_mail_goes_there_in_queue_mode_only(self) -> None:
+        """In sync mode a sender waits for the payload: it is built at once."""
+        for mode, started in [("queue", True), ("sync", False)]:
+            bridge = await start_bridge(self, delivery_mode=mode)
+            await bridge.send(simple_message())
+            [request] = await wait(bridge.receiver.wait_for(1))
+            self.assertEqual(request.json()["body"], "Hello!\r\n")
+            transport = bridge.service._payloads.transport
+            self.assertEqual(transport is not None, started, mode)
