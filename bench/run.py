@@ -445,11 +445,11 @@ class Bridge:
         return -1 if health is None else int(health.get("spool_depth", 0))
 
     def memory_mb(self, key: str = "VmHWM") -> float:
-        """The bridge's memory and its spool process's, added up."""
+        """The bridge's memory and its child processes', added up."""
         return sum(proc_status(pid, key) for pid in self.processes()) / 1024
 
     def cpu_seconds(self) -> float:
-        """The bridge's CPU time and its spool process's, so far."""
+        """The bridge's CPU time and its child processes', so far."""
         return sum(cpu_seconds(pid) for pid in self.processes())
 
     def processes(self) -> list[int]:
