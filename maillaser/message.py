@@ -22,7 +22,8 @@ _C = TypeVar("_C", bound=type)
 
 def _pickled_as_fields(cls: _C) -> _C:
     """
-    Pickle instances of the attrs class C{cls} as its field values.
+    Pickle instances of the attrs class C{cls}, of two fields or more, as
+    its field values.
 
     These values cross the pipes to the child processes for every message,
     and attrs's own pickling of a frozen class (a dict of fields, then
