@@ -12,10 +12,11 @@ pick it from their own options after the plugin's options are parsed,
 which is when L{configure_runner} adjusts them:
 
   - C{twistd} takes the observer from C{--logger}: L{json_observer} and
-    L{text_observer} apply the level.  Without C{--logger}, C{twistd -n}
-    logs text to standard output, so it is given L{text_observer}, the
-    same text at the level; its log file and syslog (as a daemon, or with
-    C{--logfile} or C{--syslog}) have no level.
+    L{text_observer} apply the level.  Without C{--logger}, twistd would
+    build an observer with no level, so it is given the same one at the
+    level: L{text_observer} for standard output (C{twistd -n}),
+    L{file_observer} for C{--logfile} or a daemon's C{twistd.log}, and
+    L{syslog_observer} for C{--syslog}.
   - C{twist} builds a filtered observer itself, so it is told the level
     (unless C{twist --log-level} chose other than its default, info) and,
     for C{--log-format=json} (the default when standard output is not a
@@ -28,7 +29,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -36,6 +39,7 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    LegacyLogObserverWrapper,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
@@ -43,6 +47,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 _LEGACY_KEYS = frozenset(
     {"message", "time", "isError", "system", "format", "why", "failure"}
@@ -55,6 +60,9 @@ The level chosen on the C{twistd}/C{twist} command line (or environment).
 Process-wide because the log observers are; a bridge built with
 C{maillaser.service.makeService} never reads or sets it.
 """
+
+_twistd_destination = "twistd.log"
+"""Where twistd was told to log: its log file, or its syslog prefix."""
 
 
 def configure_runner(options: usage.Options, level: str) -> None:
@@ -75,13 +83,27 @@ def configure_runner(options: usage.Options, level: str) -> None:
             runner["logLevel"] = _process_level
         if runner.get("logFormat") == "json":
             runner["fileLogObserverFactory"] = json_lines
-    elif (  # twistd, about to log text to standard output
-        runner.get("nodaemon")
-        and runner.get("logger") is None
-        and runner.get("logfile") in (None, "", "-")
-        and not runner.get("syslog")
-    ):
-        runner["logger"] = f"{__name__}.text_observer"
+    elif runner.get("logger") is None:  # twistd, about to pick its own
+        observer = _twistd_observer(runner)
+        if observer is not None:
+            runner["logger"] = f"{__name__}.{observer.__name__}"
+
+
+def _twistd_observer(runner: Any) -> Callable[[], ILogObserver] | None:
+    """
+    Ours of the observer twistd would build from C{runner}'s options,
+    remembering where it writes.  A daemon told to log to standard output
+    is left to twistd, which refuses it.
+    """
+    global _twistd_destination
+    nodaemon, logfile = runner.get("nodaemon"), runner.get("logfile")
+    if runner.get("syslog"):
+        _twistd_destination = runner.get("prefix") or "twisted"
+        return syslog_observer
+    if logfile == "-" or (nodaemon and not logfile):  # standard output
+        return text_observer if nodaemon else None
+    _twistd_destination = logfile or "twistd.log"
+    return file_observer
 
 
 def json_observer() -> ILogObserver:
@@ -95,6 +117,34 @@ def text_observer() -> ILogObserver:
     lines on standard output, at the level.
     """
     return _at_level(textFileLogObserver(sys.stdout))
+
+
+def file_observer() -> ILogObserver:
+    """
+    For C{twistd --logfile}, and a daemon's C{twistd.log}: text lines in the
+    file twistd would write, rotated as twistd rotates it (at a megabyte,
+    and on SIGUSR1 unless something else took that signal), at the level.
+    """
+    log_file = LogFile.fromFullPath(_twistd_destination)
+    if not signal.getsignal(signal.SIGUSR1):
+        signal.signal(signal.SIGUSR1, functools.partial(_rotate_soon, log_file))
+    return _at_level(textFileLogObserver(log_file))
+
+
+def _rotate_soon(log_file: LogFile, *signal_arguments: object) -> None:
+    """The signal handler: rotate on the reactor's thread, as twistd does."""
+    from twisted.internet import reactor
+
+    reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+
+def syslog_observer() -> ILogObserver:
+    """For C{twistd --syslog}: what twistd would send to syslog, at the level."""
+    from twisted.python.syslog import SyslogObserver
+
+    observer = SyslogObserver(_twistd_destination)
+    # A plain callable, as twistd itself passes it (typed as an interface).
+    return _at_level(LegacyLogObserverWrapper(observer.emit))  # type: ignore[arg-type]
 
 
 def json_lines(out: IO[Any]) -> ILogObserver:
@@ -173,7 +223,9 @@ def _at_level(observer: ILogObserver) -> ILogObserver:
 
 __all__ = [
     "configure_runner",
+    "file_observer",
     "json_lines",
     "json_observer",
+    "syslog_observer",
     "text_observer",
 ]

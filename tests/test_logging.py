@@ -6,11 +6,13 @@ holds under C{twistd} and C{twist} (run for real).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -34,6 +36,7 @@ from twisted.logger import (
 )
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
+from twisted.python.syslog import SyslogObserver
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -206,6 +209,7 @@ class JsonLinesTests(SynchronousTestCase):
 class LevelTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.patch(logs, "_process_level", LogLevel.info)
+        self.patch(logs, "_twistd_destination", logs._twistd_destination)
 
     def configure(
         self, level: str | None, runner: Any = None, arguments: tuple[str, ...] = ()
@@ -275,19 +279,77 @@ class LevelTests(SynchronousTestCase):
             self.assertEqual(twistd["logger"], "maillaser.logs.text_observer")
         self.assertIs(logs._process_level, LogLevel.warn)
 
+    def test_twistd_file_and_syslog(self) -> None:
+        """The observer twistd would build, with the level in front."""
+        for arguments, observer, destination in [
+            ([], "file_observer", "twistd.log"),  # a daemon
+            (["--logfile=bridge.log"], "file_observer", "bridge.log"),
+            (["-n", "--logfile=bridge.log"], "file_observer", "bridge.log"),
+            (["-n", "--syslog", "--prefix=mail"], "syslog_observer", "mail"),
+            (["--syslog"], "syslog_observer", "twisted"),
+        ]:
+            twistd = ServerOptions()
+            twistd.parseOptions(arguments)
+            self.configure("warn", twistd)
+            self.assertEqual(
+                (twistd["logger"], logs._twistd_destination),
+                (f"maillaser.logs.{observer}", destination),
+                arguments,
+            )
+
     def test_twistd_chose(self) -> None:
-        """Any other choice of C{twistd}'s is left alone."""
+        """C{--logger} is left alone, and so is a daemon told to use stdout."""
         for arguments in (
-            [],
-            ["--nodaemon", "--logfile=bridge.log"],
-            ["--nodaemon", "--syslog"],
             ["--nodaemon", "--logger=maillaser.logs.json_observer"],
+            ["--logfile=-"],
         ):
             twistd = ServerOptions()
             twistd.parseOptions(arguments)
             before = dict(twistd)
             self.configure("warn", twistd)
             self.assertEqual(dict(twistd), before, arguments)
+
+    def log_each_level(self, observer: Any) -> None:
+        log = Logger(namespace="maillaser.test", observer=observer)
+        for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
+            log.emit(level, "at {name}", name=level.name)
+
+    def test_file_observer(self) -> None:
+        """Text at the level, in a file that SIGUSR1 will rotate."""
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        path = os.path.abspath(self.mktemp())
+        self.patch(logs, "_twistd_destination", path)
+        self.configure("warn")
+        self.log_each_level(logs.file_observer())
+        rotate = signal.getsignal(signal.SIGUSR1)
+        assert isinstance(rotate, functools.partial)
+        [log_file] = rotate.args
+        self.addCleanup(log_file.close)
+        with open(path) as written:
+            lines = written.read().splitlines()
+        self.assertEqual(
+            [line.rsplit("] ", 1)[1] for line in lines], ["at warn", "at error"]
+        )
+
+    def test_file_observer_leaves_sigusr1_taken(self) -> None:
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        self.patch(logs, "_twistd_destination", os.path.abspath(self.mktemp()))
+        logs.file_observer()
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_IGN)
+
+    def test_syslog_observer(self) -> None:
+        sent: list[tuple[object, ...]] = []
+        self.patch(SyslogObserver, "openlog", lambda *arguments: None)
+        self.patch(SyslogObserver, "syslog", lambda *arguments: sent.append(arguments))
+        self.patch(logs, "_twistd_destination", "mail")
+        self.configure("warn")
+        self.log_each_level(logs.syslog_observer())
+        self.assertEqual(
+            [arguments[-1] for arguments in sent],
+            ["[-] at warn", "[-] at error"],  # what twistd's own sends
+        )
 
 
 class _Collect(ProcessProtocol):
@@ -312,7 +374,11 @@ class RunnerTests(TestCase):
     refused connection is the one event worth a warning, and the only line.
     """
 
-    async def run_bridge(self, *command: str) -> list[str]:
+    async def run_bridge(self, *command: str, before_stop: Any = None) -> list[str]:
+        """
+        Its standard output; C{before_stop(process, directory)} is awaited
+        once the bridge has refused a connection.
+        """
         directory = tempfile.mkdtemp(prefix="maillaser-")  # short: socket paths
         self.addCleanup(shutil.rmtree, directory)
         sockets = [os.path.join(directory, name) for name in ("smtp", "health")]
@@ -341,6 +407,8 @@ class RunnerTests(TestCase):
                 [b"421 4.7.0 localhost Too many connections, try later"],
             ],
         )
+        if before_stop is not None:
+            await before_stop(process, directory)
         assert process.transport is not None
         process.transport.signalProcess("TERM")
         await wait(process.ended, timeout=30)
@@ -382,6 +450,28 @@ class RunnerTests(TestCase):
     async def test_twistd_text(self) -> None:
         """Without C{--logger}, C{twistd -n} logs text, at the level too."""
         [line] = await self.run_bridge(*TWISTD, "--nodaemon", "--pidfile=")
+        self.assertTrue(
+            line.endswith(f" [maillaser.smtp.SMTPServerFactory#warn] {WARNING}"), line
+        )
+
+    async def test_twistd_log_file(self) -> None:
+        """At the level too, and rotated on SIGUSR1 as twistd's own is."""
+        written: list[str] = []
+
+        async def rotate(process: _Collect, directory: str) -> None:
+            path = os.path.join(directory, "bridge.log")
+            await poll(lambda: os.path.exists(path) and os.path.getsize(path) > 0)
+            assert process.transport is not None
+            process.transport.signalProcess(signal.SIGUSR1)
+            await poll(lambda: os.path.exists(path + ".1"))
+            with open(path + ".1") as rotated:
+                written.extend(rotated.read().splitlines())
+
+        arguments = ("--nodaemon", "--pidfile=", "--logfile=bridge.log")
+        self.assertEqual(
+            await self.run_bridge(*TWISTD, *arguments, before_stop=rotate), []
+        )
+        [line] = written
         self.assertTrue(
             line.endswith(f" [maillaser.smtp.SMTPServerFactory#warn] {WARNING}"), line
         )
