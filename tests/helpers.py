@@ -11,16 +11,18 @@ import ssl
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.policy import SMTP
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
 
 from maillaser.config import Config
 from maillaser.service import MailLaserService, makeService
@@ -28,6 +30,9 @@ from maillaser.testing import ReceivedRequest, WebhookReceiver
 
 TARGET = "target@example.com"
 LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+_T = TypeVar("_T")
+_E = TypeVar("_E", bound=BaseException)
 
 REPLY_LINE = re.compile(
     rb"^(?:"
@@ -70,13 +75,17 @@ class Bridge:
     def smtp_port(self) -> int:
         port = self.service.smtp_listeners[0].port
         assert port is not None
-        return int(port.getHost().port)
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)  # tests listen on 127.0.0.1
+        return address.port
 
     @property
     def health_url(self) -> str:
         port = self.service.health_listener.port
         assert port is not None
-        return f"http://127.0.0.1:{port.getHost().port}"
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)  # tests listen on 127.0.0.1
+        return f"http://127.0.0.1:{address.port}"
 
     def send(
         self, message: EmailMessage | bytes, **kwargs: Any
@@ -166,14 +175,26 @@ async def poll(
         await deferLater(reactor, step)
 
 
-async def wait(d: Awaitable[Any], timeout: float = 10.0) -> Any:
+async def wait(d: Awaitable[_T], timeout: float = 10.0) -> _T:
     """Await C{d}, failing the test if it takes longer than C{timeout}."""
     deferred = Deferred.fromCoroutine(_await(d)).addTimeout(timeout, reactor)
     return await deferred
 
 
-async def _await(d: Awaitable[Any]) -> Any:
+async def _await(d: Awaitable[_T]) -> _T:
     return await d
+
+
+async def failure_of(test: TestCase, d: Deferred[Any], expected: type[_E]) -> _E:
+    """
+    Await C{test.assertFailure(d, expected)}: the exception C{d} failed with.
+
+    Twisted annotates what assertFailure fires with as C{d}'s result type,
+    but it is the exception; this says so, and checks it.
+    """
+    error: object = await test.assertFailure(d, expected)
+    assert isinstance(error, expected)
+    return error
 
 
 # Raw SMTP over loopback, for the hostile and interop tests (issue 4): a
@@ -278,7 +299,7 @@ async def connect_raw(
     endpoint = TCP4ClientEndpoint(
         reactor, "127.0.0.1", port, timeout=5, bindAddress=(source, 0)
     )
-    client = await wait(connectProtocol(endpoint, RawClient()))
+    client: RawClient = await wait(connectProtocol(endpoint, RawClient()))
     test.addCleanup(client.abort)
     if greeting:
         await client.wait_for_replies(1)

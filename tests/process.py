@@ -89,6 +89,7 @@ class BridgeProcess(ProcessProtocol):
             self.ended.callback(0)
         elif reason.check(ProcessTerminated):
             value = reason.value
+            assert isinstance(value, ProcessTerminated)
             self.ended.callback(
                 value.exitCode if value.exitCode is not None else -value.signal
             )

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -150,7 +151,7 @@ class FakeReactor(Clock):
     ) -> FakeProcess:
         process = FakeProcess()
         self.processes.append(process)
-        protocol.makeConnection(process)  # type: ignore[arg-type]
+        protocol.makeConnection(process)
         return process
 
 
@@ -232,9 +233,9 @@ class ChildProcessTests(SynchronousTestCase):
 
     def test_the_childs_log_is_logged_here(self) -> None:
         """With its level and fields; what is not a log line, as a warning."""
-        events: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
         self.child.request(divide, (1, 1))
         self.child.childDataReceived(
             2,
@@ -256,9 +257,9 @@ class ChildProcessTests(SynchronousTestCase):
 
 class RealChildTests(TestCase):
     async def test_a_real_child_logs_through_the_bridge(self) -> None:
-        events: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
         child = ChildProcess(reactor, reactor, ["payload"])
         self.addCleanup(child.stop)
         self.assertEqual(await wait(child.request(warn, ("msg_7",))), "logged")

@@ -486,17 +486,18 @@ class EndpointTests(SettingTestCase):
                 "FileNotFoundError: No such file or directory",
             ),
         ]:
-            for flag, options in [
+            cases: list[tuple[str, Mapping[str, object]]] = [
                 ("--smtp", {"smtp": ["tcp:25", description]}),
                 ("--health", {"health": description}),
-            ]:
+            ]
+            for flag, options in cases:
                 self.assertEqual(
                     error(options=options),
                     f"{flag}: {description!r} is not a usable endpoint ({reason})",
                 )
 
     def test_not_mixed_with_address_or_port_options(self) -> None:
-        for options, message in [
+        cases: list[tuple[Mapping[str, object], str]] = [
             (
                 {"smtp": ["tcp:25"], "port": "26"},
                 "--smtp: cannot be combined with --port",
@@ -513,7 +514,8 @@ class EndpointTests(SettingTestCase):
                 {"health": "tcp:25", "health-bind-address": "::"},
                 "--health: cannot be combined with --health-bind-address",
             ),
-        ]:
+        ]
+        for options, message in cases:
             self.assertEqual(error(options=options), message)
 
 
@@ -648,7 +650,7 @@ class WebhookSecretTests(SettingTestCase):
 
 class TlsFilesTests(SettingTestCase):
     def make_file(self, content: bytes = b"-----BEGIN CERTIFICATE-----\n") -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "wb") as pem:
             pem.write(content)
         return path
@@ -878,7 +880,7 @@ class ConnectionLimitTests(SettingTestCase):
 
 class PrecedenceTests(SynchronousTestCase):
     def write_dotenv(self, text: str) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "w", encoding="utf-8") as dotenv:
             dotenv.write(text)
         return path
@@ -985,7 +987,7 @@ class PrecedenceTests(SynchronousTestCase):
 
 class DotenvTests(SynchronousTestCase):
     def write(self, text: str | bytes) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "wb") as dotenv:
             dotenv.write(text.encode("utf-8") if isinstance(text, str) else text)
         return path

@@ -36,7 +36,9 @@ QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as (msg_[0-9a-f]{28})$")
 
 
 def queued_id(result: dict[str, object]) -> str:
-    match = QUEUED.match(result["reply"])  # type: ignore[arg-type]
+    reply = result["reply"]
+    assert isinstance(reply, bytes), result
+    match = QUEUED.match(reply)
     assert match is not None, result
     return match.group(1).decode()
 

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -1034,7 +1034,9 @@ class ConnectionPoolTests(TestCase):
         server, pool, endpoint = await self.start()
         await wait(pool.request(REQUEST))
         [receiver] = server.connections
+        # None out first: mypy takes isinstance on an Optional for never true
         assert receiver.transport is not None
+        assert isinstance(receiver.transport, tcp.Server)
         # The receiver's close reaches the kernel, not yet our reactor.
         receiver.transport.getHandle().shutdown(socket.SHUT_RDWR)
         self.assertEqual(await wait(pool.request(REQUEST), timeout=5), OK_RESPONSE)

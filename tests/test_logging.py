@@ -37,7 +37,7 @@ from twisted.logger import (
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from twisted.python.syslog import SyslogObserver
-from twisted.scripts.twistd import ServerOptions
+from twisted.scripts._twistd_unix import ServerOptions  # what twistd runs on POSIX
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from maillaser import logs
@@ -421,7 +421,7 @@ class RunnerTests(TestCase):
         return process.ended
 
     async def connect(self, path: str) -> RawClient:
-        client = await wait(
+        client: RawClient = await wait(
             connectProtocol(UNIXClientEndpoint(reactor, path), RawClient())
         )
         self.addCleanup(client.abort)

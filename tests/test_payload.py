@@ -730,25 +730,27 @@ class LimitsTests(SynchronousTestCase):
 class DegradationTests(SynchronousTestCase):
     """A failing step is logged and costs only its own fields."""
 
-    def fail(self, *args: object, **kwargs: object) -> object:
+    def failing_step(self, *args: object, **kwargs: object) -> object:
         raise ZeroDivisionError("injected")
 
     def test_header_step(self) -> None:
-        self.patch(payload, "_display_name", self.fail)
+        self.patch(payload, "_display_name", self.failing_step)
         result = parse(corpus("gmail-alternative.eml"))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(result["subject"], "hopefully no html")
         self.assertNotIn("sender_name", result)
-        self.assertTrue(result["body"].startswith("trying to make sure"))
+        body = result["body"]
+        assert isinstance(body, str)
+        self.assertTrue(body.startswith("trying to make sure"))
 
     def test_body_step(self) -> None:
-        self.patch(payload, "_decode_text", self.fail)
+        self.patch(payload, "_decode_text", self.failing_step)
         result = parse(crlf("Subject: kept\n\nbody"))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual((result["subject"], result["body"]), ("kept", ""))
 
     def test_html_step(self) -> None:
-        self.patch(payload, "_html_to_text", self.fail)
+        self.patch(payload, "_html_to_text", self.failing_step)
         result = parse(crlf("Content-Type: text/html\n\n<p>x</p>"))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual((result["body"], result["html_body"]), ("", "<p>x</p>"))
@@ -801,7 +803,9 @@ class CorpusTests(SynchronousTestCase):
         )
         self.assertNotIn("<", body)
         self.assertNotIn("color: #222", body)
-        self.assertTrue(result["html_body"].startswith("<!DOCTYPE html>\r\n"))
+        html_body = result["html_body"]
+        assert isinstance(html_body, str)
+        self.assertTrue(html_body.startswith("<!DOCTYPE html>\r\n"))
 
     def test_large_attachment(self) -> None:
         result = parse(corpus("large-attachment.eml"))

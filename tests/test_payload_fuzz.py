@@ -320,12 +320,10 @@ class Renderer:
             lines = textwrap.wrap(base64.b64encode(data).decode(), 76)
             encoded = self.newline.join(line.encode() for line in lines)
             if encoding == "base64+junk":
-                encoded = bytearray(encoded.rstrip(b"="))
+                junked = bytearray(encoded.rstrip(b"="))
                 for position in leaf.junk:
-                    encoded.insert(
-                        position % (len(encoded) + 1), b"*! \t#"[position % 5]
-                    )
-                encoded = bytes(encoded)
+                    junked.insert(position % (len(junked) + 1), b"*! \t#"[position % 5])
+                encoded = bytes(junked)
             return encoded
         if encoding.startswith("quoted-printable"):
             encoded = binascii.b2a_qp(data).replace(b"=\n", b"=" + self.newline)
@@ -365,6 +363,7 @@ def stdlib_first_plain(message: StdlibMessage) -> StdlibMessage | None:
         if isinstance(parts, str):  # no delimiter: the stdlib keeps the text
             return None
         for part in parts:
+            assert isinstance(part, StdlibMessage)  # a multipart's parts
             found = stdlib_first_plain(part)
             if found is not None:
                 return found

@@ -10,9 +10,10 @@ import os
 import signal
 from email.message import EmailMessage
 
+from twisted.internet.process import Process
 from twisted.trial.unittest import TestCase
 
-from maillaser.child import PIPE_SIZE, ChildError
+from maillaser.child import PIPE_SIZE, ChildError, ChildProcess
 from tests.helpers import (
     TARGET,
     dispatcher_idle,
@@ -32,6 +33,15 @@ def html_only(html: str) -> EmailMessage:
     return message
 
 
+def process_of(child: ChildProcess) -> Process:
+    """The child's transport: a real process, spawned by the reactor."""
+    transport = child.transport
+    # None out first: mypy takes isinstance on an Optional for never true
+    assert transport is not None
+    assert isinstance(transport, Process)
+    return transport
+
+
 class PayloadProcessTests(TestCase):
     async def test_built_in_a_child_that_ends_with_the_bridge(self) -> None:
         bridge = await start_bridge(self)
@@ -39,15 +49,15 @@ class PayloadProcessTests(TestCase):
         [request] = await wait(bridge.receiver.wait_for(1))
         self.assertEqual(request.json()["body"], "small")
         payloads = bridge.service._payloads
-        self.assertNotEqual(payloads.transport.pid, os.getpid())
+        self.assertNotEqual(process_of(payloads).pid, os.getpid())
         if hasattr(fcntl, "F_GETPIPE_SZ"):  # Linux: a large message in one go
-            for pipe in payloads.transport.pipes.values():
+            for pipe in process_of(payloads).pipes.values():
                 size = fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ)
                 self.assertEqual(size, PIPE_SIZE)
 
         await dispatcher_idle(bridge)
         await wait(bridge.service.stopService())
-        self.assertIsNone(bridge.service._payloads.transport.pid)  # reaped
+        self.assertIsNone(process_of(bridge.service._payloads).pid)  # reaped
 
     async def test_a_payload_process_that_dies_costs_a_round(self) -> None:
         """The round fails and goes again; a new process builds the payload."""
@@ -55,8 +65,10 @@ class PayloadProcessTests(TestCase):
         await bridge.send(html_only("<p>first</p>"))
         await wait(bridge.receiver.wait_for(1))
         payloads = bridge.service._payloads
-        os.kill(payloads.transport.pid, signal.SIGKILL)
-        await poll(lambda: payloads.transport.pid is None)  # reaped
+        pid = process_of(payloads).pid
+        assert pid is not None  # running: it built the first payload
+        os.kill(pid, signal.SIGKILL)
+        await poll(lambda: process_of(payloads).pid is None)  # reaped
         await bridge.send(html_only("<p>second</p>"))
         [_, second] = await wait(bridge.receiver.wait_for(2), timeout=20)
         self.assertEqual(second.json()["body"], "second")

@@ -20,6 +20,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -248,7 +249,7 @@ class Burst:
         finally:
             with self._lock:
                 self._ended += 1
-            reactor.callFromThread(done.callback, outcome)
+            IReactorThreads(reactor).callFromThread(done.callback, outcome)
 
     def _send(self, sender: int, subject: str) -> None:
         raw = simple_message(subject=subject).as_bytes(policy=SMTP)

@@ -134,7 +134,7 @@ class InteroperabilityTests(SynchronousTestCase):
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature,
         }
-        self.assertIsNone(verify(NEW, headers, BODY, now=timestamp))
+        verify(NEW, headers, BODY, now=timestamp)
 
     def test_rotation(self) -> None:
         """Signed with both secrets: either secret alone verifies, in both libraries."""
@@ -182,7 +182,7 @@ class VerifyTests(SynchronousTestCase):
         return str(raised.exception)
 
     def test_valid(self) -> None:
-        self.assertIsNone(verify(NEW, self.headers(), BODY, now=self.timestamp))
+        verify(NEW, self.headers(), BODY, now=self.timestamp)
 
     def test_tolerance_edges(self) -> None:
         for now in (self.timestamp - 300, self.timestamp + 300):

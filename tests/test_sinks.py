@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.breaker import CircuitBreaker
@@ -15,8 +17,8 @@ from maillaser.webhook import WebhookResponse
 from tests.doubles import ScriptedClient, message
 
 
-def refusal(test: SynchronousTestCase, d: object) -> str:
-    failure = test.failureResultOf(d, Refusal)  # type: ignore[arg-type]
+def refusal(test: SynchronousTestCase, d: Deferred[None]) -> str:
+    failure: Failure = test.failureResultOf(d, Refusal)
     return str(failure.value)
 
 

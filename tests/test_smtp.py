@@ -76,9 +76,11 @@ class SessionTestCase(SynchronousTestCase):
     def send(self, data: bytes, session: SMTPSession | None = None) -> list[bytes]:
         """Feed C{data}; return the reply lines it produced."""
         transport = self.transport if session is None else session.transport
+        assert isinstance(transport, StringTransport)  # as connect() made it
         transport.clear()
         (session or self.session).dataReceived(data)
-        return transport.value().splitlines()
+        written: bytes = transport.value()
+        return written.splitlines()
 
     def open_transaction(self) -> None:
         self.send(b"EHLO client.test\r\nMAIL FROM:<sender@test.com>\r\n")
@@ -591,6 +593,7 @@ class FuzzTests(SynchronousTestCase):
         sink = RecordingSink()
         factory = make_factory(sink, Clock(), max_message_size=2000)
         session = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1))
+        assert session is not None
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1))
         session.makeConnection(transport)
         data = b"".join(pieces)

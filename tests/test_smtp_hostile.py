@@ -428,6 +428,9 @@ class OneClientCannotHurtTheOthersTests(TestCase):
         client.transport.pauseProducing()  # type: ignore[union-attr]
         [session] = bridge.service.smtp_factory.sessions
         server = session.transport
+        # None out first: mypy takes isinstance on an Optional for never true
+        assert server is not None
+        assert isinstance(server, tcp.Server)  # what the reactor reads from
         watch = Watch(session)
         sent = 0
         for _ in range(17):
@@ -640,7 +643,9 @@ class StartStopTests(TestCase):
         """
         for _ in range(8):
             bridge = await start_bridge(self)
-            await stop_service(bridge.service)
+            stopping = stop_service(bridge.service)
+            assert stopping is not None  # start_bridge left it running
+            await stopping
             await bridge.receiver.stop()
 
 

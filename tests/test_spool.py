@@ -11,10 +11,12 @@ import os
 import signal
 import sqlite3
 import stat
+from typing import cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from maillaser.child import Answer, ChildError, Request
@@ -32,6 +34,7 @@ from maillaser.spool import (
     open_spool,
 )
 from tests.doubles import stored
+from tests.helpers import failure_of
 
 RAW = (
     b"From: =?utf-8?q?Caf=C3=A9?= <a@example.org>\r\n"
@@ -106,7 +109,7 @@ class SqliteSpoolTests(TestCase):
     async def test_add_then_due(self) -> None:
         """What was added comes back byte for byte, envelope included."""
         spool = await self.open()
-        self.assertIsNone(await spool.add(message()))
+        await spool.add(message())
         self.assertEqual(await spool.due(1000.0, 10), [QueuedMessage(message(), 0)])
 
     async def test_creates_private_directory(self) -> None:
@@ -185,7 +188,7 @@ class SqliteSpoolTests(TestCase):
         spool = await self.open()
         child = await spool._call(pid)
         os.kill(child, signal.SIGKILL)
-        error = await self.assertFailure(spool.add(message()), SpoolError)
+        error = await failure_of(self, spool.add(message()), SpoolError)
         self.assertIn("child spool", str(error))
         self.assertEqual(len(self.flushLoggedErrors(ChildError)), 1)
         self.assertFalse(spool.writable())
@@ -335,7 +338,7 @@ class SqliteSpoolTests(TestCase):
             spool.reschedule("msg_nope", 1.0, []),
             spool.bury("msg_nope", []),
         ):
-            error = await self.assertFailure(settle, MessageNotFound)
+            error = await failure_of(self, settle, MessageNotFound)
             self.assertEqual(str(error), "no message msg_nope in the spool")
         self.assertEqual(spool.stats(), SpoolStats())
         self.assertTrue(spool.writable())
@@ -383,7 +386,10 @@ class SqliteSpoolTests(TestCase):
         results += await DeferredList(later, consumeErrors=True)
 
         self.assertEqual([ok for ok, _ in results], [False, False, False])
-        for _, failure in results:
+        for _, result in results:
+            # A failed add's result is its Failure, which Twisted's
+            # annotation of DeferredList leaves out.
+            failure = cast(Failure, result)
             failure.trap(SpoolError)
             self.assertIn("database or disk is full", failure.getErrorMessage())
             self.assertIn(DATABASE_NAME, failure.getErrorMessage())
@@ -479,7 +485,7 @@ class SqliteSpoolTests(TestCase):
         late = spool.add(message("msg_late"))
         await gatherResults(adds)
         await closing
-        error = await self.assertFailure(late, SpoolError)
+        error = await failure_of(self, late, SpoolError)
         self.assertEqual(
             str(error), f"spool {self.directory}/{DATABASE_NAME} is closed"
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -44,6 +44,10 @@ class WriteNowTests(TestCase):
 
     async def test_sent_at_once_without_registering_for_writes(self) -> None:
         server, client = await self.connected()
+        assert server.transport is not None
+        # None out first: mypy takes isinstance on an Optional for never true
+        assert client.transport is not None
+        assert isinstance(client.transport, tcp.Client)
         write_now(server.transport, b"250 OK\r\n")
         self.assertNotIn(server.transport, reactor.getWriters())
         handle = client.transport.getHandle()
@@ -51,6 +55,7 @@ class WriteNowTests(TestCase):
 
     async def test_behind_bytes_twisted_still_holds(self) -> None:
         server, client = await self.connected()
+        assert server.transport is not None
         server.transport.write(b"first ")
         write_now(server.transport, b"second\r\n")
         await client.wait_for_bytes(len(b"first second\r\n"))
@@ -59,6 +64,7 @@ class WriteNowTests(TestCase):
     async def test_what_the_socket_does_not_take_follows_in_order(self) -> None:
         server, client = await self.connected()
         data = bytes(range(256)) * 65536  # 16 MiB: more than the socket buffers
+        assert server.transport is not None
         write_now(server.transport, data)
         self.assertIn(server.transport, reactor.getWriters())
         await client.wait_for_bytes(len(data))
