@@ -272,6 +272,7 @@ class SpoolFailureTests(TestCase):
         """
         bridge = await start_bridge(self)
         spool = bridge.service.spool
+        assert spool is not None  # first: mypy takes isinstance on it for never true
         assert isinstance(spool, SqliteSpool), spool
         # SQLite refuses to grow the file past max_page_count with
         # SQLITE_FULL, "database or disk is full", as on a full disk.  The
