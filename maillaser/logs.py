@@ -134,8 +134,9 @@ def file_observer() -> ILogObserver:
 def _rotate_soon(log_file: LogFile, *signal_arguments: object) -> None:
     """The signal handler: rotate on the reactor's thread, as twistd does."""
     from twisted.internet import reactor
+    from twisted.internet.interfaces import IReactorThreads
 
-    reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+    IReactorThreads(reactor).callFromThread(log_file.rotate)
 
 
 def syslog_observer() -> ILogObserver:
