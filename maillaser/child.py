@@ -16,8 +16,8 @@ The bridge sends the requests made in one turn of its reactor, each a frame
 (a length and a pickle), in one write to the child's standard input; the
 child (L{main}, in a Python of its own) takes every frame that has arrived,
 answers them all with its job's handler, and writes the answers in one
-frame on its standard output.  Pickle is safe here: both ends are this package, speaking
-over pipes only they hold.  A child ignores SIGINT and SIGTERM, which a
+frame on its standard output.  Pickle is safe here: both ends are this
+package, speaking over pipes only they hold.  A child ignores SIGINT and SIGTERM, which a
 terminal or a service manager sends to the whole process group: it ends
 when its input ends, because the bridge closed it or died, and so never
 leaves a request that reached it unanswered.
@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 import maillaser
 from maillaser.logs import json_lines
+from maillaser.timers import cancel_timer
 
 READ_SIZE = 1024 * 1024
 """Bytes a child reads at once: a burst of small messages in one frame."""
@@ -326,7 +327,7 @@ class ChildProcess(ProcessProtocol):
         assert self.transport is not None
         self.transport.closeStdin()
         ended, timer = self._ended, self._clock.callLater(STOP_TIMEOUT, self._kill)
-        return ended.addBoth(_cancel, timer)
+        return ended.addBoth(cancel_timer, timer)
 
     def _start_soon(self) -> None:
         if self._starting is not None:
@@ -453,9 +454,3 @@ def _environment() -> dict[str, str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(maillaser.__file__)))
     path = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-
-
-def _cancel(result: object, timer: Any) -> object:
-    if timer.active():
-        timer.cancel()
-    return result

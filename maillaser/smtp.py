@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Envelope, Message, Refusal, new_message_id
+from maillaser.timers import cancel_timer
 from maillaser.wire import write_now
 
 MAX_COMMAND_LINE = 512
@@ -807,7 +808,7 @@ class SMTPServerFactory(Factory[SMTPSession]):
         waiter: Deferred[None] = Deferred()
         self._idle_waiters.append(waiter)
         timer: IDelayedCall = self.clock.callLater(grace, self._give_up, waiter)
-        waiter.addBoth(_cancel_timer, timer)
+        waiter.addBoth(cancel_timer, timer)
         return waiter
 
     def _busy(self) -> bool:
@@ -829,9 +830,3 @@ class SMTPServerFactory(Factory[SMTPSession]):
         if waiter in self._idle_waiters:
             self._idle_waiters.remove(waiter)
             waiter.callback(None)
-
-
-def _cancel_timer(result: object, timer: IDelayedCall) -> object:
-    if timer.active():
-        timer.cancel()
-    return result
