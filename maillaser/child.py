@@ -17,10 +17,10 @@ The bridge sends the requests made in one turn of its reactor, each a frame
 child (L{main}, in a Python of its own) takes every frame that has arrived,
 answers them all with its job's handler, and writes the answers in one
 frame on its standard output.  Pickle is safe here: both ends are this
-package, speaking over pipes only they hold.  A child ignores SIGINT and SIGTERM, which a
-terminal or a service manager sends to the whole process group: it ends
-when its input ends, because the bridge closed it or died, and so never
-leaves a request that reached it unanswered.
+package, speaking over pipes only they hold.  A child ignores SIGINT and
+SIGTERM, which a terminal or a service manager sends to the whole process
+group: it ends when its input ends, because the bridge closed it or died,
+and so never leaves a request that reached it unanswered.
 """
 
 from __future__ import annotations
