@@ -1043,23 +1043,25 @@ class ConnectionPoolTests(TestCase):
         self.assertEqual(server.requests(), [1, 1])
         self.assertEqual(len(endpoint.connections), 2)
 
+    async def assert_closed_not_retried(self, pool: ConnectionPool) -> None:
+        """The request fails as closed, not stale: it was not sent again."""
+        with self.assertRaises(ConnectionClosed) as raised:
+            await wait(pool.request(REQUEST))
+        self.assertNotIsInstance(raised.exception, StaleConnection)
+
     async def test_a_response_cut_short_is_not_sent_again(self) -> None:
         server, pool, _ = await self.start()
         await wait(pool.request(REQUEST))
         server.script = [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]
         server.close_after_answer = True
-        with self.assertRaises(ConnectionClosed) as raised:
-            await wait(pool.request(REQUEST))
-        self.assertNotIsInstance(raised.exception, StaleConnection)
+        await self.assert_closed_not_retried(pool)
         self.assertEqual(server.requests(), [2])
 
     async def test_a_new_connection_is_not_tried_twice(self) -> None:
         server, pool, _ = await self.start()
         server.script = [b""]
         server.close_after_answer = True
-        with self.assertRaises(ConnectionClosed) as raised:
-            await wait(pool.request(REQUEST))
-        self.assertNotIsInstance(raised.exception, StaleConnection)
+        await self.assert_closed_not_retried(pool)
         self.assertEqual(server.requests(), [1])
 
     async def test_newest_idle_connection_first(self) -> None:
