@@ -2,32 +2,42 @@
 The seams between stages.
 
 Each stage depends on the interface of the next one, never on its class, so
-tests can put a double at any seam (see ``maillaser.testing``) and the
-in-memory queue and the SQLite spool are interchangeable.
+tests can put a double at any seam (see ``maillaser.testing``), and the
+parts on either side of the process boundary (L{maillaser.worker}) can be
+run together in one process by a test.
+
+The SMTP front (C{maillaser.smtp}) hands finished messages to an
+L{IMessageSink}.  In the delivery worker, the spool is an L{ISpool}, the
+webhook is reached through an L{IWebhookPoster}, and payloads are made by
+an L{IPayloadBuilder}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-if TYPE_CHECKING:
-    from maillaser.webhook import WebhookResponse
-
-from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
+from maillaser.message import (
+    Attempt,
+    Message,
+    QueuedMessage,
+    SpoolStats,
+    WebhookResponse,
+)
 
 
 class IMessageSink(Interface):
-    """Where the SMTP session hands a finished message."""
+    """Where the SMTP front hands a finished message."""
 
     def check_capacity() -> None:
         """
-        Raise L{maillaser.message.Refusal} if new mail must wait (back-pressure).
+        Raise L{maillaser.message.Refusal} if new mail must wait (back-pressure,
+        an open breaker in sync mode, a delivery worker that is not ready).
 
-        Called at ``MAIL FROM`` so a busy bridge refuses before the body is sent.
+        Called at ``MAIL FROM`` so a busy bridge refuses before the body is
+        sent.  It must not block: it reads state the sink already holds.
         """
 
     def receive(message: Message) -> Deferred[None]:
@@ -36,7 +46,8 @@ class IMessageSink(Interface):
 
         @return: a Deferred that fires when the SMTP session may answer
             ``250``, or fails with L{maillaser.message.Refusal} naming the
-            reply to give instead.  Any other failure means ``451``.
+            reply to give instead.  Any other failure means ``451``.  It
+            fires within a bounded time whatever happens elsewhere.
         """
 
 
@@ -94,19 +105,35 @@ class ISpool(Interface):
         """Release the storage."""
 
 
-class IWebhookClient(Interface):
+class IWebhookPoster(Interface):
     """Sends one request to the webhook."""
 
     def post(body: bytes, headers: dict[bytes, bytes]) -> Deferred[WebhookResponse]:
         """
-        POST C{body}.  Deferred firing with a L{maillaser.webhook.WebhookResponse}
-        whatever the status; fails only when no response arrived (timeout,
-        connection refused...).
+        POST C{body} with C{headers} added to the fixed ones.
+
+        @return: a Deferred firing with a L{WebhookResponse} whatever the
+            status; it fails only when no complete response arrived in time
+            (timeout, connection refused, TLS failure...).
+        """
+
+
+class IPayloadBuilder(Interface):
+    """Turns an accepted message into the JSON body of its webhook request."""
+
+    def build(message: Message) -> Deferred[bytes]:
+        """
+        The request body for C{message}.
+
+        It never fails because of what the message contains, and it fires
+        within a bounded time: a message that cannot be read in time is
+        delivered with what could be read and a C{parse_error} key.
         """
 
 
 __all__ = [
     "IMessageSink",
+    "IPayloadBuilder",
     "ISpool",
-    "IWebhookClient",
+    "IWebhookPoster",
 ]

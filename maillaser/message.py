@@ -6,39 +6,20 @@ over: envelope plus the exact bytes received, never a parsed form, so the
 spool can store it and a retry or replay next week delivers exactly what was
 accepted.  The same id names the SMTP transaction in logs, the spool entry
 and the ``webhook-id`` header.
+
+These values cross the process boundary between the SMTP front and the
+delivery worker (L{maillaser.worker}) field by field, so they hold only
+plain data.
 """
 
 from __future__ import annotations
 
-import operator
 import os
 import time
-from typing import Any, TypeVar
 
 import attrs
 
-_C = TypeVar("_C", bound=type)
 
-
-def _pickled_as_fields(cls: _C) -> _C:
-    """
-    Pickle instances of the attrs class C{cls}, of two fields or more, as
-    its field values.
-
-    These values cross the pipes to the child processes for every message,
-    and attrs's own pickling of a frozen class (a dict of fields, then
-    C{object.__setattr__} for each) costs twice as much.
-    """
-    fields = operator.attrgetter(*(field.name for field in attrs.fields(cls)))
-
-    def reduce(self: Any) -> tuple[type, tuple[object, ...]]:
-        return cls, fields(self)
-
-    cls.__reduce__ = reduce  # type: ignore[assignment]
-    return cls
-
-
-@_pickled_as_fields
 @attrs.frozen
 class Envelope:
     """
@@ -59,7 +40,6 @@ class Envelope:
     peer: str = ""
 
 
-@_pickled_as_fields
 @attrs.frozen
 class Message:
     """A message we have accepted responsibility for."""
@@ -70,7 +50,6 @@ class Message:
     received_at: float = 0.0
 
 
-@_pickled_as_fields
 @attrs.frozen
 class Attempt:
     """One HTTP request to the webhook and how it ended."""
@@ -83,7 +62,6 @@ class Attempt:
     """Empty on success; otherwise a short, log-safe reason."""
 
 
-@_pickled_as_fields
 @attrs.frozen
 class QueuedMessage:
     """A message as the spool hands it to the dispatcher."""
@@ -93,7 +71,6 @@ class QueuedMessage:
     """Delivery rounds already made (a round is one attempt plus quick retries)."""
 
 
-@_pickled_as_fields
 @attrs.frozen
 class SpoolStats:
     """A snapshot of the spool, cheap enough for every health probe."""
@@ -101,6 +78,18 @@ class SpoolStats:
     pending: int = 0
     dead: int = 0
     bytes: int = 0
+
+
+@attrs.frozen
+class WebhookResponse:
+    """What we keep of a webhook's response: enough to decide, log and reply."""
+
+    status: int
+    retry_after: float | None = None
+    """Seconds the receiver asked us to wait (C{Retry-After}), if it did."""
+
+    reason: str = ""
+    """A short C{text/plain} explanation from the receiver, if it gave one."""
 
 
 class Refusal(Exception):
@@ -132,3 +121,15 @@ def new_message_id(now: float | None = None) -> str:
     """
     millis = int((time.time() if now is None else now) * 1000)
     return f"msg_{millis:012x}{os.urandom(8).hex()}"
+
+
+__all__ = [
+    "Attempt",
+    "Envelope",
+    "Message",
+    "QueuedMessage",
+    "Refusal",
+    "SpoolStats",
+    "WebhookResponse",
+    "new_message_id",
+]

@@ -19,66 +19,20 @@ import re
 import socket
 from collections import ChainMap
 from collections.abc import Callable, Mapping
-from typing import Literal, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.testing import MemoryReactor
 
-DeliveryMode = Literal["queue", "sync"]
-LogLevel = Literal["debug", "info", "warn", "error"]
-
-DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
-    5.0,
-    5 * 60.0,
-    30 * 60.0,
-    2 * 3600.0,
-    5 * 3600.0,
-    10 * 3600.0,
-    14 * 3600.0,
-    20 * 3600.0,
-    24 * 3600.0,
+from maillaser.config._config import (
+    DEFAULT_RETRY_SCHEDULE,
+    Config,
+    ConfigError,
+    DeliveryMode,
+    LogLevel,
 )
-
-
-class ConfigError(ValueError):
-    """A setting is missing or invalid; the message names it and is one line."""
-
-
-@attrs.frozen
-class Config:
-    """Everything the bridge needs to run.  Build it with L{load_config}."""
-
-    target_emails: tuple[str, ...]
-    webhook_url: str
-    smtp_endpoints: tuple[str, ...] = ("tcp:2525:interface=0.0.0.0",)
-    health_endpoint: str = "tcp:8080:interface=0.0.0.0"
-    header_prefixes: tuple[str, ...] = ()
-    webhook_timeout: float = 30.0
-    webhook_max_retries: int = 3
-    circuit_breaker_threshold: int = 5
-    circuit_breaker_reset: float = 60.0
-    delivery_mode: DeliveryMode = "queue"
-    spool_dir: str = "./maillaser-spool"
-    webhook_secrets: tuple[str, ...] = attrs.field(default=(), repr=False)
-    max_message_size: int = 10 * 1024 * 1024
-    max_recipients: int = 100
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    hostname: str = "localhost"
-    smtp_timeout: float = 300.0
-    log_level: LogLevel = "info"
-    # Beyond upstream's settings: the knobs the durable spool and the
-    # hardened SMTP server need.  Each has an env variable and an option too.
-    delivery_concurrency: int = 16
-    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
-    spool_max_messages: int = 100_000
-    spool_max_bytes: int = 1024 * 1024 * 1024
-    shutdown_grace: float = 10.0
-    max_connections: int = 1000
-    max_connections_per_ip: int = 50
-
 
 @attrs.frozen
 class Setting:

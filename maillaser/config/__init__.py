@@ -1,0 +1,40 @@
+"""
+Configuration: one validated, immutable L{Config} built once at start-up.
+
+Every setting comes from, in order of precedence, a command-line option, the
+environment, a ``.env`` file in the working directory (which never overrides
+the environment), or its default.  Everything is checked before any socket
+is opened, so a typo stops start-up with one line naming the setting.
+"""
+
+from maillaser.config._config import (
+    DEFAULT_RETRY_SCHEDULE,
+    Config,
+    ConfigError,
+    DeliveryMode,
+    LogLevel,
+)
+from maillaser.config._load import (
+    HEALTH_ENDPOINT_HELP,
+    SETTINGS,
+    SMTP_ENDPOINT_HELP,
+    Setting,
+    describe,
+    load_config,
+    mask_url,
+)
+
+__all__ = [
+    "DEFAULT_RETRY_SCHEDULE",
+    "HEALTH_ENDPOINT_HELP",
+    "SETTINGS",
+    "SMTP_ENDPOINT_HELP",
+    "Config",
+    "ConfigError",
+    "DeliveryMode",
+    "LogLevel",
+    "Setting",
+    "describe",
+    "load_config",
+    "mask_url",
+]

@@ -1,0 +1,101 @@
+"""
+The one configuration value: validated once at start-up, immutable after.
+
+The SMTP front builds it (L{maillaser.config.load_config}) and hands it to
+the delivery worker as JSON (L{Config.to_json}), so both processes run with
+exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import attrs
+
+DeliveryMode = Literal["queue", "sync"]
+LogLevel = Literal["debug", "info", "warn", "error"]
+
+DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
+    5.0,
+    5 * 60.0,
+    30 * 60.0,
+    2 * 3600.0,
+    5 * 3600.0,
+    10 * 3600.0,
+    14 * 3600.0,
+    20 * 3600.0,
+    24 * 3600.0,
+)
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it and is one line."""
+
+
+@attrs.frozen
+class Config:
+    """Everything the bridge needs to run.  Build it with L{load_config}."""
+
+    target_emails: tuple[str, ...]
+    webhook_url: str
+    smtp_endpoints: tuple[str, ...] = ("tcp:2525:interface=0.0.0.0",)
+    health_endpoint: str = "tcp:8080:interface=0.0.0.0"
+    header_prefixes: tuple[str, ...] = ()
+    webhook_timeout: float = 30.0
+    webhook_max_retries: int = 3
+    circuit_breaker_threshold: int = 5
+    circuit_breaker_reset: float = 60.0
+    delivery_mode: DeliveryMode = "queue"
+    spool_dir: str = "./maillaser-spool"
+    webhook_secrets: tuple[str, ...] = attrs.field(default=(), repr=False)
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    hostname: str = "localhost"
+    smtp_timeout: float = 300.0
+    log_level: LogLevel = "info"
+    # Beyond upstream's settings: the knobs the durable spool, the hardened
+    # SMTP server and the process split need.  Each has an env variable and
+    # an option too.
+    delivery_concurrency: int = 16
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    spool_max_messages: int = 100_000
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    shutdown_grace: float = 10.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    webhook_ca_file: str | None = None
+    """PEM bundle of the authorities trusted for an https webhook, instead
+    of the system's (a receiver on a private CA)."""
+    worker_timeout: float = 10.0
+    """Seconds the SMTP front waits for any answer of the delivery worker
+    (a spool commit, a status) before it answers 451 and restarts it."""
+    payload_timeout: float = 10.0
+    """Seconds building one payload may take before the message is
+    delivered with what could be read and a C{parse_error}."""
+
+    def to_json(self) -> bytes:
+        """The whole configuration, secrets included, for the worker's pipe."""
+        return json.dumps(attrs.asdict(self)).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Config:
+        """The inverse of L{to_json}: JSON arrays become tuples again."""
+        fields: dict[str, Any] = json.loads(data)
+        return cls(
+            **{
+                name: tuple(value) if isinstance(value, list) else value
+                for name, value in fields.items()
+            }
+        )
+
+
+__all__ = [
+    "DEFAULT_RETRY_SCHEDULE",
+    "Config",
+    "ConfigError",
+    "DeliveryMode",
+    "LogLevel",
+]

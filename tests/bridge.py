@@ -1,0 +1,141 @@
+"""
+Helpers for end-to-end tests: a real bridge on loopback, with a real HTTP
+receiver, driven by the clients in L{tests.helpers}.
+"""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
+
+from maillaser.config import Config
+from maillaser.service import MailLaserService, makeService
+from maillaser.testing import ReceivedRequest, WebhookReceiver
+from tests.helpers import LOOPBACK, TARGET, poll, send_mail, wait
+
+
+def make_config(webhook_url: str, spool_dir: str, **overrides: Any) -> Config:
+    settings: dict[str, Any] = dict(
+        target_emails=(TARGET, "second@example.com"),
+        webhook_url=webhook_url,
+        smtp_endpoints=(LOOPBACK,),
+        health_endpoint=LOOPBACK,
+        spool_dir=spool_dir,
+        hostname="mx.test",
+        webhook_timeout=5.0,
+        retry_schedule=(0.2, 0.2, 0.2),
+        shutdown_grace=2.0,
+    )
+    settings.update(overrides)
+    return Config(**settings)
+
+
+@attrs.define
+class Bridge:
+    service: MailLaserService
+    receiver: WebhookReceiver
+
+    @property
+    def smtp_port(self) -> int:
+        port = self.service.smtp_listeners[0].port
+        assert port is not None
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)  # tests listen on 127.0.0.1
+        return address.port
+
+    @property
+    def health_url(self) -> str:
+        port = self.service.health_listener.port
+        assert port is not None
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)  # tests listen on 127.0.0.1
+        return f"http://127.0.0.1:{address.port}"
+
+    def send(
+        self, message: EmailMessage | bytes, **kwargs: Any
+    ) -> Deferred[dict[str, Any]]:
+        return deferToThread(send_mail, self.smtp_port, message, **kwargs)
+
+
+async def start_bridge(
+    test: Any,
+    receiver: WebhookReceiver | None = None,
+    spool: Any = None,
+    **overrides: Any,
+) -> Bridge:
+    """Start a bridge and a receiver; both are stopped when the test ends."""
+    receiver = receiver or WebhookReceiver()
+    url = await receiver.listen(reactor)
+    test.addCleanup(receiver.stop)
+    config = make_config(url, test.mktemp(), **overrides)
+    service = makeService(config, reactor, spool=spool)
+    service.startService()
+    test.addCleanup(stop_service, service)
+    return Bridge(service, receiver)
+
+
+def stop_service(service: MailLaserService) -> Deferred[None] | None:
+    return service.stopService() if service.running else None
+
+
+async def start_quiet_bridge(
+    test: Any, receiver: WebhookReceiver | None = None, **overrides: Any
+) -> Bridge:
+    """
+    L{start_bridge}, and before the bridge stops, wait for the dispatcher
+    to finish its look at the spool: stopping while it reads logs "spool is
+    closed" (a race in Dispatcher.stopService reported on issue 4).
+    """
+    bridge = await start_bridge(test, receiver, **overrides)
+    test.addCleanup(dispatcher_idle, bridge)
+    return bridge
+
+
+def dispatcher_idle(bridge: Bridge) -> Deferred[None]:
+    dispatcher = bridge.service.dispatcher
+    if dispatcher is None:
+        return succeed(None)
+    return Deferred.fromCoroutine(poll(lambda: not dispatcher._pumping))
+
+
+def count_admissions(factory: Any) -> list[str]:
+    """
+    Record the peer address of every connection the SMTP factory admits,
+    which is how a test tells several messages per connection from one each.
+    """
+    admitted: list[str] = []
+    admit = factory.admit
+
+    def counting(session: Any) -> bytes | None:
+        refusal: bytes | None = admit(session)
+        if refusal is None:
+            admitted.append(session.peer_host)
+        return refusal
+
+    factory.admit = counting
+    return admitted
+
+
+async def settled(
+    bridge: Bridge, count: int, timeout: float = 10.0
+) -> list[ReceivedRequest]:
+    """
+    Wait for C{count} webhook requests, an empty spool and an idle
+    dispatcher (so that nothing more can arrive); prove that no request
+    came beyond them, and none was dead-lettered; return the requests.
+    """
+    spool = bridge.service.spool
+    assert spool is not None
+    await wait(bridge.receiver.wait_for(count), timeout)
+    await poll(lambda: spool.stats().pending == 0, timeout)
+    await dispatcher_idle(bridge)
+    assert spool.stats().dead == 0, spool.stats()
+    requests = bridge.receiver.requests
+    assert len(requests) == count, [r.json() for r in requests]
+    return list(requests)
