@@ -1,5 +1,7 @@
 """
 The SMTP front: C{twisted.mail}'s ESMTP, with MailLaser's IMessageDelivery.
-
-(Filled in by the smtp work: protocol, factory, delivery, message.)
 """
+
+from maillaser.smtp._tls import UnusableCertificate, load_pem_pair, tls_context
+
+__all__ = ["UnusableCertificate", "load_pem_pair", "tls_context"]

@@ -20,10 +20,16 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from maillaser.breaker import BreakerState, CircuitBreaker
-from maillaser.delivery import Delivered, Deliverer, Outcome, settlement
 from maillaser.interfaces import ISpool
 from maillaser.message import Message, QueuedMessage
+from maillaser.webhook import (
+    BreakerState,
+    CircuitBreaker,
+    Delivered,
+    Deliverer,
+    Outcome,
+    settlement,
+)
 
 POLL_INTERVAL = 5.0
 """Look at the spool at least this often, to notice requeues by the admin tool."""

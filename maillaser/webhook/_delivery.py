@@ -22,13 +22,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from maillaser.breaker import CircuitBreaker
-from maillaser.http import BadResponse, ConnectionClosed
-from maillaser.interfaces import IWebhookClient
-from maillaser.message import Attempt, Message
-from maillaser.payload import encoded_payload
-from maillaser.signing import request_headers
-from maillaser.webhook import WebhookResponse
+from maillaser.interfaces import IWebhookPoster
+from maillaser.message import Attempt, Message, WebhookResponse
+from maillaser.webhook._breaker import CircuitBreaker
+from maillaser.webhook._payload import encoded_payload
+from maillaser.webhook._signing import request_headers
 
 QUICK_BACKOFF = 0.1
 """Seconds before the first quick retry; doubled for each one after."""
@@ -88,7 +86,7 @@ def is_transient(status: int) -> bool:
 class Deliverer:
     """Runs delivery rounds and reports each outcome to the circuit breaker."""
 
-    client: IWebhookClient
+    client: IWebhookPoster
     clock: IReactorTime
     breaker: CircuitBreaker
     max_retries: int
@@ -233,8 +231,4 @@ def describe_error(error: BaseException) -> str:
         return "DNS lookup failed"
     if isinstance(error, ConnectError):
         return f"connection failed: {error.__class__.__name__}"
-    if isinstance(error, ConnectionClosed):
-        return f"connection lost: {error}"[:200]
-    if isinstance(error, BadResponse):
-        return f"bad response: {error}"
     return f"{error.__class__.__name__}: {error}"[:200]
