@@ -126,7 +126,9 @@ def message_from_arguments(
 ) -> Message:
     """The inverse of L{message_arguments}."""
     sender, recipients, helo, peer = envelope
-    return Message(id, Envelope(sender, tuple(recipients), helo, peer), raw, received_at)
+    return Message(
+        id, Envelope(sender, tuple(recipients), helo, peer), raw, received_at
+    )
 
 
 # What the SMTP client is to be told, in Store's and Deliver's answers.
