@@ -1,0 +1,106 @@
+"""
+Log a condition that repeats once per interval, not once per occurrence.
+
+A full disk fails every write, and every write is tried again: logged each
+time, one incident wrote 127 MB of tracebacks in 79 seconds and hid
+everything else.  The first occurrence of a condition is worth its
+traceback; while it lasts, one line per interval saying how often it
+recurred tells an operator as much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+REPEAT_INTERVAL = 60.0
+"""Seconds between two reports of the same condition."""
+
+
+@attrs.frozen
+class Report:
+    """An occurrence to log, and what to say with it."""
+
+    first: bool
+    """The condition is new (it had not occurred for a whole interval)."""
+    repeated: int
+    """Occurrences since the last report that were not logged."""
+
+
+@attrs.define
+class _Seen:
+    reported_at: float
+    last_at: float
+    unreported: int = 0
+
+
+@attrs.define
+class LogThrottle:
+    """
+    Decides which occurrences of a condition to log: one per interval per
+    key.  The key says what "the same condition" is: for a failure, its type
+    and text, so that one full disk failing many messages' writes is one
+    condition.
+    """
+
+    clock: IReactorTime
+    interval: float = REPEAT_INTERVAL
+    _seen: dict[Hashable, _Seen] = attrs.Factory(dict)
+
+    def report(self, key: Hashable) -> Report | None:
+        """
+        An occurrence of C{key} now: a L{Report} if it is to be logged,
+        C{None} if it is only counted, to be told with the next report.
+        """
+        now = self.clock.seconds()
+        seen = self._seen.get(key)
+        if seen is None or now - seen.last_at >= self.interval:
+            self._forget_quiet(now)
+            self._seen[key] = _Seen(reported_at=now, last_at=now)
+            return Report(first=True, repeated=0)
+        seen.last_at = now
+        if now - seen.reported_at < self.interval:
+            seen.unreported += 1
+            return None
+        report = Report(first=False, repeated=seen.unreported)
+        seen.reported_at, seen.unreported = now, 0
+        return report
+
+    def failure(
+        self, log: Logger, format: str, failure: Failure, **fields: object
+    ) -> None:
+        """
+        Log C{failure} under C{format} at error level: with its traceback
+        when the condition is new, then one line per interval with the
+        number of occurrences not logged.  The condition is C{format} with
+        the failure's type and message.
+        """
+        report = self.report((format, failure.type, failure.getErrorMessage()))
+        if report is None:
+            return
+        if report.first:
+            log.failure(format, failure, LogLevel.error, **fields)
+            return
+        log.error(
+            format + " ({repeated} more like it since the last report): {error}",
+            repeated=report.repeated,
+            error=failure.getErrorMessage(),
+            **fields,
+        )
+
+    def _forget_quiet(self, now: float) -> None:
+        """Conditions over (quiet for an interval) are new if they come back."""
+        quiet = [
+            key
+            for key, seen in self._seen.items()
+            if now - seen.last_at >= self.interval
+        ]
+        for key in quiet:
+            del self._seen[key]
+
+
+__all__ = ["REPEAT_INTERVAL", "LogThrottle", "Report"]
