@@ -745,10 +745,17 @@ class LogThrottleTests(SynchronousTestCase):
         self.assertEqual(self.throttle.report("b"), Report(first=True, repeated=0))
         self.assertIsNone(self.throttle.report("a"))
 
-    def test_a_condition_that_ended_is_new_when_it_comes_back(self) -> None:
+    def test_what_was_not_logged_is_told_with_the_next_report(self) -> None:
+        """However long the condition is quiet in between."""
         self.throttle.report("a")
         self.clock.advance(30.0)
         self.assertIsNone(self.throttle.report("a"))
+        self.clock.advance(1000.0)
+        self.assertEqual(self.throttle.report("a"), Report(first=False, repeated=1))
+
+    def test_a_condition_that_ended_is_new_when_it_comes_back(self) -> None:
+        """Reported an interval ago and not seen since, it is over."""
+        self.throttle.report("a")
         self.clock.advance(60.0)
         self.assertEqual(self.throttle.report("a"), Report(first=True, repeated=0))
 
@@ -757,4 +764,4 @@ class LogThrottleTests(SynchronousTestCase):
         for n in range(1000):
             self.throttle.report(n)
             self.clock.advance(1.0)
-        self.assertLessEqual(len(self.throttle._seen), 61)
+        self.assertLessEqual(len(self.throttle._reported), 61)

@@ -26,15 +26,17 @@ class Report:
     """An occurrence to log, and what to say with it."""
 
     first: bool
-    """The condition is new (it had not occurred for a whole interval)."""
+    """
+    The condition is new: never reported, or reported more than an interval
+    ago with nothing since.
+    """
     repeated: int
     """Occurrences since the last report that were not logged."""
 
 
 @attrs.define
-class _Seen:
-    reported_at: float
-    last_at: float
+class _Reported:
+    at: float
     unreported: int = 0
 
 
@@ -42,14 +44,15 @@ class _Seen:
 class LogThrottle:
     """
     Decides which occurrences of a condition to log: one per interval per
-    key.  The key says what "the same condition" is: for a failure, its type
-    and text, so that one full disk failing many messages' writes is one
-    condition.
+    key, each report counting the occurrences not logged since the last,
+    so none goes untold once the condition recurs.  The key says what "the
+    same condition" is: for a failure, its type and text, so that one full
+    disk failing many messages' writes is one condition.
     """
 
     clock: IReactorTime
     interval: float = REPEAT_INTERVAL
-    _seen: dict[Hashable, _Seen] = attrs.Factory(dict)
+    _reported: dict[Hashable, _Reported] = attrs.Factory(dict)
 
     def report(self, key: Hashable) -> Report | None:
         """
@@ -57,17 +60,16 @@ class LogThrottle:
         C{None} if it is only counted, to be told with the next report.
         """
         now = self.clock.seconds()
-        seen = self._seen.get(key)
-        if seen is None or now - seen.last_at >= self.interval:
-            self._forget_quiet(now)
-            self._seen[key] = _Seen(reported_at=now, last_at=now)
+        reported = self._reported.get(key)
+        if reported is None or self._over(reported, now):
+            self._forget_over(now)
+            self._reported[key] = _Reported(now)
             return Report(first=True, repeated=0)
-        seen.last_at = now
-        if now - seen.reported_at < self.interval:
-            seen.unreported += 1
+        if now - reported.at < self.interval:
+            reported.unreported += 1
             return None
-        report = Report(first=False, repeated=seen.unreported)
-        seen.reported_at, seen.unreported = now, 0
+        report = Report(first=False, repeated=reported.unreported)
+        reported.at, reported.unreported = now, 0
         return report
 
     def failure(
@@ -92,15 +94,14 @@ class LogThrottle:
             **fields,
         )
 
-    def _forget_quiet(self, now: float) -> None:
-        """Conditions over (quiet for an interval) are new if they come back."""
-        quiet = [
-            key
-            for key, seen in self._seen.items()
-            if now - seen.last_at >= self.interval
-        ]
-        for key in quiet:
-            del self._seen[key]
+    def _over(self, reported: _Reported, now: float) -> bool:
+        """Reported an interval ago, and nothing since: the condition ended."""
+        return now - reported.at >= self.interval and not reported.unreported
+
+    def _forget_over(self, now: float) -> None:
+        over = [key for key, seen in self._reported.items() if self._over(seen, now)]
+        for key in over:
+            del self._reported[key]
 
 
 __all__ = ["REPEAT_INTERVAL", "LogThrottle", "Report"]
