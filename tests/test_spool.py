@@ -18,11 +18,12 @@ import textwrap
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from maillaser.interfaces import ISpool
@@ -650,6 +651,17 @@ class CrashTests(SpoolCase):
         spool = self.open()
         self.assertEqual(spool.stats(), SpoolStats(pending=3, bytes=15))
         self.assertEqual(self.ids(spool.due(1.0, 10)), ["msg_0", "msg_1", "msg_2"])
+
+
+class ReactorTests(TestCase):
+    async def test_one_commit_per_reactor_turn(self) -> None:
+        """On the real reactor, the writes of one turn share one commit."""
+        spool = open_spool(os.path.join(self.mktemp(), "spool"), reactor)
+        self.addCleanup(spool.close)
+        await gatherResults([spool.add(message(f"msg_{n}")) for n in range(20)])
+        await spool.add(message("msg_later"))
+        self.assertEqual(spool.commits, 2)
+        self.assertEqual(spool.stats().pending, 21)
 
 
 class SpoolDatabaseTests(SynchronousTestCase):
