@@ -508,6 +508,27 @@ class SqliteSpoolTests(SpoolCase):
         self.assertTrue(spool.writable())
         self.assertEqual(self.database().entries(), [])  # nothing left behind
 
+    def test_counts_are_right_when_the_first_write_is_answered(self) -> None:
+        """
+        Every write of a commit has counted before any is answered: a
+        refresh() after the probe, with adds in the same commit, counts
+        each once.
+        """
+        spool = self.open()
+        limit_pages(spool, 1)
+        self.failed(spool.add(message("msg_0", raw=BIG)), SpoolError)
+        self.flushLoggedErrors(SpoolError)
+        limit_pages(spool, 1_000_000)
+        refreshed = spool.refresh()
+        adds = [spool.add(message(f"msg_{n}")) for n in range(3)]
+        self.turn()
+        self.assertEqual(
+            self.successResultOf(refreshed), SpoolStats(pending=3, bytes=3 * len(RAW))
+        )
+        for added in adds:
+            self.successResultOf(added)
+        self.assertEqual(spool.stats(), SpoolStats(pending=3, bytes=3 * len(RAW)))
+
     def test_close_finishes_writes(self) -> None:
         """
         Writes asked for before close() are committed by it; later ones
