@@ -426,6 +426,23 @@ class SqliteSpoolTests(SpoolCase):
         self.assertTrue(spool.writable())
         self.assertEqual(spool.stats(), SpoolStats(pending=2, bytes=2 * len(RAW)))
 
+    def test_a_bug_fails_its_commit_and_the_spool_goes_on(self) -> None:
+        """Every write of the group gets the error; the next turn commits."""
+        spool = self.open()
+
+        def broken(database: SpoolDatabase, message: Message) -> int:
+            raise ZeroDivisionError("a bug")
+
+        patched = self.patch(SpoolDatabase, "insert", broken)
+        adds = [spool.add(message(f"msg_{n}")) for n in range(2)]
+        for added in adds:
+            self.failed(added, ZeroDivisionError)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        patched.restore()
+        self.done(spool.add(message()))
+        self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
+        self.assertEqual([entry.id for entry in self.database().entries()], ["msg_1"])
+
     def test_stats_refresh_after_external_change(self) -> None:
         """The admin tool changes the database; refresh() sees it."""
         spool = self.open()
