@@ -14,6 +14,7 @@ import gc
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
@@ -25,7 +26,7 @@ from maillaser.config import (
     ConfigError,
     load_config,
 )
-from maillaser.logs import configure_runner
+from maillaser.logs import set_level
 
 
 class Options(usage.Options):
@@ -53,16 +54,21 @@ class Options(usage.Options):
         self,
         environ: Mapping[str, str] | None = None,
         dotenv_path: str | os.PathLike[str] | None = ".env",
+        reactor: Any = None,
     ) -> None:
         """
         @param environ: the environment to read; C{os.environ} by default,
             injectable so that tests never mutate the real one.
         @param dotenv_path: the C{.env} file to read, or C{None} for none.
+        @param reactor: the reactor the endpoint descriptions are parsed
+            with; the global one by default, imported only once the options
+            are parsed.
         """
         super().__init__()
         self["smtp"] = []
         self._environ = os.environ if environ is None else environ
         self._dotenv_path = dotenv_path
+        self._reactor = reactor
 
     def opt_smtp(self, description: str) -> None:
         self["smtp"].append(description)
@@ -79,12 +85,23 @@ class Options(usage.Options):
         environment, deserves one line naming it, so this raises
         L{SystemExit} with the message, which Python prints to stderr
         before exiting with status 1 under both runners.
+
+        The endpoint descriptions are parsed with the global reactor, which
+        is imported only now: C{twistd --reactor} and C{twist --reactor}
+        come before the plugin's name on the command line and install the
+        chosen reactor as soon as they are parsed, before these options;
+        without them, the default one is what the runner would install.
         """
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
         try:
-            self["config"] = load_config(self, self._environ, self._dotenv_path)
+            self["config"] = load_config(
+                self, self._environ, self._dotenv_path, reactor=reactor
+            )
         except ConfigError as err:
             raise SystemExit(f"maillaser: {err}") from None
-        configure_runner(self, self["config"].log_level)
+        set_level(self["config"].log_level)
 
 
 def makeService(options: Options) -> IService:
