@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from maillaser.config import (
@@ -139,8 +140,8 @@ class _OwnProcess(MultiService):
         Under twist, where nothing was started before, the same errors
         can surface here.  Once started, move everything start-up made
         (modules, Twisted, the configuration) out of the garbage collector's
-        sight: a full collection otherwise walks those objects too, pausing
-        the reactor for about 25 ms under load.
+        sight: a full collection otherwise walks those objects too, and
+        pauses the reactor for that long under load.
         """
         with _start_up_errors_in_one_line():
             super().startService()
@@ -150,11 +151,22 @@ class _OwnProcess(MultiService):
 
 @contextmanager
 def _start_up_errors_in_one_line() -> Iterator[None]:
-    from twisted.internet.error import CannotListenError
-
-    from maillaser.spool import SpoolError
-
     try:
         yield
-    except (SpoolError, CannotListenError) as error:
-        raise SystemExit(f"maillaser: {error}") from None
+    except Exception as error:
+        if _is_start_up_error(error):
+            raise SystemExit(f"maillaser: {error}") from None
+        raise
+
+
+def _is_start_up_error(error: Exception) -> bool:
+    """
+    An address that cannot be listened on, or an unusable spool.  The spool
+    package is imported only if something went wrong: the SMTP front may
+    well have no other use for it.
+    """
+    if isinstance(error, CannotListenError):
+        return True
+    from maillaser.spool import SpoolError
+
+    return isinstance(error, SpoolError)
