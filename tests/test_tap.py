@@ -420,6 +420,31 @@ class StartUpErrorTests(SynchronousTestCase):
 class RunnerTests(SynchronousTestCase):
     """The plugin under the real C{twistd} and C{twist}."""
 
+    def test_plugin_is_import_light(self) -> None:
+        """
+        Found by every C{getPlugins} (C{twistd --help}, C{trial}), it
+        imports neither MailLaser nor the reactor, which C{--reactor} must
+        be free to choose.
+        """
+        program = (
+            "import sys\n"
+            "from twisted.application.service import IServiceMaker\n"
+            "from twisted.plugin import getPlugins\n"
+            "names = [plugin.tapname for plugin in getPlugins(IServiceMaker)]\n"
+            "loaded = [name for name in sys.modules if name.startswith('maillaser')]\n"
+            "print('maillaser' in names, loaded,\n"
+            "      'twisted.internet.reactor' in sys.modules)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            env={"PYTHONPATH": ROOT},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual((result.stdout, result.stderr), ("True [] False\n", ""))
+
     def test_bad_value_in_one_line(self) -> None:
         """Status 1, one line on standard error, nothing else."""
         for runner in (["twistd", "--nodaemon", "--pidfile="], ["twist"]):
