@@ -108,7 +108,14 @@ def loaded(environ: Mapping[str, str], **options: object) -> Config:
     return load_config({"smtp": [], **options}, environ, None)
 
 
-class OptionsTests(SynchronousTestCase):
+class ParsingTestCase(SynchronousTestCase):
+    """Parsing the options sets the process's log level: put it back after."""
+
+    def setUp(self) -> None:
+        self.addCleanup(logs.set_level, logs.current_level())
+
+
+class OptionsTests(ParsingTestCase):
     def test_every_setting_is_an_option(self) -> None:
         """Same names as the environment variables, plus the two endpoints."""
         names = [parameter[0] for parameter in Options.optParameters]
@@ -236,7 +243,7 @@ class OptionsTests(SynchronousTestCase):
         )
 
 
-class BadValueTests(SynchronousTestCase):
+class BadValueTests(ParsingTestCase):
     """
     A bad value stops start-up with one line and status 1.
 
@@ -291,10 +298,7 @@ class BadValueTests(SynchronousTestCase):
         self.assertEqual(str(err), "option --no-such-option not recognized")
 
 
-class LevelTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.addCleanup(logs.set_level, logs.current_level())
-
+class LevelTests(ParsingTestCase):
     def test_sets_the_level(self) -> None:
         """MailLaser's events are filtered at the configured level from now on."""
         parse(["--log-level", "error"], {**REQUIRED, "MAIL_LASER_LOG_LEVEL": "debug"})
@@ -306,7 +310,7 @@ class LevelTests(SynchronousTestCase):
         self.assertIs(logs.current_level(), LogLevel.info)
 
 
-class MakeServiceTests(SynchronousTestCase):
+class MakeServiceTests(ParsingTestCase):
     def test_builds_from_config(self) -> None:
         """The service module is imported only now, and given the C{Config}."""
         built = Service()
@@ -361,7 +365,7 @@ class _Failing(Service):
         raise self.error
 
 
-class StartUpErrorTests(SynchronousTestCase):
+class StartUpErrorTests(ParsingTestCase):
     """
     An address that cannot be listened on, or an unusable spool, stops
     start-up with one line and status 1, whether it shows when twistd
