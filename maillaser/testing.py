@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
-from maillaser.health._resources import QuietSite
+from maillaser.health import QuietSite
 
 
 @attrs.frozen

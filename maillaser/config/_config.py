@@ -84,12 +84,11 @@ class Config:
     def from_json(cls, data: bytes) -> Config:
         """The inverse of L{to_json}: JSON arrays become tuples again."""
         fields: dict[str, Any] = json.loads(data)
-        return cls(
-            **{
-                name: tuple(value) if isinstance(value, list) else value
-                for name, value in fields.items()
-            }
-        )
+        arguments: dict[str, Any] = {
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in fields.items()
+        }
+        return cls(**arguments)
 
 
 __all__ = [
