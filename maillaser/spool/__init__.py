@@ -17,7 +17,7 @@ from maillaser.spool._database import (
     State,
 )
 from maillaser.spool._dispatch import Dispatcher, next_attempt_delay
-from maillaser.spool._sqlite import SqliteSpool, open_spool
+from maillaser.spool._sqlite import SqliteSpool, check_spool, open_spool
 
 __all__ = [
     "DATABASE_NAME",
@@ -29,6 +29,7 @@ __all__ = [
     "SpoolError",
     "SqliteSpool",
     "State",
+    "check_spool",
     "next_attempt_delay",
     "open_spool",
 ]

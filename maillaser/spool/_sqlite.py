@@ -282,4 +282,21 @@ def open_spool(directory: str, clock: IReactorTime) -> SqliteSpool:
     return SqliteSpool(database, clock, stats)
 
 
-__all__ = ["SqliteSpool", "open_spool"]
+def check_spool(directory: str) -> SpoolStats:
+    """
+    Check the spool in C{directory} (or create it), and close it again.
+
+    For the SMTP front at start-up: the delivery worker opens the spool for
+    real, but only the front can still refuse to start, with one line and
+    before it binds a port, when mail could not be kept there.
+
+    @raise SpoolError: as L{open_spool}.
+    """
+    database = SpoolDatabase.open(directory, create=True)
+    try:
+        return database.counts()
+    finally:
+        database.close()
+
+
+__all__ = ["SqliteSpool", "check_spool", "open_spool"]
