@@ -14,8 +14,10 @@ import gc
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from maillaser.config import (
@@ -25,7 +27,7 @@ from maillaser.config import (
     ConfigError,
     load_config,
 )
-from maillaser.logs import configure_runner
+from maillaser.logs import set_level
 
 
 class Options(usage.Options):
@@ -53,16 +55,21 @@ class Options(usage.Options):
         self,
         environ: Mapping[str, str] | None = None,
         dotenv_path: str | os.PathLike[str] | None = ".env",
+        reactor: Any = None,
     ) -> None:
         """
         @param environ: the environment to read; C{os.environ} by default,
             injectable so that tests never mutate the real one.
         @param dotenv_path: the C{.env} file to read, or C{None} for none.
+        @param reactor: the reactor the endpoint descriptions are parsed
+            with; the global one by default, imported only once the options
+            are parsed.
         """
         super().__init__()
         self["smtp"] = []
         self._environ = os.environ if environ is None else environ
         self._dotenv_path = dotenv_path
+        self._reactor = reactor
 
     def opt_smtp(self, description: str) -> None:
         self["smtp"].append(description)
@@ -79,12 +86,23 @@ class Options(usage.Options):
         environment, deserves one line naming it, so this raises
         L{SystemExit} with the message, which Python prints to stderr
         before exiting with status 1 under both runners.
+
+        The endpoint descriptions are parsed with the global reactor, which
+        is imported only now: C{twistd --reactor} and C{twist --reactor}
+        come before the plugin's name on the command line and install the
+        chosen reactor as soon as they are parsed, before these options;
+        without them, the default one is what the runner would install.
         """
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
         try:
-            self["config"] = load_config(self, self._environ, self._dotenv_path)
+            self["config"] = load_config(
+                self, self._environ, self._dotenv_path, reactor=reactor
+            )
         except ConfigError as err:
             raise SystemExit(f"maillaser: {err}") from None
-        configure_runner(self, self["config"].log_level)
+        set_level(self["config"].log_level)
 
 
 def makeService(options: Options) -> IService:
@@ -122,8 +140,8 @@ class _OwnProcess(MultiService):
         Under twist, where nothing was started before, the same errors
         can surface here.  Once started, move everything start-up made
         (modules, Twisted, the configuration) out of the garbage collector's
-        sight: a full collection otherwise walks those objects too, pausing
-        the reactor for about 25 ms under load.
+        sight: a full collection otherwise walks those objects too, and
+        pauses the reactor for that long under load.
         """
         with _start_up_errors_in_one_line():
             super().startService()
@@ -133,11 +151,22 @@ class _OwnProcess(MultiService):
 
 @contextmanager
 def _start_up_errors_in_one_line() -> Iterator[None]:
-    from twisted.internet.error import CannotListenError
-
-    from maillaser.spool import SpoolError
-
     try:
         yield
-    except (SpoolError, CannotListenError) as error:
-        raise SystemExit(f"maillaser: {error}") from None
+    except Exception as error:
+        if _is_start_up_error(error):
+            raise SystemExit(f"maillaser: {error}") from None
+        raise
+
+
+def _is_start_up_error(error: Exception) -> bool:
+    """
+    An address that cannot be listened on, or an unusable spool.  The spool
+    package is imported only if something went wrong: the SMTP front may
+    well have no other use for it.
+    """
+    if isinstance(error, CannotListenError):
+        return True
+    from maillaser.spool import SpoolError
+
+    return isinstance(error, SpoolError)

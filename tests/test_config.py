@@ -6,12 +6,19 @@ secret ever reaches an error line or the start-up description.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
@@ -26,7 +33,6 @@ from maillaser.config import (
     load_config,
     mask_url,
 )
-from maillaser.tls import self_signed
 
 TARGET = "alerts@example.com"
 URL = "https://hooks.example.com/mail"
@@ -41,11 +47,15 @@ def load(
     options: Mapping[str, object] | None = None,
     dotenv_path: str | None = None,
 ) -> Config:
-    """Load with the required settings present unless C{environ} overrides them."""
+    """
+    Load with the required settings present unless C{environ} overrides
+    them, endpoints parsed with the global reactor, as the plugin does.
+    """
     return load_config(
         options or {},
         {**REQUIRED, **(environ or {})},
         dotenv_path,
+        reactor=reactor,
         getfqdn=lambda: FQDN,
     )
 
@@ -79,6 +89,31 @@ def expected(**fields: object) -> Config:
         "hostname": FQDN,
     }
     return Config(**{**defaults, **fields})  # type: ignore[arg-type]
+
+
+def self_signed(name: str) -> tuple[bytes, bytes]:
+    """A PEM certificate naming C{name}, and its PEM private key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        certificate.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
 
 
 def listening_on(description: str) -> tuple[int, str]:
@@ -281,13 +316,16 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_SHUTDOWN_GRACE", "--shutdown-grace"),
                 ("MAIL_LASER_MAX_CONNECTIONS", "--max-connections"),
                 ("MAIL_LASER_MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip"),
+                ("MAIL_LASER_WEBHOOK_CA_FILE", "--webhook-ca-file"),
+                ("MAIL_LASER_WORKER_TIMEOUT", "--worker-timeout"),
+                ("MAIL_LASER_PAYLOAD_TIMEOUT", "--payload-timeout"),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 21)
+        self.assertEqual(len(literal), 23)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -518,6 +556,36 @@ class EndpointTests(SettingTestCase):
         for options, message in cases:
             self.assertEqual(error(options=options), message)
 
+    def test_not_parsed_without_a_reactor(self) -> None:
+        """Left to the service, which parses them with the reactor it is given."""
+        config = load_config({"smtp": ["bogus:1"], "health": "bogus:2"}, REQUIRED, None)
+        self.assertEqual(
+            (config.smtp_endpoints, config.health_endpoint), (("bogus:1",), "bogus:2")
+        )
+
+    def test_never_imports_the_global_reactor(self) -> None:
+        """
+        Importing it would install the default reactor before C{twistd
+        --reactor} or a composing program chose theirs.
+        """
+        program = (
+            "import sys\n"
+            "from twisted.internet.testing import MemoryReactor\n"
+            "from maillaser.config import load_config\n"
+            f"environ = {REQUIRED!r}\n"
+            "for reactor in (None, MemoryReactor()):\n"
+            "    load_config({'smtp': ['tcp:25']}, environ, None, reactor=reactor)\n"
+            "print('twisted.internet.reactor' in sys.modules)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual((result.stdout, result.stderr), ("False\n", ""))
+
 
 class NumberSettingsTests(SettingTestCase):
     """Every numeric setting: its default, its limits, and what is not a number."""
@@ -556,6 +624,8 @@ class NumberSettingsTests(SettingTestCase):
             ("circuit-breaker-reset", "circuit_breaker_reset", 60.0, False),
             ("smtp-timeout", "smtp_timeout", 300.0, False),
             ("shutdown-grace", "shutdown_grace", 10.0, True),
+            ("worker-timeout", "worker_timeout", 10.0, False),
+            ("payload-timeout", "payload_timeout", 10.0, False),
         ]:
             self.assertEqual((option, getattr(load(), field)), (option, default))
             self.assertAccepted(option, "2.5", field, 2.5)
@@ -749,6 +819,48 @@ class TlsFilesTests(SettingTestCase):
                     {"MAIL_LASER_TLS_CERT": given_cert, "MAIL_LASER_TLS_KEY": given_key}
                 ),
                 expected,
+            )
+
+
+class WebhookCaFileTests(SettingTestCase):
+    def write(self, content: bytes) -> str:
+        path: str = self.mktemp()
+        with open(path, "wb") as pem:
+            pem.write(content)
+        return path
+
+    def test_default(self) -> None:
+        self.assertIsNone(load().webhook_ca_file)
+        self.assertAccepted("webhook-ca-file", "", "webhook_ca_file", None)
+
+    def test_bundle(self) -> None:
+        """Every certificate in the file counts; other PEM blocks are ignored."""
+        first, key = self_signed("ca-one.test")
+        second, _ = self_signed("ca-two.test")
+        for content in [first, first + key + second, b"# comment\n" + second]:
+            path = self.write(content)
+            self.assertAccepted("webhook-ca-file", path, "webhook_ca_file", path)
+
+    def test_unreadable(self) -> None:
+        missing = self.mktemp()
+        directory = self.mktemp()
+        os.mkdir(directory)
+        for path, reason in [
+            (missing, "No such file or directory"),
+            (directory, "Is a directory"),
+        ]:
+            self.assertRejected(
+                "webhook-ca-file", path, f"cannot read {path!r}: {reason}"
+            )
+
+    def test_no_certificate(self) -> None:
+        """A wrong file stops start-up rather than every https delivery."""
+        certificate, key = self_signed("ca.test")
+        broken = certificate.replace(certificate[100:140], b"A" * 40)
+        for content in [b"", b"not PEM at all", key, broken]:
+            path = self.write(content)
+            self.assertRejected(
+                "webhook-ca-file", path, f"{path!r} holds no PEM certificate"
             )
 
 
@@ -1069,6 +1181,43 @@ class DotenvTests(SynchronousTestCase):
                 ),
             )
 
+    def test_line_numbers(self) -> None:
+        """Blank lines and comments before the bad line count too."""
+        self.assertEqual(
+            self.dotenv_error("\n\r\n# comment\n   \n\nMAIL_LASER_PORT\nA=1\n"),
+            "<.env>, line 6: not a KEY=VALUE line (quotes must close on the same line)",
+        )
+
+    def test_quotes_close_on_the_same_line(self) -> None:
+        """
+        A missing quote must not swallow the lines up to the next one, as
+        python-dotenv's multi-line values would.
+        """
+        for quote in "'\"":
+            self.assertEqual(
+                self.dotenv_error(
+                    f"A=1\nMAIL_LASER_WEBHOOK_SECRET={quote}{SECRET}\n"
+                    f"MAIL_LASER_PORT=25{quote}\n"
+                ),
+                "<.env>, line 2: not a KEY=VALUE line"
+                " (quotes must close on the same line)",
+            )
+
+    def test_escapes_in_quotes(self) -> None:
+        """python-dotenv's syntax: escapes in quoted values, none in bare ones."""
+        required = f"MAIL_LASER_TARGET_EMAILS={TARGET}\nMAIL_LASER_WEBHOOK_URL={URL}\n"
+        self.assertEqual(
+            [
+                self.load_dotenv(required + f"MAIL_LASER_SPOOL_DIR={value}\n").spool_dir
+                for value in [
+                    '"/srv/\\"quoted\\" \\\\ dir"',
+                    "'/srv/\\'single\\' \\\\ \\n'",
+                    "/srv/bare\\n\\\\",
+                ]
+            ],
+            ['/srv/"quoted" \\ dir', "/srv/'single' \\ \\n", "/srv/bare\\n\\\\"],
+        )
+
     def test_unreadable(self) -> None:
         directory = self.mktemp()
         os.mkdir(directory)
@@ -1123,6 +1272,9 @@ class DescribeTests(SynchronousTestCase):
                 "shutdown_grace": 10.0,
                 "max_connections": 1000,
                 "max_connections_per_ip": 50,
+                "webhook_ca_file": None,
+                "worker_timeout": 10.0,
+                "payload_timeout": 10.0,
             },
         )
         text = repr(describe(config))

@@ -1,8 +1,9 @@
 """
-Tests for L{maillaser.spool}: the durable queue behind every SMTP ``250``.
+Tests for L{maillaser.spool}'s storage: the durable queue behind every
+SMTP ``250``.
 
-These use the real reactor, because the spool runs SQLite in a real child
-process and its answers come back through a pipe.
+Real SQLite files throughout; a L{Clock} stands for the worker's reactor,
+whose turns delimit the group commits (C{turn()} ends one).
 """
 
 from __future__ import annotations
@@ -11,30 +12,33 @@ import os
 import signal
 import sqlite3
 import stat
-from typing import cast
+import subprocess
+import sys
+import textwrap
+from functools import partial
+from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
-from maillaser.child import Answer, ChildError, Request
+from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import (
     DATABASE_NAME,
-    DUE_BYTES,
     DuplicateMessage,
     MessageNotFound,
     SpoolDatabase,
     SpoolEntry,
     SpoolError,
     SqliteSpool,
-    answer_requests,
     open_spool,
 )
-from tests.doubles import stored
-from tests.helpers import failure_of
+from maillaser.spool._database import DUE_BYTES
+from maillaser.spool._throttle import REPEAT_INTERVAL, LogThrottle, Report
 
 RAW = (
     b"From: =?utf-8?q?Caf=C3=A9?= <a@example.org>\r\n"
@@ -51,54 +55,74 @@ ENVELOPE = Envelope(
     peer="192.0.2.7:40001",
 )
 
+BIG = b"x" * 200_000
+"""More than a database limited to one page can hold."""
+
 
 def message(
     id: str = "msg_1", received_at: float = 1000.0, raw: bytes = RAW
 ) -> Message:
-    return stored(ENVELOPE, id, received_at, raw)
+    return Message(id=id, envelope=ENVELOPE, raw=raw, received_at=received_at)
 
 
-# Run in the spool process by spool._call, which pickle finds by name.
+def connection(spool: SqliteSpool) -> sqlite3.Connection:
+    """The spool's own connection, for settings only it can show or change."""
+    return spool._database._connection
 
 
-def pid(database: SpoolDatabase) -> int:
-    return os.getpid()
-
-
-def settings(database: SpoolDatabase) -> tuple[object, ...]:
-    return tuple(
-        database._connection.execute(f"PRAGMA {name}").fetchone()[0]
-        for name in ("journal_mode", "synchronous", "busy_timeout")
-    )
-
-
-def limit_pages(database: SpoolDatabase, pages: int) -> None:
+def limit_pages(spool: SqliteSpool, pages: int) -> None:
     """SQLite then refuses to grow the file, as on a full disk."""
-    database._connection.execute(f"PRAGMA max_page_count = {pages}")
+    connection(spool).execute(f"PRAGMA max_page_count = {pages}")
 
 
-def ended(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def failing(operation: str) -> Any:
+    """A L{SpoolDatabase} method that fails as a full disk makes it fail."""
+
+    def fail(database: SpoolDatabase, *args: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    fail.__name__ = operation
+    return fail
 
 
-class SqliteSpoolTests(TestCase):
-    """
-    Where a test must act on the spool's own connection, it does so through
-    C{spool._call}, in the spool process.
-    """
+def log_events(test: SynchronousTestCase) -> EventLoggingObserver:
+    """Every event logged until the end of C{test}."""
+    events = EventLoggingObserver()
+    globalLogPublisher.addObserver(events)
+    test.addCleanup(globalLogPublisher.removeObserver, events)
+    return events
 
+
+def formats(events: EventLoggingObserver, level: LogLevel) -> list[str]:
+    return [e["log_format"] for e in events if e["log_level"] is level]
+
+
+class SpoolCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.directory = os.path.join(self.mktemp(), "spool")
+        self.path = os.path.join(self.directory, DATABASE_NAME)
         self.clock = Clock()
 
-    async def open(self) -> SqliteSpool:
-        spool = open_spool(self.directory, reactor, self.clock)
+    def open(self) -> SqliteSpool:
+        spool = open_spool(self.directory, self.clock)
         self.addCleanup(spool.close)
         return spool
+
+    def turn(self) -> None:
+        """End the reactor's turn: this turn's writes commit."""
+        self.clock.advance(0)
+
+    def done(self, d: Deferred[Any]) -> Any:
+        """What C{d} fires with once the turn ended."""
+        self.turn()
+        return self.successResultOf(d)
+
+    def failed(self, d: Deferred[Any], *errors: type[Exception]) -> Exception:
+        """The exception C{d} fails with once the turn ended."""
+        self.turn()
+        error = self.failureResultOf(d, *errors).value
+        assert isinstance(error, Exception)
+        return error
 
     def database(self) -> SpoolDatabase:
         """A second connection, as the admin tool would open it."""
@@ -106,147 +130,167 @@ class SqliteSpoolTests(TestCase):
         self.addCleanup(database.close)
         return database
 
-    async def test_add_then_due(self) -> None:
-        """What was added comes back byte for byte, envelope included."""
-        spool = await self.open()
-        await spool.add(message())
-        self.assertEqual(await spool.due(1000.0, 10), [QueuedMessage(message(), 0)])
+    def ids(self, d: Deferred[list[QueuedMessage]]) -> list[str]:
+        return [queued.message.id for queued in self.done(d)]
 
-    async def test_creates_private_directory(self) -> None:
-        await self.open()
+
+class SqliteSpoolTests(SpoolCase):
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(ISpool, self.open()))
+
+    def test_add_then_due(self) -> None:
+        """What was added comes back byte for byte, envelope included."""
+        spool = self.open()
+        self.done(spool.add(message()))
+        self.assertEqual(self.done(spool.due(1000.0, 10)), [QueuedMessage(message())])
+
+    def test_creates_private_directory(self) -> None:
+        self.open()
         mode = os.stat(self.directory).st_mode
         self.assertEqual(stat.S_IMODE(mode), 0o700)
-        self.assertTrue(os.path.isfile(os.path.join(self.directory, DATABASE_NAME)))
+        self.assertTrue(os.path.isfile(self.path))
 
-    async def test_database_settings(self) -> None:
+    def test_database_settings(self) -> None:
         """WAL with synchronous commits: durable at commit, readable alongside."""
-        spool = await self.open()
-        self.assertEqual(await spool._call(settings), ("wal", 2, 10000))
+        spool = self.open()
+        self.assertEqual(
+            tuple(
+                connection(spool).execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "busy_timeout")
+            ),
+            ("wal", 2, 10000),
+        )
 
-    async def test_survives_reopen_and_forgets_claims(self) -> None:
+    def test_survives_reopen_and_forgets_claims(self) -> None:
         """
         A committed message is still pending after a restart, and is due
         again even though it was claimed before (at-least-once).
         """
-        spool = await self.open()
-        await spool.add(message())
-        self.assertEqual(len(await spool.due(1000.0, 10)), 1)
-        await spool.close()
+        spool = self.open()
+        self.done(spool.add(message()))
+        self.assertEqual(len(self.done(spool.due(1000.0, 10))), 1)
+        self.done(spool.close())
 
-        reopened = await self.open()
+        reopened = self.open()
         self.assertEqual(
             reopened.stats(), SpoolStats(pending=1, dead=0, bytes=len(RAW))
         )
-        self.assertEqual(await reopened.due(1000.0, 10), [QueuedMessage(message(), 0)])
+        self.assertEqual(
+            self.done(reopened.due(1000.0, 10)), [QueuedMessage(message())]
+        )
 
-    async def test_group_commit(self) -> None:
+    def test_group_commit(self) -> None:
         """
-        Adds made in one turn of the reactor share one transaction, and each
-        Deferred fires only once its message is visible to another connection.
+        Writes asked for in one turn of the reactor share one transaction at
+        its end, and each Deferred fires only once its message is visible to
+        another connection.
         """
-        spool = await self.open()
+        spool = self.open()
+        database = self.database()
         committed_before_callback = []
 
         def check(_: None, id: str) -> None:
-            committed_before_callback.append(self.database().entry(id).id)
+            committed_before_callback.append(database.entry(id).id)
 
         ids = [f"msg_{i:02d}" for i in range(20)]
         adds = [spool.add(message(id)).addCallback(check, id) for id in ids]
-        await gatherResults(adds)
+        for d in adds:
+            self.assertNoResult(d)
+        self.assertEqual(database.entries(), [])
+        self.turn()
 
+        for d in adds:
+            self.successResultOf(d)
         self.assertEqual(committed_before_callback, ids)
         self.assertEqual(spool.commits, 1)
         self.assertEqual(spool.stats(), SpoolStats(pending=20, bytes=20 * len(RAW)))
 
-    async def test_all_database_work_in_one_other_process(self) -> None:
-        """SQLite never runs in the bridge's process, and always in the same one."""
-        spool = await self.open()
-        writing, reading = spool._write(pid), spool._call(pid)
-        [child] = set(await gatherResults([writing, reading]))
-        self.assertNotEqual(child, os.getpid())
-        await spool.add(message())
-        await spool.due(1000.0, 1)
-        self.assertEqual(await spool._call(pid), child)
+    def test_a_write_asked_for_by_a_commit_goes_in_the_next(self) -> None:
+        """
+        The callbacks of a commit run after it: what they write is not lost
+        with the transaction that ended, it has one of its own.
+        """
+        spool = self.open()
+        later: list[Deferred[None]] = []
+        first = spool.add(message("msg_1"))
+        first.addCallback(lambda _: later.append(spool.add(message("msg_2"))))
+        self.turn()
+        [second] = later
+        self.successResultOf(second)
+        self.assertEqual(spool.commits, 2)
+        self.assertEqual(
+            [entry.id for entry in self.database().entries()], ["msg_1", "msg_2"]
+        )
 
-    async def test_the_spool_process_outlives_signals_for_the_group(self) -> None:
-        """
-        SIGINT and SIGTERM, which a terminal or a service manager sends to
-        the bridge's whole process group, leave the spool to the bridge.
-        """
-        spool = await self.open()
-        child = await spool._call(pid)
-        for number in (signal.SIGINT, signal.SIGTERM):
-            os.kill(child, number)
-        await spool.add(message())
-        self.assertEqual(await spool._call(pid), child)
-
-    async def test_a_spool_process_that_dies_is_started_again(self) -> None:
-        """
-        What it had not answered fails (451 for SMTP), health says the spool
-        is not writable, and the next request starts a new one.
-        """
-        spool = await self.open()
-        child = await spool._call(pid)
-        os.kill(child, signal.SIGKILL)
-        error = await failure_of(self, spool.add(message()), SpoolError)
-        self.assertIn("child spool", str(error))
-        self.assertEqual(len(self.flushLoggedErrors(ChildError)), 1)
-        self.assertFalse(spool.writable())
-        # At most one start a second, for a child that keeps dying: the
-        # next request waits for it rather than fail.
-        added = spool.add(message())
-        self.assertNoResult(added)
-        self.clock.advance(1.0)
-        await added
-        self.assertTrue(spool.writable())
-        self.assertNotEqual(await spool._call(pid), child)
-        self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
-
-    async def test_due_order_limit_and_claims(self) -> None:
+    def test_due_order_limit_and_claims(self) -> None:
         """
         Oldest first; C{limit} respected; a claimed message is not handed out
-        again, not even to a due() that was already running.
+        again.
         """
-        spool = await self.open()
+        spool = self.open()
         for id, received_at in (("msg_c", 30.0), ("msg_a", 10.0), ("msg_b", 20.0)):
-            await spool.add(message(id, received_at))
-        first, second = spool.due(100.0, 2), spool.due(100.0, 2)
-        self.assertEqual([q.message.id for q in await first], ["msg_a", "msg_b"])
-        self.assertEqual([q.message.id for q in await second], [])
-        self.assertEqual([q.message.id for q in await spool.due(100.0, 5)], ["msg_c"])
-        self.assertEqual(await spool.due(100.0, 5), [])
+            spool.add(message(id, received_at))
+        self.turn()
+        self.assertEqual(self.ids(spool.due(100.0, 2)), ["msg_a", "msg_b"])
+        self.assertEqual(self.ids(spool.due(100.0, 5)), ["msg_c"])
+        self.assertEqual(self.ids(spool.due(100.0, 5)), [])
 
-    async def test_due_only_when_due(self) -> None:
-        spool = await self.open()
-        await spool.add(message(received_at=50.0))
-        self.assertEqual(await spool.due(49.0, 10), [])
-        self.assertEqual(len(await spool.due(50.0, 10)), 1)
+    def test_claim_and_release(self) -> None:
+        """
+        A message just added can be claimed once, to deliver it from memory;
+        released, it is due from the spool again.
+        """
+        spool = self.open()
+        self.done(spool.add(message()))
+        self.assertTrue(spool.claim("msg_1"))
+        self.assertFalse(spool.claim("msg_1"))
+        self.assertEqual(self.done(spool.due(1000.0, 10)), [])
+        self.assertIsNone(self.done(spool.next_due()))
+        spool.release("msg_1")
+        self.assertEqual(self.ids(spool.due(1000.0, 10)), ["msg_1"])
 
-    async def test_next_due(self) -> None:
-        spool = await self.open()
-        self.assertIsNone(await spool.next_due())
-        await spool.add(message("msg_late", 70.0))
-        await spool.add(message("msg_early", 40.0))
-        self.assertEqual(await spool.next_due(), 40.0)
-        await spool.due(40.0, 1)
-        self.assertEqual(await spool.next_due(), 70.0)
-        await spool.due(70.0, 1)
-        self.assertIsNone(await spool.next_due())
+    def test_due_only_when_due(self) -> None:
+        spool = self.open()
+        self.done(spool.add(message(received_at=50.0)))
+        self.assertEqual(self.done(spool.due(49.0, 10)), [])
+        self.assertEqual(len(self.done(spool.due(50.0, 10))), 1)
 
-    async def test_reschedule(self) -> None:
+    def test_next_due(self) -> None:
+        spool = self.open()
+        self.assertIsNone(self.done(spool.next_due()))
+        spool.add(message("msg_late", 70.0))
+        spool.add(message("msg_early", 40.0))
+        self.turn()
+        self.assertEqual(self.done(spool.next_due()), 40.0)
+        spool.due(40.0, 1)
+        self.assertEqual(self.done(spool.next_due()), 70.0)
+        spool.due(70.0, 1)
+        self.assertIsNone(self.done(spool.next_due()))
+
+    def test_reads_see_what_is_committed(self) -> None:
+        """A read runs at once: a write of the same turn is not there yet."""
+        spool = self.open()
+        added = spool.add(message())
+        self.assertEqual(self.successResultOf(spool.due(1000.0, 10)), [])
+        self.done(added)
+        self.assertEqual(self.successResultOf(spool.next_due()), 1000.0)
+
+    def test_reschedule(self) -> None:
         """
         A failed round counts, hides the message until its time, records the
         attempts and the last error, and releases the claim.
         """
-        spool = await self.open()
-        await spool.add(message())
-        await spool.due(1000.0, 1)
+        spool = self.open()
+        self.done(spool.add(message()))
+        spool.due(1000.0, 1)
         attempts = [Attempt(1001.0, 503, "HTTP 503"), Attempt(1002.0, None, "timeout")]
-        await spool.reschedule("msg_1", 1300.0, attempts)
+        self.done(spool.reschedule("msg_1", 1300.0, attempts))
 
-        self.assertEqual(await spool.due(1299.0, 10), [])
-        self.assertEqual(await spool.next_due(), 1300.0)
-        self.assertEqual(await spool.due(1300.0, 10), [QueuedMessage(message(), 1)])
+        self.assertEqual(self.done(spool.due(1299.0, 10)), [])
+        self.assertEqual(self.done(spool.next_due()), 1300.0)
+        self.assertEqual(
+            self.done(spool.due(1300.0, 10)), [QueuedMessage(message(), 1)]
+        )
         self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
         database = self.database()
         self.assertEqual(database.attempts("msg_1"), attempts)
@@ -266,100 +310,126 @@ class SqliteSpoolTests(TestCase):
             ),
         )
 
-    async def test_claim_held_until_settled(self) -> None:
+    def test_claim_held_until_settled(self) -> None:
         """
         A due() that runs while a reschedule waits for its commit does not
         hand the message out again under its old due time.
         """
-        spool = await self.open()
-        await spool.add(message())
-        await spool.due(1000.0, 1)
+        spool = self.open()
+        self.done(spool.add(message()))
+        spool.due(1000.0, 1)
         committing = spool.add(message("msg_2", 5000.0))
         waiting = spool.reschedule("msg_1", 2000.0, [])
-        racing = spool.due(1000.0, 10)
-        self.assertEqual(await racing, [])
-        await gatherResults([committing, waiting])
+        self.assertEqual(self.successResultOf(spool.due(1000.0, 10)), [])
+        self.done(committing)
+        self.successResultOf(waiting)
         self.assertEqual(spool.commits, 2)
-        self.assertEqual(await spool.due(1999.0, 10), [])
-        self.assertEqual(await spool.due(2000.0, 10), [QueuedMessage(message(), 1)])
+        self.assertEqual(self.done(spool.due(1999.0, 10)), [])
+        self.assertEqual(
+            self.done(spool.due(2000.0, 10)), [QueuedMessage(message(), 1)]
+        )
 
-    async def test_attempts_kept_are_bounded(self) -> None:
+    def test_a_settling_write_that_fails_keeps_the_claim(self) -> None:
+        """
+        The message is still in the spool as it was, due at once: whoever
+        claimed it decides when it may go again, by releasing it.
+        """
+        spool = self.open()
+        self.done(spool.add(message()))
+        self.done(spool.due(1000.0, 1))
+        self.patch(SpoolDatabase, "delete", failing("delete"))
+        self.patch(SpoolDatabase, "reschedule", failing("reschedule"))
+        self.patch(SpoolDatabase, "bury", failing("bury"))
+        for settle in (
+            spool.delivered("msg_1", [Attempt(1001.0, 200)]),
+            spool.reschedule("msg_1", 2000.0, []),
+            spool.bury("msg_1", []),
+        ):
+            error = self.failed(settle, SpoolError)
+            self.assertIn("database or disk is full", str(error))
+            self.assertEqual(self.done(spool.due(1000.0, 10)), [])
+        self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
+        self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
+        spool.release("msg_1")
+        self.assertEqual(self.done(spool.due(1000.0, 10)), [QueuedMessage(message())])
+
+    def test_attempts_kept_are_bounded(self) -> None:
         """Only the last 20 attempts stay on disk; the count keeps them all."""
-        spool = await self.open()
-        await spool.add(message())
+        spool = self.open()
+        self.done(spool.add(message()))
         attempts = [Attempt(float(i), 500, f"HTTP 500 #{i}") for i in range(25)]
-        await spool.reschedule("msg_1", 1300.0, attempts[:15])
-        await spool.reschedule("msg_1", 1600.0, attempts[15:])
+        self.done(spool.reschedule("msg_1", 1300.0, attempts[:15]))
+        self.done(spool.reschedule("msg_1", 1600.0, attempts[15:]))
         database = self.database()
         self.assertEqual(database.attempts("msg_1"), attempts[5:])
         self.assertEqual(database.entry("msg_1").attempts, 25)
 
-    async def test_bury(self) -> None:
-        spool = await self.open()
-        await spool.add(message())
-        await spool.add(message("msg_2"))
-        await spool.due(1000.0, 10)
+    def test_bury(self) -> None:
+        spool = self.open()
+        spool.add(message())
+        spool.add(message("msg_2"))
+        self.turn()
+        spool.due(1000.0, 10)
         self.clock.advance(5000.0)
-        await spool.bury("msg_1", [Attempt(4999.0, 400, "HTTP 400 bad payload")])
+        self.done(spool.bury("msg_1", [Attempt(4999.0, 400, "HTTP 400 bad payload")]))
 
         self.assertEqual(spool.stats(), SpoolStats(pending=1, dead=1, bytes=len(RAW)))
-        self.assertIsNone(await spool.next_due())
+        self.assertIsNone(self.done(spool.next_due()))
         entry = self.database().entry("msg_1")
         self.assertEqual(
             (entry.state, entry.dead_at, entry.last_error, entry.next_attempt_at),
             ("dead", 5000.0, "HTTP 400 bad payload", None),
         )
         # A dead letter is not delivered, even after a restart.
-        await spool.close()
-        reopened = await self.open()
-        self.assertEqual(
-            [q.message.id for q in await reopened.due(10_000.0, 10)], ["msg_2"]
-        )
+        self.done(spool.close())
+        reopened = self.open()
+        self.assertEqual(self.ids(reopened.due(10_000.0, 10)), ["msg_2"])
 
-    async def test_delivered(self) -> None:
-        spool = await self.open()
-        await spool.add(message())
-        await spool.due(1000.0, 1)
-        await spool.reschedule("msg_1", 1000.0, [Attempt(1000.0, 500, "HTTP 500")])
-        await spool.due(1000.0, 1)
-        await spool.delivered("msg_1", [Attempt(1001.0, 204)])
+    def test_delivered(self) -> None:
+        spool = self.open()
+        self.done(spool.add(message()))
+        spool.due(1000.0, 1)
+        self.done(spool.reschedule("msg_1", 1000.0, [Attempt(1000.0, 500, "HTTP 500")]))
+        spool.due(1000.0, 1)
+        self.done(spool.delivered("msg_1", [Attempt(1001.0, 204)]))
 
         self.assertEqual(spool.stats(), SpoolStats())
-        self.assertEqual(await spool.due(2000.0, 10), [])
+        self.assertEqual(self.done(spool.due(2000.0, 10)), [])
         database = self.database()
         self.assertEqual(database.attempts("msg_1"), [])
         self.assertRaises(MessageNotFound, database.entry, "msg_1")
 
-    async def test_settling_unknown_message(self) -> None:
+    def test_settling_unknown_message(self) -> None:
         """Settling a message the spool does not hold fails; stats stay right."""
-        spool = await self.open()
+        spool = self.open()
         for settle in (
             spool.delivered("msg_nope", []),
             spool.reschedule("msg_nope", 1.0, []),
             spool.bury("msg_nope", []),
         ):
-            error = await failure_of(self, settle, MessageNotFound)
+            error = self.failed(settle, MessageNotFound)
             self.assertEqual(str(error), "no message msg_nope in the spool")
         self.assertEqual(spool.stats(), SpoolStats())
         self.assertTrue(spool.writable())
 
-    async def test_duplicate_add_fails_alone(self) -> None:
+    def test_duplicate_add_fails_alone(self) -> None:
         """A second add of the same id fails; its batch-mates still commit."""
-        spool = await self.open()
+        spool = self.open()
         first = spool.add(message())
         again, other = spool.add(message()), spool.add(message("msg_2"))
-        await first
-        await self.assertFailure(again, DuplicateMessage)
-        await other
+        self.turn()
+        self.successResultOf(first)
+        self.failureResultOf(again, DuplicateMessage)
+        self.successResultOf(other)
         self.assertEqual(spool.commits, 1)
         self.assertTrue(spool.writable())
         self.assertEqual(spool.stats(), SpoolStats(pending=2, bytes=2 * len(RAW)))
 
-    async def test_stats_refresh_after_external_change(self) -> None:
+    def test_stats_refresh_after_external_change(self) -> None:
         """The admin tool changes the database; refresh() sees it."""
-        spool = await self.open()
-        await spool.add(message())
-        await spool.bury("msg_1", [])
+        spool = self.open()
+        self.done(spool.add(message()))
+        self.done(spool.bury("msg_1", []))
         self.assertEqual(spool.stats(), SpoolStats(pending=0, dead=1, bytes=0))
 
         database = self.database()
@@ -367,250 +437,331 @@ class SqliteSpoolTests(TestCase):
             database.requeue("msg_1", 2000.0)
         self.assertEqual(spool.stats(), SpoolStats(pending=0, dead=1, bytes=0))
         expected = SpoolStats(pending=1, dead=0, bytes=len(RAW))
-        self.assertEqual(await spool.refresh(), expected)
+        self.assertEqual(self.done(spool.refresh()), expected)
         self.assertEqual(spool.stats(), expected)
-        self.assertEqual(await spool.due(2000.0, 1), [QueuedMessage(message(), 0)])
+        self.assertEqual(self.done(spool.due(2000.0, 1)), [QueuedMessage(message())])
 
-    async def test_disk_full(self) -> None:
+    def test_disk_full(self) -> None:
         """
         When the database cannot grow, every add of the failed group fails
-        with SpoolError (the SMTP layer answers 451), nothing is half
+        with SpoolError (the SMTP front answers 451), nothing is half
         stored, writable() turns False, and recovers with the next commit.
         """
-        spool = await self.open()
-        await spool._call(limit_pages, 1)
-        big = b"x" * 200_000
-        first = [spool.add(message("msg_0", raw=big))]
-        results = await DeferredList(first, consumeErrors=True)
-        later = [spool.add(message(f"msg_{i}", raw=big)) for i in (1, 2)]
-        results += await DeferredList(later, consumeErrors=True)
+        spool = self.open()
+        limit_pages(spool, 1)
+        first = self.failed(spool.add(message("msg_0", raw=BIG)), SpoolError)
+        later = [spool.add(message(f"msg_{i}", raw=BIG)) for i in (1, 2)]
+        errors = [first] + [self.failed(d, SpoolError) for d in later]
 
-        self.assertEqual([ok for ok, _ in results], [False, False, False])
-        for _, result in results:
-            # A failed add's result is its Failure, which Twisted's
-            # annotation of DeferredList leaves out.
-            failure = cast(Failure, result)
-            failure.trap(SpoolError)
-            self.assertIn("database or disk is full", failure.getErrorMessage())
-            self.assertIn(DATABASE_NAME, failure.getErrorMessage())
-        # The first failed commit in full; the next, while it lasts, a warning.
+        for error in errors:
+            self.assertIn("database or disk is full", str(error))
+            self.assertIn(DATABASE_NAME, str(error))
         self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
         self.assertFalse(spool.writable())
         self.assertEqual(spool.commits, 0)
         self.assertEqual(spool.stats(), SpoolStats())
-        self.assertEqual(await spool.due(5000.0, 10), [])
+        self.assertEqual(self.done(spool.due(5000.0, 10)), [])
 
-        await spool._call(limit_pages, 1_000_000)
-        await spool.add(message(raw=big))
+        limit_pages(spool, 1_000_000)
+        self.done(spool.add(message(raw=BIG)))
         self.assertTrue(spool.writable())
-        self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(big)))
+        self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(BIG)))
 
-    async def test_refresh_finds_out_when_the_disk_has_room_again(self) -> None:
+    def test_failed_commits_are_logged_once_per_interval(self) -> None:
+        """
+        The first failure with its traceback; while the disk stays full, one
+        line per interval counting the failures not logged; then one line
+        when commits succeed again.
+        """
+        events = log_events(self)
+        spool = self.open()
+        limit_pages(spool, 1)
+        for n in range(1000):
+            self.failed(spool.add(message(f"msg_{n}", raw=BIG)), SpoolError)
+            self.clock.advance(0.5)
+        self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
+        failed = [e for e in events if e["log_format"].startswith("spool commit")]
+        self.assertEqual(len(failed), 1 + (500 - 1) // REPEAT_INTERVAL)
+        self.assertIn("log_failure", failed[0])
+        self.assertEqual(
+            [e.get("repeated") for e in failed[1:3]],
+            [REPEAT_INTERVAL * 2 - 1, REPEAT_INTERVAL * 2 - 1],
+        )
+        limit_pages(spool, 1_000_000)
+        self.done(spool.add(message("msg_ok")))
+        self.done(spool.add(message("msg_ok_too")))
+        self.assertEqual(
+            formats(events, LogLevel.info).count("spool commits succeed again"), 1
+        )
+
+    def test_refresh_finds_out_when_the_disk_has_room_again(self) -> None:
         """Without any mail to try it, health would say unwritable for ever."""
-        spool = await self.open()
-        await spool._call(limit_pages, 1)
-        await self.assertFailure(spool.add(message(raw=b"x" * 200_000)), SpoolError)
+        spool = self.open()
+        limit_pages(spool, 1)
+        self.failed(spool.add(message(raw=BIG)), SpoolError)
         self.flushLoggedErrors(SpoolError)
-        await spool.refresh()
+        self.done(spool.refresh())
         self.assertFalse(spool.writable())  # the probe could not store either
-        await spool._call(limit_pages, 1_000_000)
-        await spool.refresh()
+        limit_pages(spool, 1_000_000)
+        self.assertEqual(self.done(spool.refresh()), SpoolStats())
         self.assertTrue(spool.writable())
-        self.assertEqual(await spool.refresh(), SpoolStats())  # nothing left behind
-        self.assertEqual(await spool._call(SpoolDatabase.entries), [])
+        self.assertEqual(self.database().entries(), [])  # nothing left behind
 
-    async def test_corrupt_database(self) -> None:
-        """A damaged file stops start-up with an error naming it."""
-        os.makedirs(self.directory)
-        path = os.path.join(self.directory, DATABASE_NAME)
-        with open(path, "wb") as f:
-            f.write(b"this is not an SQLite database, it is garbage " * 200)
-        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
-        self.assertEqual(
-            str(error),
-            f"spool database {path} is unreadable or corrupt: file is not a database",
-        )
-
-    async def test_damaged_page(self) -> None:
-        """quick_check finds damage inside an otherwise valid database file."""
-        spool = await self.open()
-        for i in range(50):
-            await spool.add(message(f"msg_{i:02d}", raw=b"y" * 3000))
-        await spool.close()
-        # Closing the last connection checkpointed the WAL into the file.
-        path = os.path.join(self.directory, DATABASE_NAME)
-        self.assertFalse(os.path.exists(path + "-wal"))
-        with open(path, "r+b") as f:
-            f.seek(4096 * 3)
-            f.write(b"\xa5" * 4096)
-        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
-        self.assertTrue(str(error).startswith(f"spool database {path} is "), error)
-
-    async def test_foreign_database(self) -> None:
-        """Somebody else's database is refused and left untouched."""
-        os.makedirs(self.directory)
-        path = os.path.join(self.directory, DATABASE_NAME)
-        other = sqlite3.connect(path)
-        other.execute("CREATE TABLE messages (id TEXT)")
-        other.commit()
-        other.close()
-        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
-        self.assertEqual(str(error), f"{path} is not a MailLaser spool database")
-        other = sqlite3.connect(path)
-        self.assertEqual(other.execute("PRAGMA journal_mode").fetchone(), ("delete",))
-        other.close()
-
-    async def test_newer_schema(self) -> None:
-        spool = await self.open()
-        await spool.close()
-        path = os.path.join(self.directory, DATABASE_NAME)
-        newer = sqlite3.connect(path)
-        newer.execute("PRAGMA user_version = 2")
-        newer.close()
-        error = self.assertRaises(SpoolError, open_spool, self.directory, reactor)
-        self.assertEqual(
-            str(error),
-            f"{path} has spool schema version 2; this MailLaser reads version 1",
-        )
-
-    async def test_close_finishes_writes(self) -> None:
+    def test_close_finishes_writes(self) -> None:
         """
-        Writes submitted before close() are committed; later ones fail; and
-        the spool process is gone.
+        Writes asked for before close() are committed by it; later ones
+        fail, and so do reads.
         """
-        spool = await self.open()
-        child = await spool._call(pid)
+        spool = self.open()
         adds = [spool.add(message(f"msg_{i}")) for i in range(3)]
-        closing = spool.close()
+        self.successResultOf(spool.close())
+        for d in adds:
+            self.successResultOf(d)
         late = spool.add(message("msg_late"))
-        await gatherResults(adds)
-        await closing
-        error = await failure_of(self, late, SpoolError)
         self.assertEqual(
-            str(error), f"spool {self.directory}/{DATABASE_NAME} is closed"
+            str(self.failed(late, SpoolError)), f"spool {self.path} is closed"
         )
         self.assertFalse(spool.writable())
-        await self.assertFailure(spool.due(1000.0, 1), SpoolError)
-        self.assertTrue(ended(child))
+        self.failed(spool.due(1000.0, 1), SpoolError)
         self.assertEqual(
             [entry.id for entry in self.database().entries()],
             ["msg_0", "msg_1", "msg_2"],
         )
+        self.successResultOf(spool.close())
 
-    async def test_open_spool_waits(self) -> None:
-        """The blocking open, for start-up code: a ready spool, or the error."""
-        spool = open_spool(self.directory, reactor, self.clock)
-        self.addCleanup(spool.close)
-        await spool.add(message())
-        await spool.close()
+    def test_open_spool(self) -> None:
+        """The blocking open, for start-up: a ready spool, or the error."""
+        spool = self.open()
+        self.done(spool.add(message()))
+        self.done(spool.close())
 
-        reopened = open_spool(self.directory, reactor)
-        self.addCleanup(reopened.close)
+        reopened = self.open()
         self.assertEqual(reopened.stats(), SpoolStats(pending=1, bytes=len(RAW)))
-        await reopened.close()
+        self.done(reopened.close())
 
-        with open(os.path.join(self.directory, DATABASE_NAME), "wb") as f:
+        with open(self.path, "wb") as f:
             f.write(b"garbage" * 1000)
-        self.assertRaises(SpoolError, open_spool, self.directory, reactor)
+        self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
 
 
-class AnswerRequestsTests(SynchronousTestCase):
-    """The spool process's side: a batch of requests, each run of writes at once."""
+class DamagedSpoolTests(SpoolCase):
+    """What start-up refuses: the bridge must not take mail it cannot keep."""
 
+    def test_corrupt_database(self) -> None:
+        """A damaged file stops start-up with an error naming it."""
+        os.makedirs(self.directory)
+        with open(self.path, "wb") as f:
+            f.write(b"this is not an SQLite database, it is garbage " * 200)
+        error = self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
+        self.assertEqual(
+            str(error),
+            f"spool database {self.path} is unreadable or corrupt:"
+            " file is not a database",
+        )
+
+    def test_damaged_page(self) -> None:
+        """quick_check finds damage inside an otherwise valid database file."""
+        spool = self.open()
+        for i in range(50):
+            spool.add(message(f"msg_{i:02d}", raw=b"y" * 3000))
+        self.turn()
+        self.done(spool.close())
+        # Closing the last connection checkpointed the WAL into the file.
+        self.assertFalse(os.path.exists(self.path + "-wal"))
+        with open(self.path, "r+b") as f:
+            f.seek(4096 * 3)
+            f.write(b"\xa5" * 4096)
+        error = self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
+        self.assertTrue(str(error).startswith(f"spool database {self.path} is "))
+
+    def test_foreign_database(self) -> None:
+        """Somebody else's database is refused and left untouched."""
+        os.makedirs(self.directory)
+        other = sqlite3.connect(self.path)
+        other.execute("CREATE TABLE messages (id TEXT)")
+        other.commit()
+        other.close()
+        error = self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
+        self.assertEqual(str(error), f"{self.path} is not a MailLaser spool database")
+        other = sqlite3.connect(self.path)
+        self.addCleanup(other.close)
+        self.assertEqual(other.execute("PRAGMA journal_mode").fetchone(), ("delete",))
+        self.assertEqual(
+            other.execute("SELECT name FROM sqlite_master").fetchall(), [("messages",)]
+        )
+
+    def test_newer_schema(self) -> None:
+        self.done(self.open().close())
+        newer = sqlite3.connect(self.path)
+        newer.execute("PRAGMA user_version = 2")
+        newer.close()
+        error = self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
+        self.assertEqual(
+            str(error),
+            f"{self.path} has spool schema version 2; this MailLaser reads version 1",
+        )
+
+
+_KILLED_AFTER_COMMIT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from twisted.internet import reactor
+    from twisted.internet.defer import gatherResults
+    from maillaser.message import Envelope, Message
+    from maillaser.spool import open_spool
+
+    spool = open_spool(sys.argv[1], reactor)
+
+    def message(id):
+        return Message(id, Envelope("", ("ops@example.org",)), id.encode(), 1.0)
+
+    def committed(ignored):
+        spool.add(message("msg_unanswered"))
+        print("committed", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def start():
+        adds = [spool.add(message(f"msg_{n}")) for n in range(3)]
+        gatherResults(adds).addCallback(committed)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    """
+)
+
+
+class CrashTests(SpoolCase):
+    def test_kill_after_commit_loses_nothing(self) -> None:
+        """
+        A worker killed (SIGKILL) right after its writes were answered: the
+        next start finds every answered message, from the WAL it left, and
+        nothing of the write that was never answered.
+        """
+        child = subprocess.run(
+            [sys.executable, "-c", _KILLED_AFTER_COMMIT, self.directory],
+            capture_output=True,
+            timeout=60,
+        )
+        self.assertEqual(
+            (child.returncode, child.stdout, child.stderr),
+            (-signal.SIGKILL, b"committed\n", b""),
+        )
+        self.assertTrue(os.path.exists(self.path + "-wal"))
+        spool = self.open()
+        self.assertEqual(spool.stats(), SpoolStats(pending=3, bytes=15))
+        self.assertEqual(self.ids(spool.due(1.0, 10)), ["msg_0", "msg_1", "msg_2"])
+
+
+class SpoolDatabaseTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.database = SpoolDatabase.open(self.mktemp(), create=True)
         self.addCleanup(self.database.close)
 
-    def test_each_run_of_writes_is_one_transaction(self) -> None:
-        """In order; reads see the writes before them, not those after."""
-        requests = [
-            Request(0, SpoolDatabase.insert, (message("msg_1"),), write=True),
-            Request(1, SpoolDatabase.insert, (message("msg_2"),), write=True),
-            Request(2, SpoolDatabase.counts, (), write=False),
-            Request(
-                3, SpoolDatabase.delete, (message("msg_1").id, "pending"), write=True
-            ),
-        ]
-        batch = answer_requests(self.database, requests)
-        size = len(message("msg_1").raw)
-        self.assertEqual(
-            batch.answers,
+    def test_apply_is_one_transaction(self) -> None:
+        """In order; a write that cannot be done fails alone."""
+        size = len(RAW)
+        results = self.database.apply(
             [
-                Answer(0, size),
-                Answer(1, size),
-                Answer(2, SpoolStats(pending=2, bytes=2 * size)),
-                Answer(3, size),
-            ],
+                lambda database: database.insert(message("msg_1")),
+                lambda database: database.insert(message("msg_1")),
+                lambda database: database.delete("msg_nope", "pending"),
+                lambda database: database.insert(message("msg_2")),
+            ]
         )
-        self.assertEqual(batch.transactions, [(2, None), (1, None)])
+        self.assertEqual(results[0], size)
+        self.assertEqual(results[3], size)
+        for result, error in zip(
+            results[1:3], (DuplicateMessage, MessageNotFound), strict=True
+        ):
+            assert not isinstance(result, int)
+            self.assertIsInstance(getattr(result, "value", None), error)
+        self.assertEqual(self.database.counts(), SpoolStats(pending=2, bytes=2 * size))
 
-    def test_a_write_that_cannot_be_done_fails_alone(self) -> None:
-        batch = answer_requests(
-            self.database,
-            [
-                Request(0, SpoolDatabase.insert, (message("msg_1"),), write=True),
-                Request(1, SpoolDatabase.insert, (message("msg_1"),), write=True),
-                Request(2, SpoolDatabase.delete, ("msg_nope", "pending"), write=True),
-            ],
-        )
-        self.assertEqual(batch.answers[0], Answer(0, len(message("msg_1").raw)))
-        self.assertIsInstance(batch.answers[1].value, DuplicateMessage)
-        self.assertIsInstance(batch.answers[2].value, MessageNotFound)
-        self.assertEqual([a.failed for a in batch.answers], [False, True, True])
-        self.assertEqual(batch.transactions, [(3, None)])
-
-    def test_a_failed_transaction_fails_every_write_in_it(self) -> None:
+    def test_a_failed_transaction_stores_nothing(self) -> None:
         self.database._connection.execute("PRAGMA max_page_count = 1")
-        big = [message(f"msg_{n}", raw=b"x" * 200_000) for n in range(2)]
-        batch = answer_requests(
-            self.database,
+        error = self.assertRaises(
+            SpoolError,
+            self.database.apply,
             [
-                Request(n, SpoolDatabase.insert, (m,), write=True)
-                for n, m in enumerate(big)
+                partial(SpoolDatabase.insert, message=message(f"msg_{n}", raw=BIG))
+                for n in range(2)
             ],
         )
-        [(count, error)] = batch.transactions
-        self.assertEqual(count, 2)
-        assert error is not None
         self.assertIn("database or disk is full", str(error))
-        self.assertEqual(
-            batch.answers, [Answer(0, error, True), Answer(1, error, True)]
-        )
+        self.assertEqual(self.database.counts(), SpoolStats())
 
-    def test_a_bug_is_answered_and_the_spool_goes_on(self) -> None:
-        """A read's fails alone, a write's fails its transaction."""
-
+    def test_a_bug_rolls_back_the_whole_group(self) -> None:
         def broken(database: SpoolDatabase) -> None:
             raise ZeroDivisionError("a bug")
 
-        batch = answer_requests(
-            self.database,
+        self.assertRaises(
+            ZeroDivisionError,
+            self.database.apply,
+            [lambda database: database.insert(message()), broken],
+        )
+        self.assertEqual(self.database.counts(), SpoolStats())
+        self.assertEqual(
+            self.database.apply([lambda database: database.insert(message())]),
+            [len(RAW)],
+        )
+
+    def test_due_at_most_due_bytes_but_never_none(self) -> None:
+        """
+        The worker holds a due() in memory at once: large messages come a
+        few at a time.
+        """
+        megabyte = b"x" * (1024 * 1024 - 100)
+        with self.database.transaction():
+            self.database.insert(message("msg_huge", 1.0, raw=b"y" * (2 * DUE_BYTES)))
+            for n in range(6):
+                self.database.insert(message(f"msg_{n}", 2.0 + n, raw=megabyte))
+        first = self.database.due(100.0, 10, ())
+        self.assertEqual([q.message.id for q in first], ["msg_huge"])
+        rest = self.database.due(100.0, 10, ["msg_huge"])
+        self.assertEqual([q.message.id for q in rest], [f"msg_{n}" for n in range(4)])
+
+
+class LogThrottleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.throttle = LogThrottle(self.clock, interval=60.0)
+
+    def test_first_then_once_per_interval(self) -> None:
+        reports = []
+        for _ in range(150):
+            reports.append(self.throttle.report("full"))
+            self.clock.advance(1.0)
+        self.assertEqual(
+            [(n, r) for n, r in enumerate(reports) if r is not None],
             [
-                Request(0, broken, (), write=False),
-                Request(1, SpoolDatabase.insert, (message(),), write=True),
-                Request(2, broken, (), write=True),
-                Request(3, SpoolDatabase.counts, (), write=False),
+                (0, Report(first=True, repeated=0)),
+                (60, Report(first=False, repeated=59)),
+                (120, Report(first=False, repeated=59)),
             ],
         )
-        [(count, error)] = batch.transactions
-        self.assertEqual(count, 2)
-        self.assertIsInstance(error, ZeroDivisionError)
-        self.assertEqual([a.failed for a in batch.answers], [True, True, True, False])
-        self.assertIsInstance(batch.answers[0].value, ZeroDivisionError)
-        self.assertEqual(batch.answers[3], Answer(3, SpoolStats()))  # rolled back
 
+    def test_keys_are_separate(self) -> None:
+        self.assertEqual(self.throttle.report("a"), Report(first=True, repeated=0))
+        self.assertEqual(self.throttle.report("b"), Report(first=True, repeated=0))
+        self.assertIsNone(self.throttle.report("a"))
 
-class DueTests(SynchronousTestCase):
-    def test_at_most_due_bytes_but_never_none(self) -> None:
-        """The bridge unpickles a due() at once: large messages come a few at a time."""
-        database = SpoolDatabase.open(self.mktemp(), create=True)
-        self.addCleanup(database.close)
-        megabyte = b"x" * (1024 * 1024 - 100)
-        with database.transaction():
-            database.insert(message("msg_huge", 1.0, raw=b"y" * (2 * DUE_BYTES)))
-            for n in range(6):
-                database.insert(message(f"msg_{n}", 2.0 + n, raw=megabyte))
-        first = database.due(100.0, 10, ())
-        self.assertEqual([q.message.id for q in first], ["msg_huge"])
-        rest = database.due(100.0, 10, ["msg_huge"])
-        self.assertEqual([q.message.id for q in rest], [f"msg_{n}" for n in range(4)])
+    def test_what_was_not_logged_is_told_with_the_next_report(self) -> None:
+        """However long the condition is quiet in between."""
+        self.throttle.report("a")
+        self.clock.advance(30.0)
+        self.assertIsNone(self.throttle.report("a"))
+        self.clock.advance(1000.0)
+        self.assertEqual(self.throttle.report("a"), Report(first=False, repeated=1))
+
+    def test_a_condition_that_ended_is_new_when_it_comes_back(self) -> None:
+        """Reported an interval ago and not seen since, it is over."""
+        self.throttle.report("a")
+        self.clock.advance(60.0)
+        self.assertEqual(self.throttle.report("a"), Report(first=True, repeated=0))
+
+    def test_conditions_over_are_forgotten(self) -> None:
+        """Many keys, each once, do not pile up."""
+        for n in range(1000):
+            self.throttle.report(n)
+            self.clock.advance(1.0)
+        self.assertLessEqual(len(self.throttle._reported), 61)

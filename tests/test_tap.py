@@ -1,27 +1,94 @@
 """
 Tests for L{maillaser.tap}: the options C{twistd}/C{twist} parse, how a bad
-value stops start-up, and the hand-over to C{maillaser.service}.
+value stops start-up, and the hand-over to C{maillaser.service}; and the
+plugin under the real C{twistd} and C{twist}, with a stand-in service.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import subprocess
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from unittest import mock
 
-from twisted.application.service import Service
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.error import CannotListenError
+from twisted.logger import LogLevel
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from maillaser import logs
 from maillaser.config import SETTINGS, Config, load_config
 from maillaser.tap import Options, makeService
 
 TARGET = "alerts@example.com"
 URL = "https://hooks.example.com/mail"
 REQUIRED = {"MAIL_LASER_TARGET_EMAILS": TARGET, "MAIL_LASER_WEBHOOK_URL": URL}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROBE = """
+import runpy, sys, types
+from twisted.application.service import Service
+from twisted.logger import Logger, LogLevel
+from maillaser.logs import observer
+
+class Probe(Service):
+    log = Logger(observer=observer)
+
+    def startService(self):
+        super().startService()
+        from twisted.internet import reactor
+        for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
+            self.log.emit(level, "probe at {level_name}", level_name=level.name)
+        self.log.error("reactor {name}", name=type(reactor).__name__)
+        reactor.callLater(0, reactor.stop)
+
+service = types.ModuleType("maillaser.service")
+service.makeService = lambda config: Probe()
+sys.modules["maillaser.service"] = service
+runner, *arguments = sys.argv[1:]
+sys.argv = [runner, *arguments]
+if runner == "twistd":
+    from twisted.scripts.twistd import run
+    run()
+else:
+    runpy.run_module("twisted", run_name="__main__")
+"""
+"""
+The C{maillaser} plugin under a real runner, with C{maillaser.service}
+standing in: once started, the service logs one event per level through
+MailLaser's loggers, then the name of the reactor, and stops the reactor.
+"""
+
+
+def run_plugin(
+    runner: Sequence[str],
+    plugin: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """
+    Run C{runner} (C{"twistd"} or C{"twist"} and its options) with the
+    C{maillaser} plugin and its options C{plugin}, in a fresh process.
+    """
+    environment = {
+        **REQUIRED,
+        "MAIL_LASER_HOSTNAME": "mx.test",
+        **(environ or {}),
+        "PYTHONPATH": ROOT,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *runner, "maillaser", *plugin],
+        env=environment,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def parse(
@@ -211,10 +278,32 @@ class BadValueTests(SynchronousTestCase):
             " http or https",
         )
 
+    def test_unusable_endpoint(self) -> None:
+        self.assertEqual(
+            self.exit_message(["--smtp", "tcp:25", "--smtp", "bogus:1"], REQUIRED),
+            "maillaser: --smtp: 'bogus:1' is not a usable endpoint"
+            " (ValueError: Unknown endpoint type: 'bogus')",
+        )
+
     def test_unknown_option_is_a_usage_error(self) -> None:
         """Mistakes in the command line itself keep Twisted's usual handling."""
         err = self.assertRaises(usage.UsageError, parse, ["--no-such-option"])
         self.assertEqual(str(err), "option --no-such-option not recognized")
+
+
+class LevelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.addCleanup(logs.set_level, logs.current_level())
+
+    def test_sets_the_level(self) -> None:
+        """MailLaser's events are filtered at the configured level from now on."""
+        parse(["--log-level", "error"], {**REQUIRED, "MAIL_LASER_LOG_LEVEL": "debug"})
+        self.assertIs(logs.current_level(), LogLevel.error)
+
+    def test_not_on_a_bad_value(self) -> None:
+        logs.set_level(LogLevel.info)
+        self.assertRaises(SystemExit, parse, ["--log-level", "warn", "--port", "x"])
+        self.assertIs(logs.current_level(), LogLevel.info)
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -255,3 +344,120 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertGreater(gc.get_freeze_count(), 0)
         self.assertFalse(any(each is made_before for each in tracked))
         self.assertTrue(any(each is made_after for each in tracked))
+
+
+class _Failing(Service):
+    """Fails to start the way a listener or the spool would."""
+
+    def __init__(self, error: Exception, privileged: bool) -> None:
+        self.error = error
+        self.privileged = privileged
+
+    def privilegedStartService(self) -> None:
+        if self.privileged:
+            raise self.error
+
+    def startService(self) -> None:
+        raise self.error
+
+
+class StartUpErrorTests(SynchronousTestCase):
+    """
+    An address that cannot be listened on, or an unusable spool, stops
+    start-up with one line and status 1, whether it shows when twistd
+    binds (before dropping privileges) or when twist starts the service.
+    """
+
+    def runner(self, error: Exception, privileged: bool) -> IService:
+        fake = types.ModuleType("maillaser.service")
+        fake.makeService = lambda config: _Failing(  # type: ignore[attr-defined]
+            error, privileged
+        )
+        with mock.patch.dict(sys.modules, {"maillaser.service": fake}):
+            return makeService(parse([]))
+
+    def start(self, runner: IService, privileged: bool) -> None:
+        if privileged:
+            runner.privilegedStartService()
+        else:
+            runner.startService()
+
+    def test_cannot_listen(self) -> None:
+        error = CannotListenError("127.0.0.1", 25, OSError(98, "Address in use"))
+        for privileged in (True, False):
+            runner = self.runner(error, privileged)
+            stopped = self.assertRaises(SystemExit, self.start, runner, privileged)
+            self.assertEqual(stopped.code, f"maillaser: {error}")
+
+    def test_unusable_spool(self) -> None:
+        from maillaser.spool import SpoolError
+
+        error = SpoolError("spool.sqlite3 is not a MailLaser spool")
+        for privileged in (True, False):
+            runner = self.runner(error, privileged)
+            stopped = self.assertRaises(SystemExit, self.start, runner, privileged)
+            self.assertEqual(
+                stopped.code, "maillaser: spool.sqlite3 is not a MailLaser spool"
+            )
+
+    def test_other_errors_unchanged(self) -> None:
+        """A bug is not a start-up error: its traceback is worth having."""
+        for privileged in (True, False):
+            error = RuntimeError("bug")
+            runner = self.runner(error, privileged)
+            self.assertIs(
+                self.assertRaises(RuntimeError, self.start, runner, privileged),
+                error,
+            )
+
+    def test_composed_service_unchanged(self) -> None:
+        """Only the plugin's own process turns errors into an exit."""
+        parent = MultiService()
+        _Failing(CannotListenError("", 25, None), True).setServiceParent(parent)
+        self.assertRaises(CannotListenError, parent.privilegedStartService)
+
+
+class RunnerTests(SynchronousTestCase):
+    """The plugin under the real C{twistd} and C{twist}."""
+
+    def test_bad_value_in_one_line(self) -> None:
+        """Status 1, one line on standard error, nothing else."""
+        for runner in (["twistd", "--nodaemon", "--pidfile="], ["twist"]):
+            result = run_plugin(runner, ["--port", "abc"])
+            self.assertEqual(
+                (result.returncode, result.stderr, result.stdout),
+                (
+                    1,
+                    "maillaser: MAIL_LASER_PORT / --port: 'abc' is not a valid port"
+                    " number (0-65535)\n",
+                    "",
+                ),
+                runner,
+            )
+
+    def test_bad_endpoint_in_one_line(self) -> None:
+        for runner in (["twistd", "--nodaemon", "--pidfile="], ["twist"]):
+            result = run_plugin(runner, ["--health", "tcp:port"])
+            self.assertEqual(
+                (result.returncode, result.stderr),
+                (
+                    1,
+                    "maillaser: --health: 'tcp:port' is not a usable endpoint"
+                    " (ValueError: invalid literal for int() with base 10:"
+                    " 'port')\n",
+                ),
+                runner,
+            )
+
+    def test_chosen_reactor(self) -> None:
+        """
+        The options parse the endpoints with the reactor that C{--reactor}
+        installed, and do not install another one first.
+        """
+        for runner in (
+            ["twistd", "--nodaemon", "--pidfile=", "--reactor=poll"],
+            ["twist", "--reactor=poll", "--log-format=text"],
+        ):
+            result = run_plugin(runner, ["--smtp", "tcp:0:interface=127.0.0.1"])
+            self.assertEqual((result.returncode, result.stderr), (0, ""), runner)
+            self.assertIn("] reactor PollReactor\n", result.stdout, runner)

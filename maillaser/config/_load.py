@@ -1,116 +1,30 @@
 """
-Configuration: one validated, immutable value built once at start-up.
+Loading: one L{Config} from the command line, the environment, a C{.env}
+file and the defaults, in that order of precedence.
 
-Every setting comes from, in order of precedence, a command-line option, the
-environment, a ``.env`` file in the working directory (which never overrides
-the environment), or its default.  Everything is checked before any socket
-is opened, so a typo stops start-up with one line naming the setting instead
-of surfacing as a failed delivery hours later.
+Everything is checked before any socket is opened, so a typo stops
+start-up with one line naming the setting instead of surfacing as a failed
+delivery hours later.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import ipaddress
-import math
+import io
 import os
 import re
 import socket
 from collections import ChainMap
 from collections.abc import Callable, Mapping
-from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar
 
 import attrs
+from dotenv.parser import Binding, parse_stream
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.testing import MemoryReactor
 
-from maillaser.config._config import (
-    DEFAULT_RETRY_SCHEDULE,
-    Config,
-    ConfigError,
-    DeliveryMode,
-    LogLevel,
-)
+from maillaser.config import _parsers as parsers
+from maillaser.config._config import Config, ConfigError
+from maillaser.config._settings import BY_OPTION
 
-@attrs.frozen
-class Setting:
-    """
-    One configurable value, as the operator sees it.
-
-    The option name is the single source of truth: the environment variable
-    and the label in every error message are derived from it, so they cannot
-    drift apart.
-    """
-
-    option: str
-    meaning: str
-    default: str
-    default_is_literal: bool = True
-    """C{False} when L{default} is prose ("required") rather than a value."""
-
-    @property
-    def env(self) -> str:
-        return "MAIL_LASER_" + self.option.upper().replace("-", "_")
-
-    @property
-    def label(self) -> str:
-        return f"{self.env} / --{self.option}"
-
-    @property
-    def help(self) -> str:
-        return f"{self.meaning} [env {self.env}; default: {self.default}]"
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "target-emails", "Comma-separated recipients to accept.", "required", False
-    ),
-    Setting("webhook-url", "Absolute http:// or https:// URL.", "required", False),
-    Setting("bind-address", "SMTP interface (not with --smtp).", "0.0.0.0"),
-    Setting("port", "SMTP port (not with --smtp).", "2525"),
-    Setting("health-bind-address", "Health interface (not with --health).", "0.0.0.0"),
-    Setting("health-port", "Health/metrics port (not with --health).", "8080"),
-    Setting("header-prefix", "Comma-separated header prefixes to pass.", "none", False),
-    Setting("webhook-timeout", "Seconds per webhook attempt.", "30"),
-    Setting("webhook-max-retries", "Quick retries after the first attempt.", "3"),
-    Setting("circuit-breaker-threshold", "Failed deliveries that open it.", "5"),
-    Setting("circuit-breaker-reset", "Seconds open before one probe.", "60"),
-    Setting("delivery-mode", "queue or sync.", "queue"),
-    Setting("spool-dir", "Directory of the durable spool.", "./maillaser-spool"),
-    Setting("webhook-secret", "Space-separated whsec_ secrets.", "none", False),
-    Setting("max-message-size", "Bytes, advertised as SIZE.", "10485760"),
-    Setting("max-recipients", "Recipients per message.", "100"),
-    Setting("tls-cert", "PEM certificate for STARTTLS.", "self-signed", False),
-    Setting("tls-key", "PEM private key for STARTTLS.", "self-signed", False),
-    Setting("hostname", "Name in the greeting.", "the machine's FQDN", False),
-    Setting("smtp-timeout", "Idle seconds before 421 and close.", "300"),
-    Setting("log-level", "debug, info, warn or error.", "info"),
-    Setting("delivery-concurrency", "Deliveries in flight at once.", "16"),
-    Setting(
-        "retry-schedule",
-        "Delays between long retries; units s, m, h, d.",
-        "5s,5m,30m,2h,5h,10h,14h,20h,24h",
-    ),
-    Setting("spool-max-messages", "Spooled messages before 452.", "100000"),
-    Setting("spool-max-bytes", "Spooled bytes before 452.", "1073741824"),
-    Setting("shutdown-grace", "Seconds to let work finish.", "10"),
-    Setting("max-connections", "Concurrent SMTP connections.", "1000"),
-    Setting("max-connections-per-ip", "Connections per client address.", "50"),
-)
-
-SMTP_ENDPOINT_HELP = (
-    "Twisted endpoint for SMTP, e.g. tcp:2525:interface=127.0.0.1 or"
-    " ssl:465:privateKey=key.pem:certKey=cert.pem; repeatable"
-    " [default: built from --bind-address and --port]"
-)
-HEALTH_ENDPOINT_HELP = (
-    "Twisted endpoint for /health and /metrics"
-    " [default: built from --health-bind-address and --health-port]"
-)
-
-_BY_OPTION = {setting.option: setting for setting in SETTINGS}
 _DEFAULTS = Config(target_emails=(), webhook_url="")
 _DEFAULT_INTERFACE = "0.0.0.0"
 _DEFAULT_PORT = 2525
@@ -119,15 +33,12 @@ _DEFAULT_HEALTH_PORT = 8080
 _T = TypeVar("_T")
 
 
-class _Invalid(Exception):
-    """A parser's reason for rejecting a value; the loader adds the label."""
-
-
 def load_config(
     options: Mapping[str, object],
     environ: Mapping[str, str],
     dotenv_path: str | os.PathLike[str] | None = ".env",
     *,
+    reactor: Any = None,
     getfqdn: Callable[[], str] | None = None,
 ) -> Config:
     """
@@ -139,74 +50,61 @@ def load_config(
         touch C{os.environ}.
     @param dotenv_path: a C{.env} file consulted for names missing from
         C{environ}, or C{None} for none.  A missing file is fine.
+    @param reactor: the reactor the bridge will listen with.  Each endpoint
+        description is parsed with it (parsing opens no socket), so that a
+        typo stops start-up here.  C{None} leaves them unparsed until the
+        service is built: this function never imports the global reactor,
+        which would install the default one before C{twistd --reactor} or a
+        composing program could choose.
     @param getfqdn: the machine's name, asked only if no hostname is set;
         L{socket.getfqdn} by default, looked up when called.
     @raise ConfigError: naming the first bad setting, in table order.
     """
     source = _Source(options, ChainMap(dict(environ), _read_dotenv(dotenv_path)))
+    endpoints = _Endpoints(source, reactor)
+    default = attrs.asdict(_DEFAULTS, recurse=False)
+
+    def value(option: str, parse: Callable[[str], _T]) -> _T:
+        result: _T = source.value(option, parse, default[option.replace("-", "_")])
+        return result
+
+    positive_seconds = parsers.seconds(allow_zero=False)
     # Keyword order is evaluation order: as upstream, the error reported is
     # the first one in the settings table.
     config = Config(
-        target_emails=source.required("target-emails", _parse_targets),
-        webhook_url=source.required("webhook-url", _parse_url),
-        smtp_endpoints=_smtp_endpoints(source),
-        health_endpoint=_health_endpoint(source),
-        header_prefixes=source.value("header-prefix", _parse_prefixes, ()),
-        webhook_timeout=source.value(
-            "webhook-timeout", _seconds(allow_zero=False), _DEFAULTS.webhook_timeout
+        target_emails=source.required("target-emails", parsers.targets),
+        webhook_url=source.required("webhook-url", parsers.webhook_url),
+        smtp_endpoints=endpoints.smtp(),
+        health_endpoint=endpoints.health(),
+        header_prefixes=source.value("header-prefix", parsers.header_prefixes, ()),
+        webhook_timeout=value("webhook-timeout", positive_seconds),
+        webhook_max_retries=value("webhook-max-retries", parsers.integer(0, 10)),
+        circuit_breaker_threshold=value(
+            "circuit-breaker-threshold", parsers.integer(1)
         ),
-        webhook_max_retries=source.value(
-            "webhook-max-retries", _integer(0, 10), _DEFAULTS.webhook_max_retries
-        ),
-        circuit_breaker_threshold=source.value(
-            "circuit-breaker-threshold",
-            _integer(1),
-            _DEFAULTS.circuit_breaker_threshold,
-        ),
-        circuit_breaker_reset=source.value(
-            "circuit-breaker-reset",
-            _seconds(allow_zero=False),
-            _DEFAULTS.circuit_breaker_reset,
-        ),
-        delivery_mode=source.value(
-            "delivery-mode", _choice(_DELIVERY_MODES), _DEFAULTS.delivery_mode
-        ),
-        spool_dir=source.value("spool-dir", _non_empty, _DEFAULTS.spool_dir),
-        webhook_secrets=source.value("webhook-secret", _parse_secrets, ()),
-        max_message_size=source.value(
-            "max-message-size", _integer(1024), _DEFAULTS.max_message_size
-        ),
-        max_recipients=source.value(
-            "max-recipients", _integer(1, 10_000), _DEFAULTS.max_recipients
-        ),
-        tls_cert=source.value("tls-cert", _readable_file, None),
-        tls_key=source.value("tls-key", _readable_file, None),
+        circuit_breaker_reset=value("circuit-breaker-reset", positive_seconds),
+        delivery_mode=value("delivery-mode", parsers.choice(parsers.DELIVERY_MODES)),
+        spool_dir=value("spool-dir", parsers.non_empty),
+        webhook_secrets=source.value("webhook-secret", parsers.webhook_secrets, ()),
+        max_message_size=value("max-message-size", parsers.integer(1024)),
+        max_recipients=value("max-recipients", parsers.integer(1, 10_000)),
+        tls_cert=value("tls-cert", parsers.readable_file),
+        tls_key=value("tls-key", parsers.readable_file),
         hostname=_hostname(source, getfqdn or socket.getfqdn),
-        smtp_timeout=source.value(
-            "smtp-timeout", _seconds(allow_zero=False), _DEFAULTS.smtp_timeout
-        ),
-        log_level=source.value("log-level", _choice(_LOG_LEVELS), _DEFAULTS.log_level),
-        delivery_concurrency=source.value(
-            "delivery-concurrency", _integer(1, 1024), _DEFAULTS.delivery_concurrency
-        ),
-        retry_schedule=source.value(
-            "retry-schedule", _parse_schedule, _DEFAULTS.retry_schedule
-        ),
-        spool_max_messages=source.value(
-            "spool-max-messages", _integer(1), _DEFAULTS.spool_max_messages
-        ),
-        spool_max_bytes=source.value(
-            "spool-max-bytes", _integer(1), _DEFAULTS.spool_max_bytes
-        ),
-        shutdown_grace=source.value(
-            "shutdown-grace", _seconds(allow_zero=True), _DEFAULTS.shutdown_grace
-        ),
+        smtp_timeout=value("smtp-timeout", positive_seconds),
+        log_level=value("log-level", parsers.choice(parsers.LOG_LEVELS)),
+        delivery_concurrency=value("delivery-concurrency", parsers.integer(1, 1024)),
+        retry_schedule=value("retry-schedule", parsers.retry_schedule),
+        spool_max_messages=value("spool-max-messages", parsers.integer(1)),
+        spool_max_bytes=value("spool-max-bytes", parsers.integer(1)),
+        shutdown_grace=value("shutdown-grace", parsers.seconds(allow_zero=True)),
         max_connections=(
-            max_connections := source.value(
-                "max-connections", _integer(1), _DEFAULTS.max_connections
-            )
+            max_connections := value("max-connections", parsers.integer(1))
         ),
         max_connections_per_ip=_per_ip_limit(source, max_connections),
+        webhook_ca_file=value("webhook-ca-file", parsers.certificate_bundle),
+        worker_timeout=value("worker-timeout", positive_seconds),
+        payload_timeout=value("payload-timeout", positive_seconds),
     )
     _check_tls_pair(config)
     return config
@@ -221,32 +119,9 @@ def describe(config: Config) -> dict[str, object]:
     longer, than the secrets' owner would like.
     """
     fields = attrs.asdict(config)
-    fields["webhook_url"] = mask_url(config.webhook_url)
+    fields["webhook_url"] = parsers.mask_url(config.webhook_url)
     fields["webhook_secrets"] = len(config.webhook_secrets)
     return fields
-
-
-def mask_url(url: str) -> str:
-    """
-    C{url} with its userinfo, query values and fragment replaced by C{***}.
-
-    Scheme, host, port and path stay readable so that an operator can still
-    tell which receiver is meant; query parameter names stay for the same
-    reason.
-    """
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"***@{host}" if "@" in parts.netloc else host
-    query = "&".join(_mask_parameter(p) for p in parts.query.split("&"))
-    fragment = "***" if parts.fragment else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
-
-
-def _mask_parameter(parameter: str) -> str:
-    name, equals, value = parameter.partition("=")
-    if equals:
-        return f"{name}=***" if value else parameter
-    return "***" if parameter else ""
 
 
 @attrs.frozen
@@ -260,7 +135,7 @@ class _Source:
         given = self.options.get(option)
         if given is not None:
             return str(given)
-        return self.environ.get(_BY_OPTION[option].env)
+        return self.environ.get(BY_OPTION[option].env)
 
     def value(self, option: str, parse: Callable[[str], _T], default: _T) -> _T:
         text = self.raw(option)
@@ -269,381 +144,146 @@ class _Source:
     def required(self, option: str, parse: Callable[[str], _T]) -> _T:
         text = self.raw(option)
         if text is None:
-            raise ConfigError(f"{_BY_OPTION[option].label}: must be set")
+            raise ConfigError(f"{BY_OPTION[option].label}: must be set")
         return self.parse(option, parse, text)
 
     @staticmethod
     def parse(option: str, parse: Callable[[str], _T], text: str) -> _T:
         try:
             return parse(text)
-        except _Invalid as reason:
-            raise ConfigError(f"{_BY_OPTION[option].label}: {reason}") from None
+        except parsers.Invalid as reason:
+            raise ConfigError(f"{BY_OPTION[option].label}: {reason}") from None
 
 
 # --- the .env file ---------------------------------------------------------
 
-_DOTENV_LINE = re.compile(
-    r"""
-    \s*(?:export\s+)?
-    (?P<key>[A-Za-z_][A-Za-z0-9_]*)
-    \s*=[ \t]*
-    (?:
-        '(?P<single>[^']*)'
-      | "(?P<double>[^"]*)"
-      | (?P<bare>[^\s'"\#]\S*(?:[ \t]+[^\s\#]\S*)*)
-    )?
-    \s*(?:\#.*)?
-    """,
-    re.VERBOSE,
-)
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NEWLINE = re.compile(r"\r\n|\n|\r")
 
 
 def _read_dotenv(path: str | os.PathLike[str] | None) -> dict[str, str]:
     """
-    Read C{KEY=VALUE} lines, strictly.
+    C{KEY=VALUE} lines, in python-dotenv's syntax, read strictly.
 
-    Deliberately small: no variable expansion, no escapes, no multi-line
-    values.  A line it does not understand is an error rather than skipped,
-    because a skipped line is a setting silently ignored.  The offending
-    line is never quoted back: it may hold a secret.
+    Read without variable expansion.  A line dotenv cannot parse, a name
+    that is not an environment variable's, a name without a value and a
+    quoted value running over several lines are errors rather than skipped
+    (as C{dotenv_values} would, with a warning), because a skipped line is a
+    setting silently ignored.  The offending line is never quoted back: it
+    may hold a secret.
     """
     if path is None:
         return {}
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8-sig") as dotenv:
-            lines = dotenv.read().splitlines()
+            text = dotenv.read()
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{name}: cannot read: {_reason(err)}") from None
+        raise ConfigError(f"{name}: cannot read: {parsers.one_line(err)}") from None
     values: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        match = _DOTENV_LINE.fullmatch(line)
-        if match is None:
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.key is None and not binding.error:
+            continue  # blank lines and comments
+        line, acceptable = _where(binding)
+        key, value = binding.key, binding.value
+        if not acceptable or key is None or value is None or not _KEY.fullmatch(key):
             raise ConfigError(
-                f"{name}, line {number}: not a KEY=VALUE line"
+                f"{name}, line {line}: not a KEY=VALUE line"
                 " (quotes must close on the same line)"
             )
-        values[match["key"]] = match["single"] or match["double"] or match["bare"] or ""
+        values[key] = value
     return values
 
 
-def _reason(err: Exception) -> str:
-    """An exception's text, on one line."""
-    return " ".join(str(getattr(err, "strerror", None) or err).split())
-
-
-# --- small parsers: each returns the value or raises _Invalid ---------------
-
-_INTEGER = re.compile(r"[0-9]+")
-_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", re.IGNORECASE)
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_ADDRESS = re.compile(r"[^@\s<>\x00-\x1f\x7f]+@[^@\s<>\x00-\x1f\x7f]+")
-_HEADER_PREFIX = re.compile(r"[!-9;-~]+")
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
-_DELIVERY_MODES: dict[str, DeliveryMode] = {"queue": "queue", "sync": "sync"}
-_LOG_LEVELS: dict[str, LogLevel] = {
-    "debug": "debug",
-    "info": "info",
-    "warn": "warn",
-    "warning": "warn",
-    "error": "error",
-}
-_SECRET_PREFIX = "whsec_"
-_MAX_DIGITS = 18
-_MAX_SHOWN = 200
-
-
-def _show(text: str) -> str:
-    """A value quoted for an error line, cut short if it is long."""
-    if len(text) > _MAX_SHOWN:
-        text = text[: _MAX_SHOWN - 3] + "..."
-    return repr(text)
-
-
-def _split(text: str) -> list[str]:
-    return [piece.strip() for piece in text.split(",") if piece.strip()]
-
-
-def _whole_number(text: str) -> int | None:
-    """C{text} as an int, C{None} if too long to be any sane setting."""
-    if not _INTEGER.fullmatch(text):
-        raise _Invalid(f"{_show(text)} is not a whole number")
-    return int(text) if len(text.lstrip("0")) <= _MAX_DIGITS else None
-
-
-def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        number = _whole_number(text)
-        if number is None or number < low or (high is not None and number > high):
-            limits = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise _Invalid(f"must be {limits}, got {_show(text)}")
-        return number
-
-    return parse
-
-
-def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        if not _DECIMAL.fullmatch(text):
-            raise _Invalid(f"{_show(text)} is not a number of seconds")
-        seconds = float(text)
-        if not math.isfinite(seconds):
-            raise _Invalid(f"{_show(text)} is too large")
-        if seconds == 0 and not allow_zero:
-            raise _Invalid(f"must be greater than 0, got {_show(text)}")
-        return seconds
-
-    return parse
-
-
-def _choice(choices: Mapping[str, _T]) -> Callable[[str], _T]:
-    def parse(text: str) -> _T:
-        try:
-            return choices[text.lower()]
-        except KeyError:
-            names = ", ".join(dict.fromkeys(map(str, choices.values())))
-            raise _Invalid(f"{_show(text)} is not one of {names}") from None
-
-    return parse
-
-
-def _non_empty(text: str) -> str:
-    if not text:
-        raise _Invalid("must not be empty")
-    return text
-
-
-def _parse_targets(text: str) -> tuple[str, ...]:
-    if not text.strip():
-        raise _Invalid("cannot be empty")
-    addresses = _split(text)
-    if not addresses:
-        raise _Invalid("must contain at least one address after trimming and splitting")
-    unique: dict[str, str] = {}
-    for address in addresses:
-        if not _ADDRESS.fullmatch(address):
-            raise _Invalid(f"{_show(address)} is not an email address")
-        unique.setdefault(address.lower(), address)
-    return tuple(unique.values())
-
-
-def _parse_url(text: str) -> str:
+def _where(binding: Binding) -> tuple[int, bool]:
     """
-    Accept an absolute http(s) URL, never echoing its secrets back.
+    The line a binding starts on, and whether it keeps to that line.
 
-    Webhook URLs often carry a token in the userinfo or the query, so a
-    rejected value is shown only through L{mask_url}, and not at all unless
-    it has a scheme and a C{//} authority: C{user:password@host} would
-    otherwise pass its user name off as a scheme.
+    dotenv counts from the blank lines before a binding, which it reads
+    with it, and lets a quoted value run over several lines.
     """
-    if not text:
-        raise _Invalid("must not be empty")
-    if _SPACE_OR_CONTROL.search(text):
-        raise _Invalid("must not contain whitespace or control characters")
-    try:
-        parts = urlsplit(text)
-        _ = parts.port  # urlsplit checks the port only when asked
-    except ValueError:
-        raise _Invalid("is not a valid URL (check the host and port)") from None
-    if not (parts.scheme and text[len(parts.scheme) + 1 :].startswith("//")):
-        raise _Invalid("must be an absolute http:// or https:// URL")
-    if parts.scheme not in ("http", "https"):
-        raise _Invalid(f"scheme {_show(parts.scheme)} is not http or https")
-    if not parts.hostname:
-        raise _Invalid(f"{_show(mask_url(text))} has no host")
-    return text
-
-
-def _parse_prefixes(text: str) -> tuple[str, ...]:
-    prefixes = _split(text)
-    for prefix in prefixes:
-        if not _HEADER_PREFIX.fullmatch(prefix):
-            raise _Invalid(f"{_show(prefix)} cannot start a header name")
-    return tuple(prefixes)
-
-
-def _parse_secrets(text: str) -> tuple[str, ...]:
-    secrets = text.split()
-    for position, secret in enumerate(secrets, start=1):
-        if not _is_webhook_secret(secret):
-            raise _Invalid(
-                f"secret {position} of {len(secrets)} is not a Standard Webhooks"
-                f" secret ({_SECRET_PREFIX} followed by base64)"
-            )
-    return tuple(secrets)
-
-
-def _is_webhook_secret(secret: str) -> bool:
-    if not secret.startswith(_SECRET_PREFIX):
-        return False
-    try:
-        key = base64.b64decode(secret.removeprefix(_SECRET_PREFIX), validate=True)
-    except binascii.Error:
-        return False
-    return bool(key)
-
-
-def _readable_file(text: str) -> str | None:
-    """A path that can be opened now; empty means "none", like other lists."""
-    if not text:
-        return None
-    try:
-        with open(text, "rb"):
-            pass
-    except OSError as err:
-        raise _Invalid(f"cannot read {_show(text)}: {_reason(err)}") from None
-    return text
-
-
-def _parse_schedule(text: str) -> tuple[float, ...]:
-    delays = []
-    for piece in _split(text):
-        match = _DURATION.fullmatch(piece)
-        if match is None:
-            raise _Invalid(f"{_show(piece)} is not a duration like 30s, 5m, 2h or 1d")
-        seconds = float(match[1]) * _UNIT_SECONDS[match[2].lower()]
-        if not 0 < seconds < math.inf:
-            raise _Invalid(f"delays must be greater than 0, got {_show(piece)}")
-        delays.append(seconds)
-    if not delays:
-        raise _Invalid("must list at least one delay")
-    return tuple(delays)
-
-
-def _parse_port(text: str) -> int:
-    if _INTEGER.fullmatch(text) and len(text.lstrip("0")) <= 5 and int(text) <= 65535:
-        return int(text)
-    raise _Invalid(f"{_show(text)} is not a valid port number (0-65535)")
-
-
-def _parse_interface(text: str) -> str:
-    """An IP literal (IPv6 bare or in brackets, as upstream wanted) or a host name."""
-    address = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    if _is_ip(address) or _is_hostname(address):
-        return address
-    raise _Invalid(f"{_show(text)} is not an IP address or host name")
-
-
-def _parse_hostname(text: str) -> str:
-    if not text:
-        raise _Invalid("must not be empty")
-    if _is_hostname(text) or _is_address_literal(text):
-        return text
-    raise _Invalid(
-        f"{_show(text)} is not a host name or an address literal"
-        " like [192.0.2.1] or [IPv6:2001:db8::1]"
-    )
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_hostname(text: str) -> bool:
-    """RFC 1123 syntax; an all-numeric last label would be a mistyped address."""
-    labels = text.split(".")
-    return (
-        len(text) <= 253
-        and all(_HOST_LABEL.fullmatch(label) for label in labels)
-        and not labels[-1].isdigit()
-    )
-
-
-def _is_address_literal(text: str) -> bool:
-    """RFC 5321 section 4.1.3: C{[IPv4]} or C{[IPv6:...]}."""
-    if not (text.startswith("[") and text.endswith("]")):
-        return False
-    inner = text[1:-1]
-    parse: Callable[[str], object] = ipaddress.IPv4Address
-    if inner[:5].lower() == "ipv6:":
-        inner, parse = inner[5:], ipaddress.IPv6Address
-    try:
-        parse(inner)
-    except ValueError:
-        return False
-    return True
+    text = binding.original.string
+    rest = text.lstrip()
+    line = binding.original.line + len(_NEWLINE.findall(text[: len(text) - len(rest)]))
+    return line, not binding.error and not _NEWLINE.search(rest.rstrip("\r\n"))
 
 
 # --- settings that combine several values -----------------------------------
 
 
-def _smtp_endpoints(source: _Source) -> tuple[str, ...]:
-    given = source.options.get("smtp") or ()
-    if not isinstance(given, list | tuple):
-        raise ConfigError("--smtp: expected a list of endpoint descriptions")
-    if not given:
-        return (_built_endpoint(source, "bind-address", "port", _DEFAULT_PORT),)
-    _refuse_mixing(source, "--smtp", "bind-address", "port")
-    return tuple(_check_endpoint("--smtp", str(description)) for description in given)
+@attrs.frozen
+class _Endpoints:
+    """The SMTP and health endpoint descriptions, given or built."""
 
+    source: _Source
+    reactor: Any
 
-def _health_endpoint(source: _Source) -> str:
-    given = source.options.get("health")
-    if given is None:
-        return _built_endpoint(
-            source, "health-bind-address", "health-port", _DEFAULT_HEALTH_PORT
+    def smtp(self) -> tuple[str, ...]:
+        given = self.source.options.get("smtp") or ()
+        if not isinstance(given, list | tuple):
+            raise ConfigError("--smtp: expected a list of endpoint descriptions")
+        if not given:
+            return (self._built("bind-address", "port", _DEFAULT_PORT),)
+        self._refuse_mixing("--smtp", "bind-address", "port")
+        return tuple(self._checked("--smtp", str(each)) for each in given)
+
+    def health(self) -> str:
+        given = self.source.options.get("health")
+        if given is None:
+            return self._built(
+                "health-bind-address", "health-port", _DEFAULT_HEALTH_PORT
+            )
+        self._refuse_mixing("--health", "health-bind-address", "health-port")
+        return self._checked("--health", str(given))
+
+    def _refuse_mixing(self, flag: str, *options: str) -> None:
+        """Both on one command line is a mistake, better reported than guessed at."""
+        for option in options:
+            if self.source.options.get(option) is not None:
+                raise ConfigError(f"{flag}: cannot be combined with --{option}")
+
+    def _built(self, interface_option: str, port_option: str, port: int) -> str:
+        """A TCP endpoint description, IPv6 literals escaped for the strports syntax."""
+        interface = self.source.value(
+            interface_option, parsers.interface, _DEFAULT_INTERFACE
         )
-    _refuse_mixing(source, "--health", "health-bind-address", "health-port")
-    return _check_endpoint("--health", str(given))
+        port = self.source.value(port_option, parsers.port, port)
+        kind = "tcp6" if ":" in interface else "tcp"
+        return f"{kind}:{port}:interface={quoteStringArgument(interface)}"
 
-
-def _refuse_mixing(source: _Source, flag: str, *options: str) -> None:
-    """Both on one command line is a mistake, better reported than guessed at."""
-    for option in options:
-        if source.options.get(option) is not None:
-            raise ConfigError(f"{flag}: cannot be combined with --{option}")
-
-
-def _built_endpoint(
-    source: _Source, interface_option: str, port_option: str, default_port: int
-) -> str:
-    """A TCP endpoint description, IPv6 literals escaped for the strports syntax."""
-    interface = source.value(interface_option, _parse_interface, _DEFAULT_INTERFACE)
-    port = source.value(port_option, _parse_port, default_port)
-    kind = "tcp6" if ":" in interface else "tcp"
-    return f"{kind}:{port}:interface={quoteStringArgument(interface)}"
-
-
-def _check_endpoint(flag: str, description: str) -> str:
-    """
-    Parse C{description} now, so a typo stops start-up before any socket opens.
-
-    C{serverFromString} with a L{MemoryReactor} parses (and loads any
-    certificate files) without listening.  Endpoint parsers, third-party
-    plugins included, fail with all kinds of exceptions, hence the broad
-    C{except}: whatever the parser says, it is this setting that is wrong.
-    """
-    try:
-        serverFromString(MemoryReactor(), description)
-    except Exception as err:
-        raise ConfigError(
-            f"{flag}: {_show(description)} is not a usable endpoint"
-            f" ({type(err).__name__}: {_reason(err)})"
-        ) from None
-    return description
+    def _checked(self, flag: str, description: str) -> str:
+        """
+        C{description}, parsed with the reactor the bridge will use (which
+        also loads the certificate files an C{ssl:} endpoint names).
+        Endpoint parsers, third-party plugins included, fail with all kinds
+        of exceptions, hence the broad C{except}: whatever the parser says,
+        it is this setting that is wrong.
+        """
+        if self.reactor is None:
+            return description
+        try:
+            serverFromString(self.reactor, description)
+        except Exception as err:
+            raise ConfigError(
+                f"{flag}: {parsers.show(description)} is not a usable endpoint"
+                f" ({type(err).__name__}: {parsers.one_line(err)})"
+            ) from None
+        return description
 
 
 def _hostname(source: _Source, getfqdn: Callable[[], str]) -> str:
     text = source.raw("hostname")
     if text is not None:
-        return source.parse("hostname", _parse_hostname, text)
+        return source.parse("hostname", parsers.hostname, text)
     name = getfqdn()
     try:
-        return _parse_hostname(name)
-    except _Invalid:
+        return parsers.hostname(name)
+    except parsers.Invalid:
         raise ConfigError(
-            f"{_BY_OPTION['hostname'].label}: not set, and this machine's name"
-            f" {_show(name)} is not a valid host name; set one explicitly"
+            f"{BY_OPTION['hostname'].label}: not set, and this machine's name"
+            f" {parsers.show(name)} is not a valid host name; set one explicitly"
         ) from None
 
 
@@ -658,26 +298,13 @@ def _per_ip_limit(source: _Source, max_connections: int) -> int:
     text = source.raw(option)
     if text is None:
         return min(_DEFAULTS.max_connections_per_ip, max_connections)
-    limit = source.parse(option, _integer(1), text)
+    limit = source.parse(option, parsers.integer(1), text)
     if limit > max_connections:
         raise ConfigError(
-            f"{_BY_OPTION[option].label}: {limit} is more than"
-            f" {_BY_OPTION['max-connections'].label} ({max_connections})"
+            f"{BY_OPTION[option].label}: {limit} is more than"
+            f" {BY_OPTION['max-connections'].label} ({max_connections})"
         )
     return limit
-
-
-def _check_pem_files(cert_path: str, key_path: str) -> None:
-    from maillaser.tls import UnusableCertificate, load_pem_pair
-
-    try:
-        with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
-            load_pem_pair(cert.read(), key.read())
-    except UnusableCertificate as error:
-        path = cert_path if error.setting == "tls-cert" else key_path
-        raise ConfigError(
-            f"{_BY_OPTION[error.setting].label}: {_show(path)} {error.reason}"
-        ) from None
 
 
 def _check_tls_pair(config: Config) -> None:
@@ -689,6 +316,22 @@ def _check_tls_pair(config: Config) -> None:
     if config.tls_cert is None:
         missing, given = given, missing
     raise ConfigError(
-        f"{_BY_OPTION[missing].label}: must be set together with"
-        f" {_BY_OPTION[given].label}"
+        f"{BY_OPTION[missing].label}: must be set together with"
+        f" {BY_OPTION[given].label}"
     )
+
+
+def _check_pem_files(cert_path: str, key_path: str) -> None:
+    from maillaser.smtp import UnusableCertificate, load_pem_pair
+
+    try:
+        with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
+            load_pem_pair(cert.read(), key.read())
+    except UnusableCertificate as error:
+        path = cert_path if error.setting == "tls-cert" else key_path
+        raise ConfigError(
+            f"{BY_OPTION[error.setting].label}: {parsers.show(path)} {error.reason}"
+        ) from None
+
+
+__all__ = ["describe", "load_config"]

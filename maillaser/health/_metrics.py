@@ -1,7 +1,12 @@
 """
-Prometheus metrics for one bridge (SPEC section 6), served at ``/metrics``.
+Prometheus metrics (SPEC section 6): one registry in each process.
 
-Each service has its own C{CollectorRegistry}, never the global one:
+The SMTP front counts replies and connections (L{FrontMetrics}); the
+delivery worker counts deliveries and webhook requests and reads the spool
+and the breaker (L{DeliveryMetrics}).  ``/metrics`` is the front's page
+with the worker's text in it, fetched at scrape time.
+
+Each bridge has its own C{CollectorRegistry}s, never the global one:
 C{makeService} keeps no global state, so two bridges in one process (or a
 test suite's many) cannot collide.  Counters are moved by plain callables
 that the stages are handed, so nothing but this module imports
@@ -12,9 +17,15 @@ so they cannot drift from what C{/health} reports.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred
@@ -22,47 +33,44 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from maillaser.breaker import BreakerState, CircuitBreaker
-from maillaser.interfaces import ISpool, IWebhookClient
-from maillaser.smtp import SMTPServerFactory
-from maillaser.webhook import WebhookResponse
+from maillaser.interfaces import IWebhookPoster
+from maillaser.message import SpoolStats, WebhookResponse
+
+if TYPE_CHECKING:
+    from maillaser.webhook import BreakerState
 
 NAMESPACE = "maillaser"
-
-_Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
+WORKER_PROCESS_NAMESPACE = f"{NAMESPACE}_worker"
+"""The worker's C{process_*} metrics are C{maillaser_worker_process_*}."""
 
 OUTCOMES = ("delivered", "retry", "dead", "rejected")
 """How a delivery round ends, as counted by C{maillaser_deliveries_total}."""
 
-BREAKER_STATES = {
-    BreakerState.closed: 0,
-    BreakerState.half_open: 1,
-    BreakerState.open: 2,
-}
+BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
+"""C{BreakerState} values, as C{maillaser_circuit_breaker_state} shows them."""
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 """Seconds; up to the longest sane webhook timeout."""
 
+_WORKER_UP = (
+    b"# HELP maillaser_worker_up Whether this scrape read the delivery worker's"
+    b" metrics: 1 yes, 0 no (not answering, or not started).\n"
+    b"# TYPE maillaser_worker_up gauge\n"
+    b"maillaser_worker_up %d\n"
+)
 
-class Observed(Protocol):
-    """The parts of a running service that the gauges read at scrape time."""
-
-    @property
-    def spool(self) -> ISpool | None: ...
-
-    @property
-    def breaker(self) -> CircuitBreaker: ...
-
-    @property
-    def smtp_factory(self) -> SMTPServerFactory: ...
+_Labelled = TypeVar("_Labelled", bound=MetricWrapperBase)
 
 
-class Metrics:
-    """One bridge's metrics and the hooks that move them."""
+class FrontMetrics:
+    """The SMTP front's metrics, and the hook that moves them."""
 
-    def __init__(self, clock: IReactorTime, observed: Observed) -> None:
+    def __init__(self, *, smtp_connections: Callable[[], int]) -> None:
+        """
+        @param smtp_connections: the number of open SMTP sessions, read at
+            each scrape.
+        """
         self.registry = CollectorRegistry()
-        self._clock = clock
         self._replies = _ByLabel(
             Counter(
                 "smtp_replies",
@@ -79,6 +87,47 @@ class Metrics:
             namespace=NAMESPACE,
             registry=self.registry,
         )
+        self.registry.register(_Gauges(lambda: _front_gauges(smtp_connections())))
+        ProcessCollector(namespace=NAMESPACE, registry=self.registry)
+
+    def smtp_reply(self, code: int) -> None:
+        """Hook for the SMTP factory: a final reply was sent."""
+        self._replies(str(code)).inc()
+        if code == 250:
+            self._accepted.inc()
+
+    def text(self) -> bytes:
+        """The front's own metrics, in the Prometheus text format."""
+        return bytes(generate_latest(self.registry))
+
+    def page(self, worker: bytes | None) -> bytes:
+        """
+        The whole ``/metrics`` page: the front's metrics, the worker's
+        C{worker} text if there is one, and C{maillaser_worker_up}.
+        """
+        up = worker is not None
+        return b"".join([self.text(), worker or b"", _WORKER_UP % up])
+
+
+class DeliveryMetrics:
+    """The delivery worker's metrics, and the hooks that move them."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        breaker_state: Callable[[], BreakerState | str],
+        spool_stats: Callable[[], SpoolStats | None],
+    ) -> None:
+        """
+        @param clock: what webhook requests are timed on.
+        @param breaker_state: the circuit breaker's state, read at each
+            scrape: a C{BreakerState} or its value.
+        @param spool_stats: the spool's counts, read at each scrape; C{None}
+            when there is no spool (sync mode).
+        """
+        self.registry = CollectorRegistry()
+        self._clock = clock
         self._deliveries = _ByLabel(
             Counter(
                 "deliveries",
@@ -109,22 +158,22 @@ class Metrics:
             namespace=NAMESPACE,
             registry=self.registry,
         )
-        self.registry.register(_Gauges(observed))
-        ProcessCollector(namespace=NAMESPACE, registry=self.registry)
+        self.registry.register(
+            _Gauges(lambda: _delivery_gauges(breaker_state(), spool_stats()))
+        )
+        ProcessCollector(namespace=WORKER_PROCESS_NAMESPACE, registry=self.registry)
 
-    def smtp_reply(self, code: int) -> None:
-        """Hook for the SMTP factory: a final reply was sent."""
-        self._replies(str(code)).inc()
-        if code == 250:
-            self._accepted.inc()
+    def settled(self, outcome: str) -> None:
+        """Hook for the dispatcher and sync deliveries: how a round was settled."""
+        self._deliveries(outcome).inc()
 
-    def settled(self, settlement: str) -> None:
-        """Hook for the dispatcher and the sync sink: how a round was settled."""
-        self._deliveries(settlement).inc()
+    def timed(self, poster: IWebhookPoster) -> IWebhookPoster:
+        """C{poster}, with each request counted and timed on the clock."""
+        return _TimedPoster(poster, self._clock, self._requested)
 
-    def timed(self, client: IWebhookClient) -> IWebhookClient:
-        """C{client}, with each request counted and timed on the injected clock."""
-        return _TimedClient(client, self._clock, self._requested)
+    def text(self) -> bytes:
+        """The worker's metrics, in the Prometheus text format."""
+        return bytes(generate_latest(self.registry))
 
     def _requested(self, status: str, seconds: float) -> None:
         self._requests(status).inc()
@@ -151,51 +200,60 @@ class _ByLabel(Generic[_Labelled]):
 
 
 class _Gauges:
-    """A collector reading the service's state, on the reactor thread."""
+    """A collector of gauges read at scrape time, on the reactor thread."""
 
-    def __init__(self, observed: Observed) -> None:
-        self._observed = observed
+    def __init__(self, read: Callable[[], Iterable[Metric]]) -> None:
+        self._read = read
 
     def collect(self) -> Iterable[Metric]:
-        observed = self._observed
-        yield _gauge(
-            "smtp_connections",
-            "Open SMTP sessions.",
-            len(observed.smtp_factory.sessions),
-        )
-        yield _gauge(
+        return self._read()
+
+
+def _front_gauges(connections: int) -> list[Metric]:
+    return [_gauge("smtp_connections", "Open SMTP sessions.", connections)]
+
+
+def _delivery_gauges(
+    breaker: BreakerState | str, stats: SpoolStats | None
+) -> list[Metric]:
+    state = breaker if isinstance(breaker, str) else breaker.value
+    gauges: list[Metric] = [
+        _gauge(
             "circuit_breaker_state",
             "Circuit breaker in front of the webhook: 0 closed, 1 half-open, 2 open.",
-            BREAKER_STATES[observed.breaker.state],
+            BREAKER_STATES[state],
         )
-        if observed.spool is not None:  # none in sync mode
-            stats = observed.spool.stats()
-            messages = GaugeMetricFamily(
-                f"{NAMESPACE}_spool_messages",
-                "Messages in the spool: pending delivery, or dead letters.",
-                labels=["state"],
-            )
-            messages.add_metric(["pending"], stats.pending)
-            messages.add_metric(["dead"], stats.dead)
-            yield messages
-            yield _gauge(
+    ]
+    if stats is not None:
+        messages = GaugeMetricFamily(
+            f"{NAMESPACE}_spool_messages",
+            "Messages in the spool: pending delivery, or dead letters.",
+            labels=["state"],
+        )
+        messages.add_metric(["pending"], stats.pending)
+        messages.add_metric(["dead"], stats.dead)
+        gauges += [
+            messages,
+            _gauge(
                 "spool_bytes", "Size of the pending messages, in bytes.", stats.bytes
-            )
+            ),
+        ]
+    return gauges
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{NAMESPACE}_{name}", documentation, value=value)
 
 
-@implementer(IWebhookClient)
-class _TimedClient:
+@implementer(IWebhookPoster)
+class _TimedPoster:
     def __init__(
         self,
-        client: IWebhookClient,
+        poster: IWebhookPoster,
         clock: IReactorTime,
         record: Callable[[str, float], None],
     ) -> None:
-        self._client = client
+        self._poster = poster
         self._clock = clock
         self._record = record
 
@@ -203,7 +261,7 @@ class _TimedClient:
         self, body: bytes, headers: dict[bytes, bytes]
     ) -> Deferred[WebhookResponse]:
         started = self._clock.seconds()
-        return self._client.post(body, headers).addCallbacks(
+        return self._poster.post(body, headers).addCallbacks(
             self._answered,
             self._failed,
             callbackArgs=(started,),
@@ -219,4 +277,11 @@ class _TimedClient:
         return failure
 
 
-__all__ = ["Metrics", "Observed"]
+__all__ = [
+    "BREAKER_STATES",
+    "LATENCY_BUCKETS",
+    "NAMESPACE",
+    "OUTCOMES",
+    "DeliveryMetrics",
+    "FrontMetrics",
+]

@@ -1,53 +1,32 @@
 """
-The durable spool: accepted messages live in SQLite until the webhook has them.
+The spool's SQL: accepted messages live in SQLite until the webhook has them.
 
-The SMTP session answers ``250`` only once a message is committed here, so
+The SMTP front answers ``250`` only once a message is committed here, so
 this module is where "no accepted mail is ever lost" is kept or broken: a
 message leaves the database only when the webhook accepted it, or when an
 operator purges it from the dead letters by id.
 
 All SQL lives in L{SpoolDatabase}, a synchronous class over one connection.
-The bridge drives it through L{SqliteSpool}, which hands every call to the
-spool process (a child of the bridge, see L{maillaser.child}: SQLite calls
-block, and the reactor must not), where concurrent writes share one
-transaction (an fsync costs far more than an insert), and keeps the cheap
-in-memory numbers health checks and back-pressure read.  The
-C{maillaser-spool} admin command uses L{SpoolDatabase} directly, with no
-reactor, possibly while the bridge is running: WAL lets it read alongside
-the bridge and C{busy_timeout} makes its writes wait their turn.
+The delivery worker drives it through L{maillaser.spool.SqliteSpool}, which
+groups the writes of one reactor turn into one transaction; the
+C{maillaser-spool} admin command uses it directly, with no reactor, possibly
+while the worker is running: WAL lets it read alongside the worker and
+C{busy_timeout} makes its writes wait their turn.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sqlite3
-import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Literal
 from urllib.parse import quote
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from maillaser.child import (
-    Answer,
-    Batch,
-    ChildError,
-    ChildProcess,
-    Request,
-    call,
-    portable,
-    serve,
-)
-from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 
 DATABASE_NAME = "spool.sqlite3"
@@ -65,14 +44,12 @@ DUE_BYTES = 4 * 1024 * 1024
 """Bytes of messages one L{SpoolDatabase.due} hands out, past its first."""
 
 BUSY_TIMEOUT_MS = 10_000
-"""How long a write waits for the other process (bridge or admin) to finish."""
+"""How long a write waits for the other process (worker or admin) to finish."""
 
 PROBE_SIZE = 64 * 1024
 """Bytes written to see whether a spool that failed can store mail again."""
 
 State = Literal["pending", "dead"]
-
-_T = TypeVar("_T")
 
 _SCHEMA = (
     """
@@ -163,7 +140,7 @@ class SpoolDatabase:
     The spool's SQL, synchronous, over one connection.
 
     Methods that change the database run inside a L{transaction} their caller
-    opens, so the bridge can put many of them in one commit; the reading
+    opens, so the worker can put many of them in one commit; the reading
     methods open their own.  SQLite errors surface as L{SpoolError}.
     """
 
@@ -171,15 +148,16 @@ class SpoolDatabase:
     _connection: sqlite3.Connection
 
     @classmethod
-    def open(cls, directory: str, *, create: bool, check: bool = True) -> SpoolDatabase:
+    def open(cls, directory: str, *, create: bool) -> SpoolDatabase:
         """
         Connect to the spool in C{directory}, checking it is intact and ours.
+
+        SQLite's integrity check reads the whole file, so this blocks for as
+        long as that takes: it is for start-up and for the admin tool.
 
         @param create: make the directory and an empty spool if there is
             none; the admin tool passes C{False}, so a typo in a path can
             never leave a stray spool behind.
-        @param check: run SQLite's integrity check, which reads the whole
-            file; the spool process skips it, the bridge having just run it.
         """
         path = os.path.join(directory, DATABASE_NAME)
         if create:
@@ -199,16 +177,16 @@ class SpoolDatabase:
         connection.row_factory = sqlite3.Row
         database = cls(path, connection)
         try:
-            database._prepare(create, check)
+            database._prepare(create)
         except BaseException:
             connection.close()
             raise
         return database
 
-    def _prepare(self, create: bool, check: bool) -> None:
+    def _prepare(self, create: bool) -> None:
         with self._errors("is unreadable or corrupt"):
             self._connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            checked = self._connection.execute("PRAGMA quick_check") if check else ()
+            checked = self._connection.execute("PRAGMA quick_check")
             problems = [row[0] for row in checked]
         if problems not in ([], ["ok"]):
             raise SpoolError(
@@ -423,7 +401,8 @@ class SpoolDatabase:
         """
         Up to C{limit} pending messages due at C{now}, skipping C{claimed},
         oldest first, and no more than L{DUE_BYTES} of them but the first:
-        the bridge unpickles them all at once, on its reactor thread.
+        the worker reads them all at once, on its reactor thread, and holds
+        them in memory until their rounds end.
         """
         with self.transaction(write=False):
             sizes = self._connection.execute(
@@ -545,280 +524,13 @@ def _entry(row: sqlite3.Row) -> SpoolEntry:
     )
 
 
-@implementer(ISpool)
-@attrs.define
-class SqliteSpool:
-    """
-    The bridge's spool: L{SpoolDatabase}, run by the spool process, a child
-    of the bridge (L{serve_spool}).
-
-    Claims (messages handed out by L{due} and not yet settled) live only in
-    memory, so after a restart every pending message is due again.  A claim
-    is released only once the settling write committed, so a L{due} query
-    can never see a message both unclaimed and in its old state.
-    """
-
-    _log = Logger()
-
-    _reactor: Any
-    """Runs the spool process: an C{IReactorProcess} and C{IReactorTime}."""
-    _clock: IReactorTime
-    path: str
-    _stats: SpoolStats
-    _claimed: set[str] = attrs.Factory(set)
-    _closed: bool = False
-    _writable: bool = True
-    commits: int = 0
-    """Transactions committed since open; lets tests see the grouping."""
-    _process: ChildProcess = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._process = ChildProcess(
-            self._reactor,
-            self._clock,
-            ["spool", os.path.abspath(os.path.dirname(self.path))],
-            self._batched,
-            self._ended,
-        )
-
-    def _call(self, function: Callable[..., _T], *args: object) -> Deferred[_T]:
-        """C{function(database, *args)} in the spool process, on its own."""
-        return self._request(function, args, write=False)
-
-    def _write(self, function: Callable[..., _T], *args: object) -> Deferred[_T]:
-        """The same, in one transaction with the writes that arrive with it."""
-        return self._request(function, args, write=True)
-
-    def _request(
-        self, function: Callable[..., _T], args: tuple[object, ...], write: bool
-    ) -> Deferred[_T]:
-        if self._closed:
-            return fail(SpoolError(f"spool {self.path} is closed"))
-        requested = self._process.request(function, args, write)
-        return requested.addErrback(_as_spool_error)
-
-    def _batched(self, batch: Batch) -> None:
-        """Before its answers go out: keep count of commits and failures."""
-        for count, error in batch.transactions:
-            if error is None:
-                self.commits += 1
-                self._succeeded()
-            else:
-                self._failed(
-                    error, "spool commit of {count} writes failed", count=count
-                )
-
-    def _ended(self, error: ChildError) -> None:
-        self._failed(error, "spool process ended")
-
-    def _succeeded(self) -> None:
-        if not self._writable:
-            self._log.info("spool commits succeed again")
-        self._writable = True
-
-    def _failed(self, error: Exception, what: str, **fields: object) -> None:
-        """The first failure in full; while it lasts, one line each."""
-        if self._writable:
-            self._log.failure(what, Failure(error), LogLevel.error, **fields)
-        else:
-            self._log.warn(what + " again: {error}", error=str(error), **fields)
-        self._writable = False
-
-    def _count(self, pending: int = 0, dead: int = 0, size: int = 0) -> None:
-        self._stats = SpoolStats(
-            pending=self._stats.pending + pending,
-            dead=self._stats.dead + dead,
-            bytes=self._stats.bytes + size,
-        )
-
-    def _settling(self, message_id: str, settled: Deferred[_T]) -> Deferred[_T]:
-        def release(result: _T | Failure) -> _T | Failure:
-            self._claimed.discard(message_id)
-            return result
-
-        return settled.addBoth(release)
-
-    def add(self, message: Message) -> Deferred[None]:
-        stored = self._write(SpoolDatabase.insert, message)
-        return stored.addCallback(lambda size: self._count(pending=1, size=size))
-
-    def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
-        found = self._call(SpoolDatabase.due, now, limit, tuple(self._claimed))
-        return found.addCallback(self._claim)
-
-    def _claim(self, found: list[QueuedMessage]) -> list[QueuedMessage]:
-        # Another due() may have claimed some of these while this one ran.
-        fresh = [queued for queued in found if queued.message.id not in self._claimed]
-        self._claimed.update(queued.message.id for queued in fresh)
-        return fresh
-
-    def claim(self, message_id: str) -> bool:
-        if message_id in self._claimed:
-            return False
-        self._claimed.add(message_id)
-        return True
-
-    def release(self, message_id: str) -> None:
-        self._claimed.discard(message_id)
-
-    def next_due(self) -> Deferred[float | None]:
-        return self._call(SpoolDatabase.next_due, tuple(self._claimed))
-
-    def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
-        deleted = self._write(SpoolDatabase.delete, message_id, "pending")
-        counted = deleted.addCallback(lambda size: self._count(pending=-1, size=-size))
-        return self._settling(message_id, counted)
-
-    def reschedule(
-        self, message_id: str, at: float, attempts: Sequence[Attempt]
-    ) -> Deferred[None]:
-        updated = self._write(SpoolDatabase.reschedule, message_id, at, tuple(attempts))
-        return self._settling(message_id, updated.addCallback(lambda size: None))
-
-    def bury(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
-        buried = self._write(
-            SpoolDatabase.bury, message_id, self._clock.seconds(), tuple(attempts)
-        )
-        counted = buried.addCallback(
-            lambda size: self._count(pending=-1, dead=1, size=-size)
-        )
-        return self._settling(message_id, counted)
-
-    def stats(self) -> SpoolStats:
-        return self._stats
-
-    def refresh(self) -> Deferred[SpoolStats]:
-        """
-        Re-count from the database, which the admin tool may have changed
-        (requeue, purge) behind this process's back; and if the last commit
-        failed, try a write, so that health sees the spool recover (a full
-        disk freed, say) even if no mail comes to try it.
-        """
-        if not self._writable:
-            self._write(SpoolDatabase.probe).addErrback(lambda failure: None)
-        counted = self._call(SpoolDatabase.counts)
-        return counted.addCallback(self._recounted)
-
-    def _recounted(self, stats: SpoolStats) -> SpoolStats:
-        self._stats = stats
-        return stats
-
-    def writable(self) -> bool:
-        """For health: whether the last commit succeeded (and we are open)."""
-        return not self._closed and self._writable
-
-    def close(self) -> Deferred[None]:
-        """Finish the writes already submitted, then release the database."""
-        if self._closed:
-            return succeed(None)
-        self._closed = True
-
-        def closed(result: object) -> object:
-            self._log.info("spool {path} closed", path=self.path)
-            return result
-
-        return self._process.stop().addBoth(closed)
-
-
-def _as_spool_error(failure: Failure) -> Failure:
-    """A spool process that ended is a spool that could not store."""
-    failure.trap(ChildError)
-    raise SpoolError(str(failure.value))
-
-
-# The spool process (see L{maillaser.child}).
-
-
-def serve_spool(directory: str) -> None:
-    """The spool process's life: its database, until its input ends."""
-    try:
-        # The bridge checked the database before it started us.
-        database = SpoolDatabase.open(directory, create=False, check=False)
-    except SpoolError as error:
-        sys.exit(str(error))
-    try:
-        serve(partial(answer_requests, database))
-    finally:
-        database.close()
-
-
-def answer_requests(database: SpoolDatabase, requests: Sequence[Request]) -> Batch:
-    """In order, each run of writes in one transaction: a group commit."""
-    answers: list[Answer] = []
-    transactions: list[tuple[int, Exception | None]] = []
-    for write, run_of in itertools.groupby(requests, key=lambda r: r.write):
-        group = list(run_of)
-        if write:
-            transactions.append((len(group), _commit(database, group, answers)))
-        else:
-            answers.extend(call(request, database) for request in group)
-    return Batch(answers, transactions)
-
-
-def _commit(
-    database: SpoolDatabase, writes: list[Request], answers: list[Answer]
-) -> Exception | None:
-    """
-    Answer C{writes}: each alone if only it could not be done (a message
-    already there, or gone), all with the error if the transaction failed.
-    """
-    try:
-        results = database.apply([partial(_run, request) for request in writes])
-    except Exception as error:
-        failed = portable(error)
-        answers.extend(Answer(request.number, failed, True) for request in writes)
-        return failed
-    for request, result in zip(writes, results, strict=True):
-        if isinstance(result, Failure):
-            answers.append(Answer(request.number, result.value, True))
-        else:
-            answers.append(Answer(request.number, result))
-    return None
-
-
-def _run(request: Request, database: SpoolDatabase) -> object:
-    return request.function(database, *request.args)
-
-
-def open_spool(
-    directory: str, reactor: Any, clock: IReactorTime | None = None
-) -> SqliteSpool:
-    """
-    Check the spool in C{directory} (or create it) and return it, ready:
-    for start-up code that must know the spool is usable before it binds a
-    port.  It blocks for as long as the integrity check takes, so it is no
-    tool for a running bridge.  The spool process starts with the first
-    request, so after any change of user.
-
-    @raise SpoolError: the database is corrupt, not a spool, or unusable:
-        the bridge must not start and accept mail it cannot keep.
-    """
-    database = SpoolDatabase.open(directory, create=True)
-    try:
-        stats = database.counts()
-    finally:
-        database.close()
-    SqliteSpool._log.info(
-        "spool {path} opened: {pending} pending, {dead} dead",
-        path=database.path,
-        pending=stats.pending,
-        dead=stats.dead,
-    )
-    return SqliteSpool(
-        reactor,
-        IReactorTime(reactor) if clock is None else clock,
-        database.path,
-        stats,
-    )
-
-
 __all__ = [
     "DATABASE_NAME",
+    "DUE_BYTES",
     "DuplicateMessage",
     "MessageNotFound",
     "SpoolDatabase",
     "SpoolEntry",
     "SpoolError",
-    "SqliteSpool",
-    "open_spool",
+    "State",
 ]

@@ -6,12 +6,21 @@ message never blocks the rest), what the circuit breaker allows, when a
 failed message is tried again on the long schedule, and when it is given up
 and buried among the dead letters.  Nothing is ever dropped: a message
 leaves the spool only when the webhook has taken it.
+
+When the spool cannot record how a round ended (a full disk), the message
+is still in the spool in its old state, due at once.  Taken out again at
+once, each message would be posted as fast as the webhook answers, with a
+traceback each time.  Instead it stays claimed for its next backoff step:
+then the webhook's answer is recorded again (delivered, or refused for
+good: no second POST), or a failed round goes again, as it would have
+anyway.  Repeated failures are logged once per interval.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -22,11 +31,13 @@ from twisted.python.failure import Failure
 
 from maillaser.interfaces import ISpool
 from maillaser.message import Message, QueuedMessage
+from maillaser.spool._throttle import LogThrottle
+from maillaser.timers import cancel_timer
 from maillaser.webhook import (
     BreakerState,
     CircuitBreaker,
     Delivered,
-    Deliverer,
+    Failed,
     Outcome,
     settlement,
 )
@@ -47,6 +58,16 @@ read back when due.
 READY_BYTES = 16 * 1024 * 1024
 
 
+class RoundDeliverer(Protocol):
+    """What the dispatcher needs of L{maillaser.webhook.Deliverer}."""
+
+    def deliver(self, message: Message) -> Deferred[Outcome]:
+        """
+        Run one round (the caller acquired the breaker); it always ends in
+        an outcome, and reports it to the breaker.
+        """
+
+
 def next_attempt_delay(
     schedule: Sequence[float], rounds: int, retry_after: float | None
 ) -> float | None:
@@ -60,20 +81,43 @@ def next_attempt_delay(
     """
     if rounds > len(schedule):
         return None
-    return max(schedule[rounds - 1], min(retry_after or 0.0, max(schedule)))
+    return backoff_step(schedule, rounds, retry_after)
+
+
+def backoff_step(
+    schedule: Sequence[float], rounds: int, retry_after: float | None
+) -> float:
+    """
+    As L{next_attempt_delay}, but past the schedule's end its last step:
+    how long a message whose outcome could not be recorded waits, however
+    often that happened.
+    """
+    step = schedule[min(rounds, len(schedule)) - 1]
+    return max(step, min(retry_after or 0.0, max(schedule)))
 
 
 @attrs.define(eq=False)
 class Dispatcher(Service):
+    """
+    Delivers what the spool holds, as the breaker and the schedule allow.
+
+    A L{Service}: started, it delivers what is due (after a restart, every
+    pending message); stopped, it lets rounds in flight finish within
+    C{grace}, and what is not delivered stays spooled.
+    """
+
     spool: ISpool
-    deliverer: Deliverer
+    deliverer: RoundDeliverer
     breaker: CircuitBreaker
     clock: IReactorTime
     concurrency: int
     schedule: Sequence[float]
     grace: float = 10.0
     on_settled: Callable[[str], object] = lambda settlement: None
-    """Told how each round was settled: delivered, retry, rejected or dead."""
+    """
+    Told how each round was settled, once the spool recorded it: delivered,
+    retry, rejected or dead.
+    """
     _in_flight: dict[str, Deferred[None]] = attrs.field(factory=dict)
     _timer: IDelayedCall | None = None
     _pumping: bool = False
@@ -84,7 +128,15 @@ class Dispatcher(Service):
     _ready_bytes: int = 0
     _backlog: bool = True
     """Whether the spool may hold due messages that are not in memory."""
+    _held: dict[str, IDelayedCall] = attrs.Factory(dict)
+    """Messages whose outcome could not be recorded, claimed until their timer."""
+    _unrecorded: dict[str, int] = attrs.Factory(dict)
+    """How many rounds in a row of each message could not be recorded."""
+    _throttle: LogThrottle = attrs.field(init=False)
     _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._throttle = LogThrottle(self.clock)
 
     def startService(self) -> None:
         super().startService()
@@ -164,7 +216,9 @@ class Dispatcher(Service):
             self._look()
 
     def _pump_failed(self, failure: Failure) -> None:
-        self._log.failure("could not read the spool; trying again shortly", failure)
+        self._throttle.failure(
+            self._log, "could not read the spool; trying again shortly", failure
+        )
         self._set_timer(POLL_INTERVAL)
 
     async def _schedule_next(self) -> None:
@@ -194,20 +248,19 @@ class Dispatcher(Service):
         self.wake()
 
     def _refresh_failed(self, failure: Failure) -> None:
-        self._log.failure("could not refresh the spool counts", failure)
+        self._throttle.failure(self._log, "could not refresh the spool counts", failure)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _start_or_release(self, queued: QueuedMessage) -> bool:
+    def _start_or_release(self, queued: QueuedMessage) -> None:
         """Start a claimed message's round if allowed, else give the claim back."""
         if self.running and self.breaker.acquire():
             self._start(queued)
-            return True
-        self.spool.release(queued.message.id)
-        return False
+        else:
+            self.spool.release(queued.message.id)
 
     def _start(self, queued: QueuedMessage) -> None:
         d = Deferred.fromCoroutine(self._run(queued))
@@ -227,46 +280,91 @@ class Dispatcher(Service):
             self._fill()
             if self._backlog:
                 self._look()
+        await self._record(outcome, queued)
+
+    async def _record(self, outcome: Outcome, queued: QueuedMessage) -> None:
         try:
-            await self._settle(outcome, queued)
+            how = await self._settle(outcome, queued)
         except Exception:
-            self._log.failure(
-                "could not record the outcome for {message_id}; it stays spooled",
-                message_id=message_id,
-            )
+            self._hold(outcome, queued, Failure())
+            return
+        self._unrecorded.pop(queued.message.id, None)
+        self.on_settled(how)
         if not isinstance(outcome, Delivered):
             self._look()  # its next round needs a timer
 
-    def _settle(self, outcome: Outcome, queued: QueuedMessage) -> Deferred[None]:
+    async def _settle(self, outcome: Outcome, queued: QueuedMessage) -> str:
+        """Record the outcome in the spool; how the round was settled."""
         message_id = queued.message.id
         how = settlement(outcome)
         if isinstance(outcome, Delivered):
-            self.on_settled(how)
-            return self.spool.delivered(message_id, outcome.attempts)
-        rounds = queued.rounds + 1
-        delay = (
-            None
-            if outcome.permanent
-            else next_attempt_delay(self.schedule, rounds, outcome.retry_after)
-        )
+            await self.spool.delivered(message_id, outcome.attempts)
+            return how
+        delay = self._retry_delay(outcome, queued)
         if delay is None:
-            self.on_settled("dead" if how == "retry" else how)
+            await self.spool.bury(message_id, outcome.attempts)
             self._log.error(
                 "dead-lettered {message_id} after {rounds} round(s): {error}",
                 message_id=message_id,
-                rounds=rounds,
+                rounds=queued.rounds + 1,
                 error=outcome.attempts[-1].error,
             )
-            return self.spool.bury(message_id, outcome.attempts)
-        self.on_settled(how)
+            return "dead" if how == "retry" else how
+        await self.spool.reschedule(
+            message_id, self.clock.seconds() + delay, outcome.attempts
+        )
         self._log.info(
             "{message_id} stays spooled; next round in {delay:.0f}s",
             message_id=message_id,
             delay=delay,
         )
-        return self.spool.reschedule(
-            message_id, self.clock.seconds() + delay, outcome.attempts
+        return how
+
+    def _retry_delay(self, outcome: Failed, queued: QueuedMessage) -> float | None:
+        """Seconds until a failed message's next round; C{None}: bury it."""
+        if outcome.permanent:
+            return None
+        return next_attempt_delay(self.schedule, queued.rounds + 1, outcome.retry_after)
+
+    def _hold(self, outcome: Outcome, queued: QueuedMessage, failure: Failure) -> None:
+        """
+        The outcome was not recorded: keep the message claimed for its next
+        backoff step, a step further each time in a row.
+        """
+        message_id = queued.message.id
+        unrecorded = self._unrecorded.get(message_id, 0) + 1
+        self._unrecorded[message_id] = unrecorded
+        retry_after = outcome.retry_after if isinstance(outcome, Failed) else None
+        delay = backoff_step(self.schedule, queued.rounds + unrecorded, retry_after)
+        self._throttle.failure(
+            self._log,
+            "could not record the outcome for {message_id}; it stays spooled,"
+            " held for {delay:.0f}s",
+            failure,
+            message_id=message_id,
+            delay=delay,
         )
+        if self.running:
+            self._held[message_id] = self.clock.callLater(
+                delay, self._unhold, outcome, queued
+            )
+
+    def _unhold(self, outcome: Outcome, queued: QueuedMessage) -> None:
+        """
+        A failed round is due again by now: it goes again, and its next
+        round records it.  The webhook's answer to any other stands: only
+        recording it is tried again.
+        """
+        message_id = queued.message.id
+        del self._held[message_id]
+        if (
+            isinstance(outcome, Failed)
+            and self._retry_delay(outcome, queued) is not None
+        ):
+            self.spool.release(message_id)
+            self.wake()
+        else:
+            Deferred.fromCoroutine(self._record(outcome, queued))
 
     def stopService(self) -> Deferred[None]:
         """
@@ -275,6 +373,10 @@ class Dispatcher(Service):
         """
         super().stopService()
         self._cancel_timer()
+        for timer in self._held.values():
+            timer.cancel()
+        self._held.clear()
+        self._unrecorded.clear()
         # A look at the spool in progress must end before the spool closes.
         looking = [self._pump_done] if self._pumping and self._pump_done else []
         if not (self._in_flight or looking):
@@ -283,7 +385,7 @@ class Dispatcher(Service):
         self._log.info("waiting for {count} delivery round(s)", count=len(pending))
         everything = DeferredList(pending, consumeErrors=True)
         timer = self.clock.callLater(self.grace, _cancel_all, pending)
-        return everything.addCallback(_stop_timer, timer)
+        return everything.addCallback(cancel_timer, timer).addCallback(lambda _: None)
 
 
 def _cancel_all(pending: list[Deferred[None]]) -> None:
@@ -291,6 +393,4 @@ def _cancel_all(pending: list[Deferred[None]]) -> None:
         d.cancel()
 
 
-def _stop_timer(ignored: object, timer: IDelayedCall) -> None:
-    if timer.active():
-        timer.cancel()
+__all__ = ["Dispatcher", "RoundDeliverer", "backoff_step", "next_attempt_delay"]

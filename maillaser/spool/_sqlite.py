@@ -1,0 +1,260 @@
+"""
+The delivery worker's spool: L{SpoolDatabase} on the worker's reactor thread.
+
+The worker's reactor does nothing but delivery work, so SQLite is called
+right here, with no thread and no other process.  What costs is the commit
+(an fsync, far dearer than an insert), so every write asked for in one turn
+of the reactor shares one transaction committed at the end of that turn (a
+group commit), and each write's Deferred fires only after the C{COMMIT}:
+a C{Store} is answered, and the SMTP client hears C{250}, only once its
+message is on disk.  Reads run at once and see what is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from maillaser.interfaces import ISpool
+from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
+from maillaser.spool._database import SpoolDatabase, SpoolError
+from maillaser.spool._throttle import LogThrottle
+
+_T = TypeVar("_T")
+
+_Operation = Callable[[SpoolDatabase], object]
+
+
+@implementer(ISpool)
+@attrs.define(eq=False)
+class SqliteSpool:
+    """
+    The worker's L{ISpool}: made by L{open_spool}.
+
+    Counts are kept in memory, so health, metrics and back-pressure read
+    them for free; L{refresh} re-reads them from the database, which the
+    admin tool may change.  Claims (messages handed out by L{due} or
+    L{claim} and not yet settled) live only in memory, so after a restart
+    every pending message is due again.  A claim is released once the
+    settling write committed, never before, so L{due} can never see a
+    message both unclaimed and in its old state; a settling write that
+    fails keeps the claim, and the claim's holder decides when the message
+    may go again (the dispatcher: after its next backoff step).
+    """
+
+    _log = Logger()
+
+    _database: SpoolDatabase
+    _clock: IReactorTime
+    """Ends the reactor turn (C{callLater(0)}) and dates the dead letters."""
+    _stats: SpoolStats
+    _claimed: set[str] = attrs.Factory(set)
+    _writes: list[tuple[_Operation, Deferred[Any]]] = attrs.Factory(list)
+    """Asked for in this turn, committed at its end."""
+    _flush_call: IDelayedCall | None = None
+    _closed: bool = False
+    _writable: bool = True
+    _throttle: LogThrottle = attrs.field(init=False)
+    commits: int = 0
+    """Transactions committed since open; lets tests see the grouping."""
+
+    def __attrs_post_init__(self) -> None:
+        self._throttle = LogThrottle(self._clock)
+
+    @property
+    def path(self) -> str:
+        return self._database.path
+
+    def _read(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
+        """Run a read now, on what is committed."""
+        if self._closed:
+            return fail(self._closed_error())
+        try:
+            return succeed(operation(self._database))
+        except Exception:
+            return fail()
+
+    def _write(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
+        """Queue a write for this turn's transaction."""
+        if self._closed:
+            return fail(self._closed_error())
+        written: Deferred[_T] = Deferred()
+        self._writes.append((operation, written))
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
+        return written
+
+    def _closed_error(self) -> SpoolError:
+        return SpoolError(f"spool {self.path} is closed")
+
+    def _flush(self) -> None:
+        """
+        Commit this turn's writes, then answer them: each alone if only it
+        could not be done (a message already there, or gone), all with the
+        error if the transaction failed.
+        """
+        self._flush_call = None
+        writes, self._writes = self._writes, []
+        if not writes:
+            return
+        try:
+            results = self._database.apply([operation for operation, _ in writes])
+        except Exception:
+            failure = Failure()
+            self._failed(failure, len(writes))
+            for _, written in writes:
+                written.errback(failure)
+            return
+        self.commits += 1
+        self._succeeded()
+        for (_, written), result in zip(writes, results, strict=True):
+            if isinstance(result, Failure):
+                written.errback(result)
+            else:
+                written.callback(result)
+
+    def _succeeded(self) -> None:
+        if not self._writable and self._throttle.report("recovered"):
+            self._log.info("spool commits succeed again")
+        self._writable = True
+
+    def _failed(self, failure: Failure, count: int) -> None:
+        self._writable = False
+        self._throttle.failure(
+            self._log, "spool commit of {count} write(s) failed", failure, count=count
+        )
+
+    def _count(self, pending: int = 0, dead: int = 0, size: int = 0) -> None:
+        self._stats = SpoolStats(
+            pending=self._stats.pending + pending,
+            dead=self._stats.dead + dead,
+            bytes=self._stats.bytes + size,
+        )
+
+    def _settling(self, message_id: str, settled: Deferred[_T]) -> Deferred[_T]:
+        def release(result: _T) -> _T:
+            self._claimed.discard(message_id)
+            return result
+
+        return settled.addCallback(release)
+
+    def add(self, message: Message) -> Deferred[None]:
+        stored = self._write(lambda database: database.insert(message))
+        return stored.addCallback(lambda size: self._count(pending=1, size=size))
+
+    def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
+        found = self._read(lambda database: database.due(now, limit, self._claimed))
+        return found.addCallback(self._claim)
+
+    def _claim(self, found: list[QueuedMessage]) -> list[QueuedMessage]:
+        self._claimed.update(queued.message.id for queued in found)
+        return found
+
+    def claim(self, message_id: str) -> bool:
+        if message_id in self._claimed:
+            return False
+        self._claimed.add(message_id)
+        return True
+
+    def release(self, message_id: str) -> None:
+        self._claimed.discard(message_id)
+
+    def next_due(self) -> Deferred[float | None]:
+        return self._read(lambda database: database.next_due(self._claimed))
+
+    def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+        deleted = self._write(lambda database: database.delete(message_id, "pending"))
+        counted = deleted.addCallback(lambda size: self._count(pending=-1, size=-size))
+        return self._settling(message_id, counted)
+
+    def reschedule(
+        self, message_id: str, at: float, attempts: Sequence[Attempt]
+    ) -> Deferred[None]:
+        recorded = tuple(attempts)
+        updated = self._write(
+            lambda database: database.reschedule(message_id, at, recorded)
+        )
+        return self._settling(message_id, updated.addCallback(lambda size: None))
+
+    def bury(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+        at, recorded = self._clock.seconds(), tuple(attempts)
+        buried = self._write(lambda database: database.bury(message_id, at, recorded))
+        counted = buried.addCallback(
+            lambda size: self._count(pending=-1, dead=1, size=-size)
+        )
+        return self._settling(message_id, counted)
+
+    def stats(self) -> SpoolStats:
+        return self._stats
+
+    def refresh(self) -> Deferred[SpoolStats]:
+        """
+        Re-count from the database, which the admin tool may have changed
+        (requeue, purge) behind this process's back; and if the last commit
+        failed, first try a write, so that health sees the spool recover (a
+        full disk freed, say) even if no mail comes to try it.
+        """
+        if self._writable:
+            return self._recount()
+        probed = self._write(SpoolDatabase.probe)
+        return probed.addBoth(lambda ignored: self._recount())
+
+    def _recount(self) -> Deferred[SpoolStats]:
+        return self._read(SpoolDatabase.counts).addCallback(self._recounted)
+
+    def _recounted(self, stats: SpoolStats) -> SpoolStats:
+        self._stats = stats
+        return stats
+
+    def writable(self) -> bool:
+        """For health: whether the last commit succeeded (and we are open)."""
+        return not self._closed and self._writable
+
+    def close(self) -> Deferred[None]:
+        """Commit the writes already asked for, then release the database."""
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush()
+        self._database.close()
+        self._log.info("spool {path} closed", path=self.path)
+        return succeed(None)
+
+
+def open_spool(directory: str, clock: IReactorTime) -> SqliteSpool:
+    """
+    Check the spool in C{directory} (or create it) and return it, ready.
+
+    It blocks for as long as SQLite's integrity check takes: it is for
+    start-up, which must know the spool is usable before it takes mail.
+
+    @param clock: the reactor the spool's users run on; its turns delimit
+        the group commits.
+    @raise SpoolError: the database is corrupt, not a spool, or unusable:
+        the bridge must not accept mail it cannot keep.
+    """
+    database = SpoolDatabase.open(directory, create=True)
+    try:
+        stats = database.counts()
+    except BaseException:
+        database.close()
+        raise
+    SqliteSpool._log.info(
+        "spool {path} opened: {pending} pending, {dead} dead",
+        path=database.path,
+        pending=stats.pending,
+        dead=stats.dead,
+    )
+    return SqliteSpool(database, clock, stats)
+
+
+__all__ = ["SqliteSpool", "open_spool"]
