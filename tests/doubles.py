@@ -1,17 +1,19 @@
-"""A scripted IWebhookClient for Clock-driven delivery tests."""
+"""Doubles for Clock-driven delivery tests, and the messages they deliver."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from maillaser.interfaces import IWebhookClient
-from maillaser.message import Envelope, Message
-from maillaser.webhook import WebhookResponse
+from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
+from maillaser.message import Envelope, Message, WebhookResponse
+from maillaser.webhook import encoded_payload
 
 
-@implementer(IWebhookClient)
-class ScriptedClient:
+@implementer(IWebhookPoster)
+class ScriptedPoster:
     """
     Answers POSTs from a script: a status, a WebhookResponse, an exception,
     or C{None} for "never answers" (the Deferred is kept in C{hanging}).
@@ -40,6 +42,19 @@ class ScriptedClient:
         return succeed(
             step if isinstance(step, WebhookResponse) else WebhookResponse(step)
         )
+
+
+@implementer(IPayloadBuilder)
+class InlinePayloads:
+    """Builds each payload at once, as the worker does for small messages."""
+
+    def __init__(self, header_prefixes: Sequence[str] = ()) -> None:
+        self.header_prefixes = header_prefixes
+        self.built: list[Message] = []
+
+    def build(self, message: Message) -> Deferred[bytes]:
+        self.built.append(message)
+        return succeed(encoded_payload(message, self.header_prefixes))
 
 
 def message(n: int = 0, at: float = 0.0) -> Message:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from maillaser.breaker import BreakerState, CircuitBreaker
+from maillaser.webhook import BreakerState, CircuitBreaker
 
 
 class BreakerTests(SynchronousTestCase):

@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-import json
-import pickle
-from collections.abc import Callable
-from typing import TypeVar
-
-import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
+from zope.interface.verify import verifyObject
 
-from maillaser.breaker import BreakerState, CircuitBreaker
-from maillaser.delivery import (
-    INLINE_SIZE,
+from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
+from maillaser.message import Attempt, Message
+from maillaser.webhook import (
+    BreakerState,
+    CircuitBreaker,
     Delivered,
     Deliverer,
     Failed,
+    WebhookResponse,
+    describe_error,
+    encoded_payload,
+    is_transient,
     quick_backoff,
+    settlement,
+    verify,
 )
-from maillaser.message import Attempt
-from maillaser.payload import build_payload, encode_payload
-from maillaser.webhook import WebhookResponse
-from tests.doubles import ScriptedClient, message
-
-_T = TypeVar("_T")
+from tests.doubles import InlinePayloads, ScriptedPoster, message
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -38,26 +38,48 @@ class DeliveryTests(SynchronousTestCase):
         self.clock.advance(1_700_000_000)
         self.breaker = CircuitBreaker(threshold=2, reset=60.0, clock=self.clock)
 
-    def deliverer(self, client: ScriptedClient, retries: int = 3) -> Deliverer:
+    def deliverer(
+        self,
+        poster: ScriptedPoster,
+        retries: int = 3,
+        payloads: IPayloadBuilder | None = None,
+    ) -> Deliverer:
         return Deliverer(
-            client=client,
+            poster=poster,
+            payloads=payloads or InlinePayloads(("X-",)),
             clock=self.clock,
             breaker=self.breaker,
             max_retries=retries,
             secrets=(SECRET,),
         )
 
+    def test_doubles(self) -> None:
+        self.assertTrue(verifyObject(IWebhookPoster, ScriptedPoster()))
+        self.assertTrue(verifyObject(IPayloadBuilder, InlinePayloads()))
+
+    def test_the_payload_is_built_once_per_round(self) -> None:
+        """Built by the payload builder, signed and sent as it built it."""
+        payloads = InlinePayloads(("X-",))
+        poster = ScriptedPoster(500, 200)
+        d = self.deliverer(poster, payloads=payloads).deliver(message())
+        self.clock.advance(0.1)
+        self.assertIsInstance(self.successResultOf(d), Delivered)
+        self.assertEqual(payloads.built, [message()])
+        expected = encoded_payload(message(), ("X-",))
+        self.assertEqual([body for body, _ in poster.requests], [expected] * 2)
+        headers = {k.decode(): v.decode() for k, v in poster.requests[0][1].items()}
+        verify(SECRET, headers, expected, now=1_700_000_000)
+
     def test_a_round_that_breaks_is_a_failed_round(self) -> None:
         """Settled and retried later like any failure, and the breaker hears it."""
 
-        def broken(function: Callable[[], _T]) -> Deferred[_T]:
-            raise RuntimeError("a bug")
+        class Broken:
+            def build(self, message: Message) -> Deferred[bytes]:
+                return fail(RuntimeError("a bug"))
 
         self.breaker.threshold = 1
-        deliverer = self.deliverer(ScriptedClient())
-        deliverer.offload = broken
-        html = attrs.evolve(message(), raw=b"Content-Type: text/html\r\n\r\n<p>x</p>")
-        outcome = self.successResultOf(deliverer.deliver(html))
+        deliverer = self.deliverer(ScriptedPoster(), payloads=Broken())
+        outcome = self.successResultOf(deliverer.deliver(message()))
         reason = "internal error: RuntimeError: a bug"
         self.assertEqual(
             outcome,
@@ -70,48 +92,48 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual([quick_backoff(n) for n in (1, 2, 3, 4)], [0.1, 0.2, 0.4, 0.8])
 
     def test_first_attempt_succeeds(self) -> None:
-        client = ScriptedClient(204)
-        outcome = self.successResultOf(self.deliverer(client).deliver(message()))
+        poster = ScriptedPoster(204)
+        outcome = self.successResultOf(self.deliverer(poster).deliver(message()))
         self.assertEqual(outcome, Delivered((Attempt(1_700_000_000.0, 204),)))
-        [(_body, headers)] = client.requests
+        [(_body, headers)] = poster.requests
         self.assertEqual(headers[b"webhook-id"], b"msg_" + b"0" * 28)
         self.assertEqual(headers[b"webhook-timestamp"], b"1700000000")
         self.assertTrue(headers[b"webhook-signature"].startswith(b"v1,"))
 
     def test_two_failures_then_success_at_the_right_times(self) -> None:
-        client = ScriptedClient(500, 503, 200)
-        d = self.deliverer(client).deliver(message())
-        self.assertEqual(len(client.requests), 1)
+        poster = ScriptedPoster(500, 503, 200)
+        d = self.deliverer(poster).deliver(message())
+        self.assertEqual(len(poster.requests), 1)
         self.clock.advance(0.099)
-        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(len(poster.requests), 1)
         self.clock.advance(0.001)
-        self.assertEqual(len(client.requests), 2)
+        self.assertEqual(len(poster.requests), 2)
         self.clock.advance(0.2)
-        self.assertEqual(len(client.requests), 3)
+        self.assertEqual(len(poster.requests), 3)
         outcome = self.successResultOf(d)
         assert isinstance(outcome, Delivered)
         self.assertEqual([a.status for a in outcome.attempts], [500, 503, 200])
-        ids = {headers[b"webhook-id"] for _, headers in client.requests}
+        ids = {headers[b"webhook-id"] for _, headers in poster.requests}
         self.assertEqual(len(ids), 1)
-        stamps = [headers[b"webhook-timestamp"] for _, headers in client.requests]
+        stamps = [headers[b"webhook-timestamp"] for _, headers in poster.requests]
         self.assertEqual(stamps, [b"1700000000"] * 3)
-        self.assertEqual(len({body for body, _ in client.requests}), 1)
+        self.assertEqual(len({body for body, _ in poster.requests}), 1)
 
     def test_all_attempts_fail(self) -> None:
-        client = ScriptedClient(default=500)
-        d = self.deliverer(client, retries=3).deliver(message())
+        poster = ScriptedPoster(default=500)
+        d = self.deliverer(poster, retries=3).deliver(message())
         self.clock.pump([0.1, 0.2, 0.4])
         outcome = self.successResultOf(d)
         self.assertIsInstance(outcome, Failed)
         assert isinstance(outcome, Failed)
         self.assertFalse(outcome.permanent)
-        self.assertEqual(len(client.requests), 4)
+        self.assertEqual(len(poster.requests), 4)
         self.assertEqual(outcome.attempts[-1].error, "HTTP 500")
 
     def test_permanent_rejection_is_not_retried(self) -> None:
         response = WebhookResponse(422, reason="unknown queue")
-        client = ScriptedClient(response)
-        outcome = self.successResultOf(self.deliverer(client).deliver(message()))
+        poster = ScriptedPoster(response)
+        outcome = self.successResultOf(self.deliverer(poster).deliver(message()))
         self.assertEqual(
             outcome,
             Failed(
@@ -120,33 +142,33 @@ class DeliveryTests(SynchronousTestCase):
                 reason="unknown queue",
             ),
         )
-        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(len(poster.requests), 1)
 
     def test_408_429_and_3xx_are_transient(self) -> None:
         for status in (408, 429, 302, 301, 502):
-            client = ScriptedClient(status, 200)
-            d = self.deliverer(client).deliver(message())
+            poster = ScriptedPoster(status, 200)
+            d = self.deliverer(poster).deliver(message())
             self.clock.advance(0.1)
             self.assertIsInstance(self.successResultOf(d), Delivered, status)
 
     def test_long_retry_after_ends_the_round(self) -> None:
-        client = ScriptedClient(WebhookResponse(429, retry_after=30.0))
-        outcome = self.successResultOf(self.deliverer(client).deliver(message()))
+        poster = ScriptedPoster(WebhookResponse(429, retry_after=30.0))
+        outcome = self.successResultOf(self.deliverer(poster).deliver(message()))
         assert isinstance(outcome, Failed)
         self.assertEqual(outcome.retry_after, 30.0)
-        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(len(poster.requests), 1)
 
     def test_short_retry_after_keeps_quick_retries(self) -> None:
-        client = ScriptedClient(WebhookResponse(503, retry_after=0.0), 200)
-        d = self.deliverer(client).deliver(message())
+        poster = ScriptedPoster(WebhookResponse(503, retry_after=0.0), 200)
+        d = self.deliverer(poster).deliver(message())
         self.clock.advance(0.1)
         self.assertIsInstance(self.successResultOf(d), Delivered)
 
     def test_no_response_is_transient(self) -> None:
-        client = ScriptedClient(
+        poster = ScriptedPoster(
             ConnectionRefusedError(), DeferredTimeoutError(), default=500
         )
-        d = self.deliverer(client, retries=1).deliver(message())
+        d = self.deliverer(poster, retries=1).deliver(message())
         self.clock.advance(0.1)
         outcome = self.successResultOf(d)
         assert isinstance(outcome, Failed)
@@ -156,7 +178,7 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual([a.status for a in outcome.attempts], [None, None])
 
     def test_outcomes_drive_the_breaker(self) -> None:
-        deliverer = self.deliverer(ScriptedClient(default=500), retries=0)
+        deliverer = self.deliverer(ScriptedPoster(default=500), retries=0)
         self.successResultOf(deliverer.deliver(message(1)))
         self.assertIs(self.breaker.state, BreakerState.closed)
         self.successResultOf(deliverer.deliver(message(2)))
@@ -164,77 +186,52 @@ class DeliveryTests(SynchronousTestCase):
 
     def test_permanent_rejection_counts_as_reachable(self) -> None:
         self.breaker.failed()
-        deliverer = self.deliverer(ScriptedClient(400), retries=0)
+        deliverer = self.deliverer(ScriptedPoster(400), retries=0)
         self.successResultOf(deliverer.deliver(message()))
         self.breaker.failed()
         self.assertIs(self.breaker.state, BreakerState.closed)
 
     def test_cancelling_a_round_stops_it(self) -> None:
-        client = ScriptedClient(None)
-        d = self.deliverer(client).deliver(message())
+        poster = ScriptedPoster(None)
+        d = self.deliverer(poster).deliver(message())
         d.cancel()
         self.failureResultOf(d)
-        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(len(poster.requests), 1)
         self.clock.advance(10)
-        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(len(poster.requests), 1)
 
 
-class OffloadTests(SynchronousTestCase):
-    """Payloads are built by the offload, but for small messages with no HTML."""
-
-    def deliver(
-        self, raw: bytes, offload: bool = True, inline_size: int = INLINE_SIZE
-    ) -> bytes:
-        """The body posted for C{raw}; C{self.built} holds what was offloaded."""
-        self.built: list[object] = []
-
-        def record(function: Callable[[], _T]) -> Deferred[_T]:
-            self.built.append(function)
-            return succeed(function())
-
-        clock = Clock()
-        client = ScriptedClient(200)
-        deliverer = Deliverer(
-            client=client,
-            clock=clock,
-            breaker=CircuitBreaker(threshold=1, reset=1.0, clock=clock),
-            max_retries=0,
-            header_prefixes=("X-",),
-            offload=record if offload else None,
-            inline_size=inline_size,
+class ClassificationTests(SynchronousTestCase):
+    def test_transient_statuses(self) -> None:
+        self.assertEqual(
+            [
+                s
+                for s in (200, 301, 400, 404, 408, 422, 429, 500, 503)
+                if is_transient(s)
+            ],
+            [301, 408, 429, 500, 503],
         )
-        delivered = deliverer.deliver(attrs.evolve(message(), raw=raw))
-        self.assertIsInstance(self.successResultOf(delivered), Delivered)
-        [(body, _headers)] = client.requests
-        return body
 
-    def test_built_by_the_offload_unless_small_and_without_html(self) -> None:
-        small = b"Subject: small\r\nX-Id: 1\r\n\r\nplain"
-        for raw, offloaded in [
-            (small, False),
-            (small + b"y" * (INLINE_SIZE - len(small)), False),
-            (small + b"y" * (INLINE_SIZE - len(small) + 1), True),
-            (b"Content-Type: Text/HTML\r\n\r\n<p>rendered</p>", True),
-            (b"Subject: mentions text/html\r\n\r\nplain", True),
-        ]:
-            body = self.deliver(raw)
-            expected = encode_payload(
-                build_payload(attrs.evolve(message(), raw=raw), ("X-",))
-            )
-            self.assertEqual(body, expected)
-            self.assertEqual(len(self.built), offloaded, raw[:30])
+    def test_settlement(self) -> None:
+        self.assertEqual(settlement(Delivered(())), "delivered")
+        self.assertEqual(settlement(Failed((), permanent=True)), "rejected")
+        self.assertEqual(settlement(Failed((), permanent=False)), "retry")
 
-    def test_with_no_inline_size_everything_is_offloaded(self) -> None:
-        self.deliver(b"Subject: small\r\n\r\nplain", inline_size=0)
-        self.assertEqual(len(self.built), 1)
-
-    def test_what_goes_to_the_offload_can_cross_a_pipe(self) -> None:
-        """The payload process gets the build by pickle."""
-        self.deliver(b"Content-Type: text/html\r\n\r\n<p>body</p>")
-        [build] = self.built
-        self.assertEqual(pickle.loads(pickle.dumps(build))(), build())  # type: ignore[operator]
-
-    def test_without_offload_built_here(self) -> None:
-        body = self.deliver(b"Content-Type: text/html\r\n\r\n<p>x</p>", offload=False)
-        self.assertEqual(json.loads(body)["body"], "x")
-        self.assertEqual(self.built, [])
+    def test_describe_error(self) -> None:
+        """Agent's wrapped failures are described by what they wrap."""
+        lost = ResponseNeverReceived([Failure(ConnectionLost("gone"))])
+        self.assertEqual(
+            [
+                describe_error(DeferredTimeoutError()),
+                describe_error(ConnectionRefusedError()),
+                describe_error(lost),
+                describe_error(ResponseNeverReceived([])),
+            ],
+            [
+                "timed out",
+                "connection refused",
+                "ConnectionLost: Connection to the other side was lost in a"
+                " non-clean fashion: gone.",
+                "ResponseNeverReceived: []",
+            ],
+        )

@@ -1,5 +1,5 @@
 """
-Tests for L{maillaser.signing}, checked against the reference
+Tests for L{maillaser.webhook}'s signing, checked against the reference
 C{standardwebhooks} package in both directions.
 """
 
@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from twisted.trial.unittest import SynchronousTestCase
 
-from maillaser.signing import (
+from maillaser.webhook import (
     VerificationError,
     parse_secret,
     request_headers,

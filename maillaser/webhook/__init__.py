@@ -3,6 +3,7 @@ From an accepted message to the webhook: payload, signing, circuit
 breaker, delivery rounds and the treq poster.
 """
 
+from maillaser.message import WebhookResponse
 from maillaser.webhook._breaker import BreakerState, CircuitBreaker
 from maillaser.webhook._delivery import (
     Delivered,
@@ -14,7 +15,19 @@ from maillaser.webhook._delivery import (
     quick_backoff,
     settlement,
 )
-from maillaser.webhook._signing import VerificationError, request_headers, verify
+from maillaser.webhook._payload import (
+    build_payload,
+    encode_payload,
+    encoded_payload,
+    fallback_payload,
+)
+from maillaser.webhook._signing import (
+    VerificationError,
+    parse_secret,
+    request_headers,
+    sign,
+    verify,
+)
 
 __all__ = [
     "BreakerState",
@@ -24,10 +37,17 @@ __all__ = [
     "Failed",
     "Outcome",
     "VerificationError",
+    "WebhookResponse",
+    "build_payload",
     "describe_error",
+    "encode_payload",
+    "encoded_payload",
+    "fallback_payload",
     "is_transient",
+    "parse_secret",
     "quick_backoff",
     "request_headers",
     "settlement",
+    "sign",
     "verify",
 ]

@@ -10,42 +10,28 @@ business; what the SMTP client hears in sync mode is the sink's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
-from typing import Protocol, TypeVar
+from collections.abc import Sequence
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 
-from maillaser.interfaces import IWebhookPoster
+from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
 from maillaser.message import Attempt, Message, WebhookResponse
 from maillaser.webhook._breaker import CircuitBreaker
-from maillaser.webhook._payload import encoded_payload
 from maillaser.webhook._signing import request_headers
 
 QUICK_BACKOFF = 0.1
 """Seconds before the first quick retry; doubled for each one after."""
-
-INLINE_SIZE = 4096
-"""
-The default of L{Deliverer.inline_size}.  At this size parsing a message
-costs little (typically 20 µs; under 2 ms for the worst found, hundreds
-of tiny MIME parts); html2text's cost has no such bound, so a message
-that may need it always makes the trip to the payload process.
-"""
-
-_T = TypeVar("_T")
-
-
-class Offload(Protocol):
-    """Runs C{function} elsewhere; the result comes back on the reactor."""
-
-    def __call__(self, function: Callable[[], _T], /) -> Deferred[_T]: ...
 
 
 @attrs.frozen
@@ -86,28 +72,16 @@ def is_transient(status: int) -> bool:
 class Deliverer:
     """Runs delivery rounds and reports each outcome to the circuit breaker."""
 
-    client: IWebhookPoster
+    poster: IWebhookPoster
+    payloads: IPayloadBuilder
+    """
+    Builds each request body once per round: it decides where (payloads
+    can be costly to build) and it never fails because of the message.
+    """
     clock: IReactorTime
     breaker: CircuitBreaker
     max_retries: int
     secrets: Sequence[str] = attrs.field(default=(), repr=False)
-    header_prefixes: Sequence[str] = ()
-    offload: Offload | None = None
-    """
-    Builds payloads away from the reactor: the bridge's payload process
-    (L{maillaser.child}).  Parsing is pure Python, and html2text's cost is
-    bounded by no size (32 KB of nested blockquotes takes over 100 ms);
-    C{None} builds them right here, for tests.
-    """
-    inline_size: int = INLINE_SIZE
-    """
-    Messages up to this size with no HTML in them are built right here,
-    on the reactor thread, rather than offloaded.  Worth it where a sender
-    waits for each payload (sync mode): the trip is on its way to C{250}.
-    Where nobody waits (queue mode, 0), the dispatcher starts rounds many
-    at a time and their requests share the pipe's writes, so offloading
-    everything leaves the reactor more time for SMTP.
-    """
     _log = Logger()
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -139,7 +113,7 @@ class Deliverer:
         return outcome
 
     async def _attempts(self, message: Message) -> Outcome:
-        body = await self._body(message)
+        body = await self.payloads.build(message)
         attempts: list[Attempt] = []
         outcome: Outcome | None = None
         for retry in range(self.max_retries + 1):
@@ -156,19 +130,13 @@ class Deliverer:
         assert outcome is not None
         return outcome
 
-    def _body(self, message: Message) -> Deferred[bytes]:
-        build = partial(encoded_payload, message, tuple(self.header_prefixes))
-        if self.offload is None or _cheap(message.raw, self.inline_size):
-            return succeed(build())
-        return self.offload(build)
-
     async def _attempt(
         self, message: Message, body: bytes, attempts: list[Attempt]
     ) -> Outcome:
         now = self.clock.seconds()
         headers = request_headers(self.secrets, message.id, int(now), body)
         try:
-            response: WebhookResponse = await self.client.post(body, headers)
+            response: WebhookResponse = await self.poster.post(body, headers)
         except CancelledError:
             raise  # the round was cancelled, at shutdown: stop, do not retry
         except Exception as error:  # every transport failure is transient
@@ -212,15 +180,6 @@ class Deliverer:
             self.breaker.failed()
 
 
-def _cheap(raw: bytes, limit: int) -> bool:
-    """
-    Small, and with no C{text/html} part: a part is HTML only if its
-    Content-Type says so, so where the words do not appear there is none
-    to render (where they appear in the text, the trip is only wasted).
-    """
-    return len(raw) <= limit and b"text/html" not in raw.lower()
-
-
 def describe_error(error: BaseException) -> str:
     """A short, log-safe description of why no response arrived."""
     if isinstance(error, DeferredTimeoutError):
@@ -231,4 +190,11 @@ def describe_error(error: BaseException) -> str:
         return "DNS lookup failed"
     if isinstance(error, ConnectError):
         return f"connection failed: {error.__class__.__name__}"
+    if isinstance(error, _WRAPPERS) and error.reasons:
+        # Agent wraps what went wrong on the connection (a TLS failure, a
+        # connection lost mid-response): that is the reason worth telling.
+        return describe_error(error.reasons[0].value)
     return f"{error.__class__.__name__}: {error}"[:200]
+
+
+_WRAPPERS = (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)
