@@ -10,12 +10,12 @@ tests too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import sys
 from collections.abc import Callable
-from contextlib import suppress
 from typing import Any
 
 from twisted.internet import reactor
@@ -520,5 +520,5 @@ class RealChildTests(TestCase):
 
 
 def _kill_quietly(pid: int) -> None:
-    with suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

@@ -44,6 +44,7 @@ from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 
 import maillaser
+from maillaser.logs import observer
 from maillaser.timers import cancel_timer
 
 RESTART_INTERVAL = 1.0
@@ -207,7 +208,7 @@ class ChildProcess:
     @ivar name: names the child in logs and health problems.
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(
         self,
@@ -491,7 +492,7 @@ class LogRelay:
     are kept to say why the child ended.
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(self, name: str) -> None:
         self._name = name

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 import maillaser
 from maillaser.config import Config
 from maillaser.interfaces import IMessageSink
+from maillaser.logs import observer
 from maillaser.worker._child import Answer, Ask, ChildError, ChildProcess, ChildProgram
 from maillaser.worker._commands import (
     PROTOCOL_VERSION,
@@ -63,7 +64,7 @@ class DeliveryWorker(Service):
     @ivar status: the last L{Status} answer; C{None} until the first.
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(
         self,

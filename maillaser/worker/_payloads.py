@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from maillaser.interfaces import IPayloadBuilder
+from maillaser.logs import observer
 from maillaser.message import Message
 from maillaser.webhook import encoded_payload, fallback_payload
 from maillaser.worker._child import ChildError, ChildProcess, ChildProgram, ChildTimeout
@@ -66,7 +67,7 @@ class PayloadBuilder:
     ended.
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from maillaser.config import Config
 from maillaser.interfaces import IMessageSink
+from maillaser.logs import observer
 from maillaser.message import Message, Refusal
 from maillaser.webhook import quick_backoff
 from maillaser.worker._commands import Deliver, Store, message_arguments
@@ -92,7 +93,7 @@ class QueueSink:
     max_bytes: int
     timeout: float
     """Seconds the worker has to answer L{Store}."""
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def check_capacity(self) -> None:
         status = _ready_status(self.worker)
@@ -132,7 +133,7 @@ class SyncSink:
     timeout: float
     """Seconds the worker has to answer L{Deliver}: see L{sync_deadline}."""
     _slots: DeferredSemaphore = attrs.field(init=False)
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __attrs_post_init__(self) -> None:
         self._slots = DeferredSemaphore(self.concurrency)

@@ -29,7 +29,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from maillaser.logs import json_lines
+from maillaser.logs import json_lines, observer
 
 
 @implementer(IHalfCloseableProtocol)
@@ -42,7 +42,7 @@ class ChildProtocol(amp.AMP):
         clean-up is done.
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(self) -> None:
         super().__init__()
