@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
@@ -73,6 +74,7 @@ class DeliveryTests(SynchronousTestCase):
     def test_a_round_that_breaks_is_a_failed_round(self) -> None:
         """Settled and retried later like any failure, and the breaker hears it."""
 
+        @implementer(IPayloadBuilder)
         class Broken:
             def build(self, message: Message) -> Deferred[bytes]:
                 return fail(RuntimeError("a bug"))

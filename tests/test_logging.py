@@ -1,117 +1,44 @@
 """
-Logs: one id ties a message's events to its C{webhook-id}, nothing secret
-reaches info, JSON lines are one object per line, and the configured level
-holds under C{twistd} and C{twist} (run for real).
+Logs: JSON lines are one flat object per line, MailLaser's events are
+filtered at the level set wherever the log goes, and under the real
+C{twistd} and C{twist} that level holds.
+
+That one id ties a message's events to its C{webhook-id}, and that no body
+or secret reaches the log above debug, takes a whole bridge: those are the
+bridge's tests, not these.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
-import re
-import shutil
-import signal
+import subprocess
 import sys
-import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.application.twist._options import TwistOptions
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import (
-    LogEvent,
     Logger,
     LogLevel,
     eventAsText,
+    eventsFromJSONLogFile,
+    formatEvent,
     globalLogPublisher,
-    textFileLogObserver,
 )
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
-from twisted.python.syslog import SyslogObserver
-from twisted.scripts._twistd_unix import ServerOptions  # what twistd runs on POSIX
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser import logs
-from maillaser.interfaces import ISpool
-from maillaser.tap import Options
-from maillaser.testing import ReceivedRequest, WebhookReceiver
-from tests.helpers import RawClient, poll, simple_message, start_quiet_bridge, wait
+from tests.test_tap import run_plugin
 
-KEY = "b2JzZXJ2YWJpbGl0eS10ZXN0LXNlY3JldA=="
-SECRET = "whsec_" + KEY
-BODY = "Confidential-body-marker 7d1f"
-QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as (msg_[0-9a-f]{28})$")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = ("-c", "from twisted.scripts.twistd import run; run()")
-WARNING = "connection limit reached, refusing "  # no peer host on a UNIX socket
-REQUIRED = {
-    "MAIL_LASER_TARGET_EMAILS": "alerts@example.com",
-    "MAIL_LASER_WEBHOOK_URL": "http://127.0.0.1:9/hook",
-}
-
-
-class CorrelationTests(TestCase):
-    """A message whose first webhook attempt fails and whose second succeeds."""
-
-    async def story(self) -> tuple[list[LogEvent], list[ReceivedRequest], bytes]:
-        """The events logged, the requests received, and the final SMTP reply."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        receiver = WebhookReceiver()
-        receiver.script(500)
-        bridge = await start_quiet_bridge(
-            self, receiver, webhook_max_retries=1, webhook_secrets=(SECRET,)
-        )
-        result = await bridge.send(simple_message(body=BODY + "\n"))
-        requests = await wait(receiver.wait_for(2))
-        spool: ISpool | None = bridge.service.spool
-        assert spool is not None
-        await poll(lambda: spool.stats().pending == 0)
-        return list(events), requests, result["reply"]
-
-    async def test_one_id(self) -> None:
-        """SMTP reply, log events and C{webhook-id} all name the message alike."""
-        events, requests, reply = await self.story()
-        [webhook_id] = {request.headers["webhook-id"] for request in requests}
-        match = QUEUED.match(reply)
-        assert match is not None, reply
-        self.assertEqual(match.group(1).decode(), webhook_id)
-        self.assertEqual(
-            [
-                (event["log_namespace"], event["log_level"], event["message_id"])
-                for event in events
-                if "message_id" in event
-            ],
-            [
-                ("maillaser.smtp.SMTPSession", LogLevel.info, webhook_id),
-                ("maillaser.delivery.Deliverer", LogLevel.warn, webhook_id),
-                ("maillaser.delivery.Deliverer", LogLevel.info, webhook_id),
-            ],
-        )
-
-    async def test_no_body_or_secret(self) -> None:
-        """Neither reaches any event above debug, as JSON or as text."""
-        events, requests, _ = await self.story()
-        self.assertEqual(requests[-1].json()["body"], BODY + "\r\n")
-        self.assertIn("webhook-signature", requests[-1].headers)
-        written = io.StringIO()
-        observer = logs.json_lines(written)
-        shown = [event for event in events if event["log_level"] != LogLevel.debug]
-        for event in shown:
-            observer(event)
-        lines = written.getvalue().splitlines()
-        self.assertEqual(len(lines), len(shown))
-        self.assertGreater(len(lines), 5)
-        for needle in (BODY, KEY):
-            self.assertNotIn(needle, written.getvalue())
+LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error)
+PROBE = "__main__.Probe"
+"""The namespace of the stand-in service's events in L{run_plugin}."""
 
 
 def json_lines_of(emit: Any) -> list[dict[str, Any]]:
@@ -206,279 +133,223 @@ class JsonLinesTests(SynchronousTestCase):
         )
 
 
+class _Emitter:
+    """Emits as MailLaser's classes do."""
+
+    log = Logger(observer=logs.observer)
+
+    def each_level(self) -> None:
+        for level in LEVELS:
+            self.log.emit(level, "at {level_name}", level_name=level.name)
+
+
 class LevelTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.patch(logs, "_process_level", LogLevel.info)
-        self.patch(logs, "_twistd_destination", logs._twistd_destination)
+        self.addCleanup(logs.set_level, logs.current_level())
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
 
-    def configure(
-        self, level: str | None, runner: Any = None, arguments: tuple[str, ...] = ()
-    ) -> None:
-        """Parse the plugin's options as a subcommand of C{runner}."""
-        environ = dict(REQUIRED, MAIL_LASER_LOG_LEVEL=level) if level else REQUIRED
-        options = Options(environ=environ, dotenv_path=None)
-        options.parent = runner
-        options.parseOptions(list(arguments))
+    def emitted(self) -> list[tuple[str, str]]:
+        """Namespace and level of the events that reached the global publisher."""
+        return [
+            (event["log_namespace"], event["log_level"].name) for event in self.events
+        ]
 
-    def emitted(self, make_observer: Any) -> list[str]:
-        """The lines an observer made now writes to stdout, for one event per level."""
+    def test_nothing_dropped_until_set(self) -> None:
+        """A program composing the bridge filters in its own observers."""
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from maillaser import logs; print(logs.current_level().name)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual((result.stdout, result.stderr), ("debug\n", ""))
+        logs.set_level(LogLevel.debug)
+        _Emitter().each_level()
+        namespace = f"{__name__}._Emitter"
+        self.assertEqual(self.emitted(), [(namespace, level.name) for level in LEVELS])
+
+    def test_set_level(self) -> None:
+        for level, expected, shown in [
+            ("warn", LogLevel.warn, ["warn", "error"]),
+            ("error", LogLevel.error, ["error"]),
+            (LogLevel.info, LogLevel.info, ["info", "warn", "error"]),
+        ]:
+            logs.set_level(level)
+            before = len(self.events)
+            _Emitter().each_level()
+            self.assertEqual(
+                [event["log_level"].name for event in list(self.events)[before:]],
+                shown,
+            )
+            self.assertIs(logs.current_level(), expected)
+
+    def test_only_maillaser_events(self) -> None:
+        """Others' events are the runner's, or the composing program's, to filter."""
+        logs.set_level(LogLevel.error)
+        Logger(namespace="twisted.other").info("not ours")
+        self.assertEqual(self.emitted(), [("twisted.other", "info")])
+
+    def observed(self, make_observer: Any) -> list[str]:
+        """What an observer made for twistd writes to stdout, one event per level."""
         stdout = io.StringIO()
         self.patch(sys, "stdout", stdout)
-        log = Logger(namespace="maillaser.test", observer=make_observer())
-        for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
-            log.emit(level, "at {name}", name=level.name)
+        log = Logger(namespace="twisted.other", observer=make_observer())
+        for level in LEVELS:
+            log.emit(level, "at {level_name}", level_name=level.name)
         return stdout.getvalue().splitlines()
 
     def test_json_observer(self) -> None:
-        self.configure("warn")
+        """For C{twistd --logger}: everything at the level, Twisted's events too."""
+        logs.set_level("warn")
         self.assertEqual(
-            [json.loads(line)["text"] for line in self.emitted(logs.json_observer)],
+            [json.loads(line)["text"] for line in self.observed(logs.json_observer)],
             ["at warn", "at error"],
         )
 
     def test_text_observer(self) -> None:
-        """The command line's C{--log-level} beats the environment."""
-        self.configure("info", arguments=("--log-level", "error"))
-        [line] = self.emitted(logs.text_observer)
-        self.assertTrue(line.endswith(" [maillaser.test#error] at error"), line)
+        logs.set_level("error")
+        [line] = self.observed(logs.text_observer)
+        self.assertTrue(line.endswith(" [twisted.other#error] at error"), line)
 
-    def test_default_level(self) -> None:
-        self.configure(None)
-        self.assertEqual(
-            [json.loads(line)["level"] for line in self.emitted(logs.json_observer)],
-            ["info", "warn", "error"],
-        )
-
-    def test_twist(self) -> None:
-        """C{twist} is told the level, and to write JSON lines for C{json}."""
-        twist = TwistOptions()
-        twist.opt_log_format("json")
-        self.configure("warn", twist)
-        self.assertEqual(
-            (twist["logLevel"], twist["fileLogObserverFactory"]),
-            (LogLevel.warn, logs.json_lines),
-        )
-
-    def test_twist_chose(self) -> None:
-        """C{twist --log-level} wins; its text format stays."""
-        twist = TwistOptions()
-        twist.opt_log_level("debug")
-        twist.opt_log_format("text")
-        self.configure("warn", twist)
-        self.assertEqual(
-            (twist["logLevel"], twist["fileLogObserverFactory"]),
-            (LogLevel.debug, textFileLogObserver),
-        )
-
-    def test_twistd(self) -> None:
-        """C{twistd -n} logging text to stdout does so through L{text_observer}."""
-        for arguments in (["--nodaemon"], ["--nodaemon", "--logfile=-"]):
-            twistd = ServerOptions()
-            twistd.parseOptions(arguments)
-            self.configure("warn", twistd)
-            self.assertEqual(twistd["logger"], "maillaser.logs.text_observer")
-        self.assertIs(logs._process_level, LogLevel.warn)
-
-    def test_twistd_file_and_syslog(self) -> None:
-        """The observer twistd would build, with the level in front."""
-        for arguments, observer, destination in [
-            ([], "file_observer", "twistd.log"),  # a daemon
-            (["--logfile=bridge.log"], "file_observer", "bridge.log"),
-            (["-n", "--logfile=bridge.log"], "file_observer", "bridge.log"),
-            (["-n", "--syslog", "--prefix=mail"], "syslog_observer", "mail"),
-            (["--syslog"], "syslog_observer", "twisted"),
-        ]:
-            twistd = ServerOptions()
-            twistd.parseOptions(arguments)
-            self.configure("warn", twistd)
-            self.assertEqual(
-                (twistd["logger"], logs._twistd_destination),
-                (f"maillaser.logs.{observer}", destination),
-                arguments,
-            )
-
-    def test_twistd_chose(self) -> None:
-        """C{--logger} is left alone, and so is a daemon told to use stdout."""
-        for arguments in (
-            ["--nodaemon", "--logger=maillaser.logs.json_observer"],
-            ["--logfile=-"],
-        ):
-            twistd = ServerOptions()
-            twistd.parseOptions(arguments)
-            before = dict(twistd)
-            self.configure("warn", twistd)
-            self.assertEqual(dict(twistd), before, arguments)
-
-    def log_each_level(self, observer: Any) -> None:
-        log = Logger(namespace="maillaser.test", observer=observer)
-        for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
-            log.emit(level, "at {name}", name=level.name)
-
-    def test_file_observer(self) -> None:
-        """Text at the level, in a file that SIGUSR1 will rotate."""
-        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        path = os.path.abspath(self.mktemp())
-        self.patch(logs, "_twistd_destination", path)
-        self.configure("warn")
-        self.log_each_level(logs.file_observer())
-        rotate = signal.getsignal(signal.SIGUSR1)
-        assert isinstance(rotate, functools.partial)
-        [log_file] = rotate.args
-        self.addCleanup(log_file.close)
-        with open(path) as written:
-            lines = written.read().splitlines()
-        self.assertEqual(
-            [line.rsplit("] ", 1)[1] for line in lines], ["at warn", "at error"]
-        )
-
-    def test_file_observer_leaves_sigusr1_taken(self) -> None:
-        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        self.patch(logs, "_twistd_destination", os.path.abspath(self.mktemp()))
-        logs.file_observer()
-        self.assertEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_IGN)
-
-    def test_syslog_observer(self) -> None:
-        sent: list[tuple[object, ...]] = []
-        self.patch(SyslogObserver, "openlog", lambda *arguments: None)
-        self.patch(SyslogObserver, "syslog", lambda *arguments: sent.append(arguments))
-        self.patch(logs, "_twistd_destination", "mail")
-        self.configure("warn")
-        self.log_each_level(logs.syslog_observer())
-        self.assertEqual(
-            [arguments[-1] for arguments in sent],
-            ["[-] at warn", "[-] at error"],  # what twistd's own sends
-        )
+    def test_observers_follow_the_level(self) -> None:
+        """The level set after an observer was made applies to it."""
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        logs.set_level("debug")
+        observer = logs.json_observer()
+        logs.set_level("error")
+        Logger(namespace="twisted.other", observer=observer).warn("dropped")
+        self.assertEqual(stdout.getvalue(), "")
 
 
-class _Collect(ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
+def probe_lines(text: str) -> list[str]:
+    """The stand-in service's lines of a text log, from the namespace on."""
+    return [
+        line.split(" [", 1)[1] for line in text.splitlines() if f"[{PROBE}#" in line
+    ]
 
 
-class RunnerTests(TestCase):
+class RunnerTests(SynchronousTestCase):
     """
-    The real C{twistd} and C{twist}, at C{MAIL_LASER_LOG_LEVEL=warn}: a
-    refused connection is the one event worth a warning, and the only line.
+    The real C{twistd} and C{twist} at C{MAIL_LASER_LOG_LEVEL=warn}: the
+    level holds for MailLaser's events wherever the runner sends them.
     """
 
-    async def run_bridge(self, *command: str, before_stop: Any = None) -> list[str]:
-        """
-        Its standard output; C{before_stop(process, directory)} is awaited
-        once the bridge has refused a connection.
-        """
-        directory = tempfile.mkdtemp(prefix="maillaser-")  # short: socket paths
-        self.addCleanup(shutil.rmtree, directory)
-        sockets = [os.path.join(directory, name) for name in ("smtp", "health")]
-        arguments = ["--smtp", "unix:smtp", "--health", "unix:health"]
-        environ = {
-            **REQUIRED,
-            "PYTHONPATH": ROOT,
-            "MAIL_LASER_LOG_LEVEL": "warn",
-            "MAIL_LASER_MAX_CONNECTIONS": "1",
-        }
-        process = _Collect()
-        reactor.spawnProcess(
-            process,
-            sys.executable,
-            [sys.executable, *command, "maillaser", *arguments],
-            env=environ,
-            path=directory,
-        )
-        self.addCleanup(self.kill, process)
-        await poll(lambda: all(map(os.path.exists, sockets)), timeout=30)
-        clients = [await self.connect(sockets[0]) for _ in range(2)]
+    WARN = {"MAIL_LASER_LOG_LEVEL": "warn"}
+
+    def run_ok(
+        self, runner: list[str], environ: dict[str, str] | None = None
+    ) -> tuple[str, str]:
+        """Standard output and the working directory of a clean run."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        result = run_plugin(runner, environ=environ or self.WARN, cwd=directory)
+        self.assertEqual((result.returncode, result.stderr), (0, ""), runner)
+        return result.stdout, directory
+
+    def test_twistd_text(self) -> None:
+        """C{twistd -n}: Twisted's own events are twistd's, at all levels."""
+        stdout, _ = self.run_ok(["twistd", "--nodaemon", "--pidfile="])
         self.assertEqual(
-            [client.replies() for client in clients],
+            probe_lines(stdout),
             [
-                [b"220 localhost ESMTP MailLaser"],
-                [b"421 4.7.0 localhost Too many connections, try later"],
+                f"{PROBE}#warn] probe at warn",
+                f"{PROBE}#error] probe at error",
+                f"{PROBE}#error] reactor EPollReactor",
             ],
         )
-        if before_stop is not None:
-            await before_stop(process, directory)
-        assert process.transport is not None
-        process.transport.signalProcess("TERM")
-        await wait(process.ended, timeout=30)
-        self.assertEqual(process.err, b"")
-        return process.out.decode().splitlines()
+        self.assertIn("[twisted.internet.base#info] Main loop terminated.", stdout)
 
-    def kill(self, process: _Collect) -> Deferred[None]:
-        if not process.ended.called and process.transport is not None:
-            process.transport.signalProcess("KILL")
-        return process.ended
-
-    async def connect(self, path: str) -> RawClient:
-        client: RawClient = await wait(
-            connectProtocol(UNIXClientEndpoint(reactor, path), RawClient())
+    def test_twistd_log_file(self) -> None:
+        stdout, directory = self.run_ok(
+            ["twistd", "--nodaemon", "--pidfile=", "--logfile=bridge.log"]
         )
-        self.addCleanup(client.abort)
-        await client.wait_for_replies(1)
-        return client
+        with open(os.path.join(directory, "bridge.log")) as log_file:
+            written = log_file.read()
+        self.assertEqual(
+            (stdout, probe_lines(written)),
+            (
+                "",
+                [
+                    f"{PROBE}#warn] probe at warn",
+                    f"{PROBE}#error] probe at error",
+                    f"{PROBE}#error] reactor EPollReactor",
+                ],
+            ),
+        )
 
-    def assertOnlyTheWarning(self, lines: list[str]) -> None:
-        """One JSON line: the warning."""
+    def test_twistd_json(self) -> None:
+        """L{logs.json_observer}: JSON lines, all at the level."""
+        stdout, _ = self.run_ok(
+            [
+                "twistd",
+                "--nodaemon",
+                "--pidfile=",
+                "--logger=maillaser.logs.json_observer",
+            ]
+        )
         self.assertEqual(
             [
                 (line["level"], line["namespace"], line["text"])
-                for line in map(json.loads, lines)
+                for line in map(json.loads, stdout.splitlines())
             ],
-            [("warn", "maillaser.smtp.SMTPServerFactory", WARNING)],
+            [
+                ("warn", PROBE, "probe at warn"),
+                ("error", PROBE, "probe at error"),
+                ("error", PROBE, "reactor EPollReactor"),
+            ],
         )
 
-    async def test_twistd_json(self) -> None:
-        lines = await self.run_bridge(
-            *TWISTD,
-            "--nodaemon",
-            "--pidfile=",
-            "--logger=maillaser.logs.json_observer",
-        )
-        self.assertOnlyTheWarning(lines)
+    def twist_events(self, stdout: str) -> list[tuple[str, str]]:
+        """Level and text of the stand-in's events in Twisted's JSON log."""
+        return [
+            (event["log_level"].name, formatEvent(event))
+            for event in eventsFromJSONLogFile(io.StringIO(stdout))
+            if event["log_namespace"] == PROBE
+        ]
 
-    async def test_twistd_text(self) -> None:
-        """Without C{--logger}, C{twistd -n} logs text, at the level too."""
-        [line] = await self.run_bridge(*TWISTD, "--nodaemon", "--pidfile=")
-        self.assertTrue(
-            line.endswith(f" [maillaser.smtp.SMTPServerFactory#warn] {WARNING}"), line
-        )
-
-    async def test_twistd_log_file(self) -> None:
-        """At the level too, and rotated on SIGUSR1 as twistd's own is."""
-        written: list[str] = []
-
-        async def rotate(process: _Collect, directory: str) -> None:
-            path = os.path.join(directory, "bridge.log")
-            await poll(lambda: os.path.exists(path) and os.path.getsize(path) > 0)
-            assert process.transport is not None
-            process.transport.signalProcess(signal.SIGUSR1)
-            await poll(lambda: os.path.exists(path + ".1"))
-            with open(path + ".1") as rotated:
-                written.extend(rotated.read().splitlines())
-
-        arguments = ("--nodaemon", "--pidfile=", "--logfile=bridge.log")
+    def test_twist(self) -> None:
+        """JSON (Twisted's event format) since standard output is not a tty."""
+        stdout, _ = self.run_ok(["twist"])
         self.assertEqual(
-            await self.run_bridge(*TWISTD, *arguments, before_stop=rotate), []
-        )
-        [line] = written
-        self.assertTrue(
-            line.endswith(f" [maillaser.smtp.SMTPServerFactory#warn] {WARNING}"), line
+            self.twist_events(stdout),
+            [
+                ("warn", "probe at warn"),
+                ("error", "probe at error"),
+                ("error", "reactor EPollReactor"),
+            ],
         )
 
-    async def test_twist(self) -> None:
-        """JSON, since standard output is not a terminal."""
-        self.assertOnlyTheWarning(await self.run_bridge("-m", "twisted"))
+    def test_twist_log_level(self) -> None:
+        """
+        Debug events need both levels: C{twist} drops what is below its
+        own, MailLaser what is below the configured one.
+        """
+        for twist_level, level, shown in [
+            ("debug", "debug", ["debug", "info", "warn", "error"]),
+            ("debug", "warn", ["warn", "error"]),
+            ("info", "debug", ["info", "warn", "error"]),
+        ]:
+            stdout, _ = self.run_ok(
+                ["twist", f"--log-level={twist_level}"],
+                {"MAIL_LASER_LOG_LEVEL": level},
+            )
+            self.assertEqual(
+                [
+                    event_level
+                    for event_level, text in self.twist_events(stdout)
+                    if text.startswith("probe at ")
+                ],
+                shown,
+                (twist_level, level),
+            )
 
 
 class RenderingTests(SynchronousTestCase):

@@ -18,11 +18,12 @@ import textwrap
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from maillaser.interfaces import ISpool
@@ -425,6 +426,23 @@ class SqliteSpoolTests(SpoolCase):
         self.assertTrue(spool.writable())
         self.assertEqual(spool.stats(), SpoolStats(pending=2, bytes=2 * len(RAW)))
 
+    def test_a_bug_fails_its_commit_and_the_spool_goes_on(self) -> None:
+        """Every write of the group gets the error; the next turn commits."""
+        spool = self.open()
+
+        def broken(database: SpoolDatabase, message: Message) -> int:
+            raise ZeroDivisionError("a bug")
+
+        patched = self.patch(SpoolDatabase, "insert", broken)
+        adds = [spool.add(message(f"msg_{n}")) for n in range(2)]
+        for added in adds:
+            self.failed(added, ZeroDivisionError)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        patched.restore()
+        self.done(spool.add(message()))
+        self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
+        self.assertEqual([entry.id for entry in self.database().entries()], ["msg_1"])
+
     def test_stats_refresh_after_external_change(self) -> None:
         """The admin tool changes the database; refresh() sees it."""
         spool = self.open()
@@ -506,6 +524,27 @@ class SqliteSpoolTests(SpoolCase):
         self.assertEqual(self.done(spool.refresh()), SpoolStats())
         self.assertTrue(spool.writable())
         self.assertEqual(self.database().entries(), [])  # nothing left behind
+
+    def test_counts_are_right_when_the_first_write_is_answered(self) -> None:
+        """
+        Every write of a commit has counted before any is answered: a
+        refresh() after the probe, with adds in the same commit, counts
+        each once.
+        """
+        spool = self.open()
+        limit_pages(spool, 1)
+        self.failed(spool.add(message("msg_0", raw=BIG)), SpoolError)
+        self.flushLoggedErrors(SpoolError)
+        limit_pages(spool, 1_000_000)
+        refreshed = spool.refresh()
+        adds = [spool.add(message(f"msg_{n}")) for n in range(3)]
+        self.turn()
+        self.assertEqual(
+            self.successResultOf(refreshed), SpoolStats(pending=3, bytes=3 * len(RAW))
+        )
+        for added in adds:
+            self.successResultOf(added)
+        self.assertEqual(spool.stats(), SpoolStats(pending=3, bytes=3 * len(RAW)))
 
     def test_close_finishes_writes(self) -> None:
         """
@@ -650,6 +689,17 @@ class CrashTests(SpoolCase):
         spool = self.open()
         self.assertEqual(spool.stats(), SpoolStats(pending=3, bytes=15))
         self.assertEqual(self.ids(spool.due(1.0, 10)), ["msg_0", "msg_1", "msg_2"])
+
+
+class ReactorTests(TestCase):
+    async def test_one_commit_per_reactor_turn(self) -> None:
+        """On the real reactor, the writes of one turn share one commit."""
+        spool = open_spool(os.path.join(self.mktemp(), "spool"), reactor)
+        self.addCleanup(spool.close)
+        await gatherResults([spool.add(message(f"msg_{n}")) for n in range(20)])
+        await spool.add(message("msg_later"))
+        self.assertEqual(spool.commits, 2)
+        self.assertEqual(spool.stats().pending, 21)
 
 
 class SpoolDatabaseTests(SynchronousTestCase):

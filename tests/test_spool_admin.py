@@ -1,5 +1,5 @@
 """
-Tests for L{maillaser.spool_admin}, the C{maillaser-spool} command, run
+Tests for L{maillaser.spool.admin}, the C{maillaser-spool} command, run
 against real spools on disk.
 """
 
@@ -20,8 +20,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 import maillaser
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import DATABASE_NAME, SpoolDatabase, open_spool
-from maillaser.spool_admin import format_duration, format_size, main, run
-from tests.doubles import stored
+from maillaser.spool.admin import format_duration, format_size, main, run
 from tests.helpers import wait
 from tests.process import clean_environment
 
@@ -47,7 +46,7 @@ ENVELOPE = Envelope(
 
 
 def message(id: str, received_at: float, raw: bytes = RAW) -> Message:
-    return stored(ENVELOPE, id, received_at, raw)
+    return Message(id=id, envelope=ENVELOPE, raw=raw, received_at=received_at)
 
 
 class Output:
@@ -394,8 +393,9 @@ class SpoolAdminTests(SynchronousTestCase):
 class SpoolAdminProcessTests(TestCase):
     async def test_requeue_while_server_runs(self) -> None:
         """
-        The installed command, as a real process, replays a dead letter while
-        the bridge holds the spool open; the bridge sees it after refresh().
+        The command, as a real process, replays a dead letter while the
+        delivery worker's spool holds the database open; the worker sees it
+        after refresh().
         """
         directory = os.path.abspath(os.path.join(self.mktemp(), "spool"))
         spool = open_spool(directory, reactor)
@@ -408,7 +408,7 @@ class SpoolAdminProcessTests(TestCase):
             sys.executable,
             [
                 "-m",
-                "maillaser.spool_admin",
+                "maillaser.spool.admin",
                 "--spool-dir",
                 directory,
                 "requeue",

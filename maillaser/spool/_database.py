@@ -21,7 +21,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import quote
 
 import attrs
@@ -50,6 +50,8 @@ PROBE_SIZE = 64 * 1024
 """Bytes written to see whether a spool that failed can store mail again."""
 
 State = Literal["pending", "dead"]
+
+_T = TypeVar("_T")
 
 _SCHEMA = (
     """
@@ -254,8 +256,8 @@ class SpoolDatabase:
             raise SpoolError(f"spool database {self.path} {failed}: {e}") from e
 
     def apply(
-        self, operations: Sequence[Callable[[SpoolDatabase], object]]
-    ) -> list[object]:
+        self, operations: Sequence[Callable[[SpoolDatabase], _T]]
+    ) -> list[_T | Failure]:
         """
         Run C{operations} in one transaction (a group commit).
 
@@ -263,7 +265,7 @@ class SpoolDatabase:
         own L{Failure} in the result and the others still commit; any other
         error rolls back the whole group.
         """
-        results: list[object] = []
+        results: list[_T | Failure] = []
         with self.transaction():
             for operation in operations:
                 try:

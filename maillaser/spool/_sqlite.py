@@ -8,12 +8,17 @@ of the reactor shares one transaction committed at the end of that turn (a
 group commit), and each write's Deferred fires only after the C{COMMIT}:
 a C{Store} is answered, and the SMTP client hears C{250}, only once its
 message is on disk.  Reads run at once and see what is committed.
+
+Each write returns what its commit changes in memory (counts, a claim
+released); all of a commit's changes are made before any of its writes is
+answered, so whatever an answer's callbacks read (counts, or the database
+through L{SqliteSpool.refresh}) agrees with what is committed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -29,7 +34,10 @@ from maillaser.spool._throttle import LogThrottle
 
 _T = TypeVar("_T")
 
-_Operation = Callable[[SpoolDatabase], object]
+_Committed = Callable[[], object]
+"""What a write changes in memory once it is committed."""
+
+_Operation = Callable[[SpoolDatabase], _Committed]
 
 
 @implementer(ISpool)
@@ -56,7 +64,7 @@ class SqliteSpool:
     """Ends the reactor turn (C{callLater(0)}) and dates the dead letters."""
     _stats: SpoolStats
     _claimed: set[str] = attrs.Factory(set)
-    _writes: list[tuple[_Operation, Deferred[Any]]] = attrs.Factory(list)
+    _writes: list[tuple[_Operation, Deferred[None]]] = attrs.Factory(list)
     """Asked for in this turn, committed at its end."""
     _flush_call: IDelayedCall | None = None
     _closed: bool = False
@@ -81,11 +89,11 @@ class SqliteSpool:
         except Exception:
             return fail()
 
-    def _write(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
+    def _write(self, operation: _Operation) -> Deferred[None]:
         """Queue a write for this turn's transaction."""
         if self._closed:
             return fail(self._closed_error())
-        written: Deferred[_T] = Deferred()
+        written: Deferred[None] = Deferred()
         self._writes.append((operation, written))
         if self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self._flush)
@@ -114,11 +122,14 @@ class SqliteSpool:
             return
         self.commits += 1
         self._succeeded()
+        for result in results:
+            if not isinstance(result, Failure):
+                result()
         for (_, written), result in zip(writes, results, strict=True):
             if isinstance(result, Failure):
                 written.errback(result)
             else:
-                written.callback(result)
+                written.callback(None)
 
     def _succeeded(self) -> None:
         if not self._writable and self._throttle.report("recovered"):
@@ -138,16 +149,19 @@ class SqliteSpool:
             bytes=self._stats.bytes + size,
         )
 
-    def _settling(self, message_id: str, settled: Deferred[_T]) -> Deferred[_T]:
-        def release(result: _T) -> _T:
+    def _settled(self, message_id: str, **counts: int) -> _Committed:
+        def committed() -> None:
+            self._count(**counts)
             self._claimed.discard(message_id)
-            return result
 
-        return settled.addCallback(release)
+        return committed
 
     def add(self, message: Message) -> Deferred[None]:
-        stored = self._write(lambda database: database.insert(message))
-        return stored.addCallback(lambda size: self._count(pending=1, size=size))
+        def insert(database: SpoolDatabase) -> _Committed:
+            size = database.insert(message)
+            return lambda: self._count(pending=1, size=size)
+
+        return self._write(insert)
 
     def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
         found = self._read(lambda database: database.due(now, limit, self._claimed))
@@ -170,26 +184,31 @@ class SqliteSpool:
         return self._read(lambda database: database.next_due(self._claimed))
 
     def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
-        deleted = self._write(lambda database: database.delete(message_id, "pending"))
-        counted = deleted.addCallback(lambda size: self._count(pending=-1, size=-size))
-        return self._settling(message_id, counted)
+        def delete(database: SpoolDatabase) -> _Committed:
+            size = database.delete(message_id, "pending")
+            return self._settled(message_id, pending=-1, size=-size)
+
+        return self._write(delete)
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
     ) -> Deferred[None]:
         recorded = tuple(attempts)
-        updated = self._write(
-            lambda database: database.reschedule(message_id, at, recorded)
-        )
-        return self._settling(message_id, updated.addCallback(lambda size: None))
+
+        def update(database: SpoolDatabase) -> _Committed:
+            database.reschedule(message_id, at, recorded)
+            return self._settled(message_id)
+
+        return self._write(update)
 
     def bury(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
         at, recorded = self._clock.seconds(), tuple(attempts)
-        buried = self._write(lambda database: database.bury(message_id, at, recorded))
-        counted = buried.addCallback(
-            lambda size: self._count(pending=-1, dead=1, size=-size)
-        )
-        return self._settling(message_id, counted)
+
+        def update(database: SpoolDatabase) -> _Committed:
+            size = database.bury(message_id, at, recorded)
+            return self._settled(message_id, pending=-1, dead=1, size=-size)
+
+        return self._write(update)
 
     def stats(self) -> SpoolStats:
         return self._stats
@@ -203,7 +222,7 @@ class SqliteSpool:
         """
         if self._writable:
             return self._recount()
-        probed = self._write(SpoolDatabase.probe)
+        probed = self._write(_probe)
         return probed.addBoth(lambda ignored: self._recount())
 
     def _recount(self) -> Deferred[SpoolStats]:
@@ -228,6 +247,12 @@ class SqliteSpool:
         self._database.close()
         self._log.info("spool {path} closed", path=self.path)
         return succeed(None)
+
+
+def _probe(database: SpoolDatabase) -> _Committed:
+    """The probe leaves nothing behind, in the database or in memory."""
+    database.probe()
+    return lambda: None
 
 
 def open_spool(directory: str, clock: IReactorTime) -> SqliteSpool:

@@ -2,8 +2,8 @@
 Log a condition that repeats once per interval, not once per occurrence.
 
 A full disk fails every write, and every write is tried again: logged each
-time, one incident wrote 127 MB of tracebacks in 79 seconds and hid
-everything else.  The first occurrence of a condition is worth its
+time, a full disk once buried the log under tracebacks and hid everything
+else.  The first occurrence of a condition is worth its
 traceback; while it lasts, one line per interval saying how often it
 recurred tells an operator as much.
 """
@@ -99,7 +99,7 @@ class LogThrottle:
         return now - reported.at >= self.interval and not reported.unreported
 
     def _forget_over(self, now: float) -> None:
-        over = [key for key, seen in self._reported.items() if self._over(seen, now)]
+        over = [key for key, when in self._reported.items() if self._over(when, now)]
         for key in over:
             del self._reported[key]
 

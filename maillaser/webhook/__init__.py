@@ -21,6 +21,7 @@ from maillaser.webhook._payload import (
     encoded_payload,
     fallback_payload,
 )
+from maillaser.webhook._poster import WebhookPoster, trust_root
 from maillaser.webhook._signing import (
     VerificationError,
     parse_secret,
@@ -37,6 +38,7 @@ __all__ = [
     "Failed",
     "Outcome",
     "VerificationError",
+    "WebhookPoster",
     "WebhookResponse",
     "build_payload",
     "describe_error",
@@ -49,5 +51,6 @@ __all__ = [
     "request_headers",
     "settlement",
     "sign",
+    "trust_root",
     "verify",
 ]

@@ -1,168 +1,355 @@
 """
-The webhook request: one URL, its request head built once, signed headers
-and the JSON body added per attempt, and the response reduced to what the
-deliverer decides on.
+The webhook request: treq's C{HTTPClient} over Twisted's C{Agent}, with a
+persistent connection pool, reduced to what the deliverer decides on.
 
 Redirects are never followed (a webhook that redirects a POST is
 misconfigured, and a redirect would resend a signed body to a URL we were
-not given); the timeout covers the whole exchange, from connecting to the
-last byte of the response.
+not given), the pool never sends a POST again by itself (the deliverer
+decides about retries), and one timeout covers the whole exchange, from
+connecting to the last byte of the response, of which only the start is
+kept.
 """
 
 from __future__ import annotations
 
-from base64 import b64encode
+import re
 from email.utils import parsedate_to_datetime
-from ipaddress import ip_address
-from typing import Any, NoReturn
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from typing import Any, NoReturn, Protocol, cast
+from urllib.parse import unquote_to_bytes
 
 import attrs
-import idna
-from twisted.internet.defer import Deferred
+from hyperlink import EncodedURL
+from treq.client import HTTPClient
+from twisted.internet import protocol
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.internet.interfaces import (
+    IConsumer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import (
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
 from maillaser import __version__
-from maillaser.http import ConnectionPool, Response
-from maillaser.interfaces import IWebhookClient
+from maillaser.interfaces import IWebhookPoster
+from maillaser.message import WebhookResponse
 
 USER_AGENT = f"MailLaser/{__version__}".encode("ascii")
 
+BODY_LIMIT = 64 * 1024
+"""
+Bytes of a response body kept.  A receiver that sends more has its
+connection closed there; the status and headers already arrived.
+"""
+
 REASON_LENGTH = 200
+"""Characters of a C{text/plain} response body kept as the reason."""
+
+CACHED_CONNECTION_TIMEOUT = 60
+"""Seconds an idle pooled connection is kept."""
+
+_Headers = dict[bytes | str, bytes | str]
+
+_HEADERS: _Headers = {
+    b"User-Agent": USER_AGENT,
+    b"Content-Type": b"application/json",
+}
 
 
-@attrs.frozen
-class WebhookResponse:
-    """What we keep of a response: enough to decide, log and reply."""
-
-    status: int
-    retry_after: float | None = None
-    reason: str = ""
-    """A short C{text/plain} explanation from the receiver, if it gave one."""
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
 
 
-@attrs.frozen
-class Target:
-    """Where requests go, taken apart once from the configured URL."""
+class _Client(Protocol):
+    """What we use of treq's C{HTTPClient} (and of C{treq.testing.StubTreq})."""
 
-    scheme: str
-    host: str
-    """IDNA-encoded, without brackets around an IPv6 address."""
-    port: int
-    head: bytes
-    """Request line and the fixed headers, each ending in CRLF."""
+    def post(
+        self,
+        url: _URI,
+        /,
+        *,
+        data: bytes,
+        headers: _Headers,
+        auth: tuple[bytes, bytes] | None,
+        allow_redirects: bool,
+        unbuffered: bool,
+    ) -> Deferred[Any]: ...
+
+
+@implementer(IWebhookPoster)
+class WebhookPoster:
+    """POSTs to one URL, on connections kept open between requests."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reactor: Any,
+        concurrency: int,
+        timeout: float,
+        ca_file: str | None = None,
+    ) -> None:
+        """
+        @param concurrency: how many requests may run at once: as many
+            connections are kept open.
+        @param timeout: seconds for each whole exchange.
+        @param ca_file: a PEM bundle of the certificate authorities trusted
+            for an https webhook, instead of the system's.
+        """
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = concurrency
+        pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
+        pool.retryAutomatically = False
+        trust = None if ca_file is None else trust_root(ca_file)
+        endpoints = _CachedEndpoints(reactor, BrowserLikePolicyForHTTPS(trust), timeout)
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
+        client = HTTPClient(agent, data_to_body_producer=_BodyNow)
+        self._setup(url, client, reactor, timeout, pool)
 
     @classmethod
-    def from_url(cls, url: str) -> Target:
+    def using_client(
+        cls, url: str, client: _Client, *, clock: IReactorTime, timeout: float
+    ) -> WebhookPoster:
         """
-        Percent-encode the path and IDNA-encode the host, as a browser
-        would; credentials in the URL become basic authentication, as curl
-        and requests make them.
+        A poster that sends through C{client}: an C{HTTPClient} of the
+        caller's, or a C{treq.testing.StubTreq}.
         """
-        parts = urlsplit(url)
-        host = _ascii_host(parts.hostname or "")
-        default_port = 443 if parts.scheme == "https" else 80
-        port = parts.port or default_port
-        authority = f"[{host}]" if ":" in host else host
-        if port != default_port:
-            authority += f":{port}"
-        target = quote(parts.path or "/", safe=_URL_SAFE)
-        if parts.query:
-            target += "?" + quote(parts.query, safe=_URL_SAFE + "?")
-        lines = [
-            b"POST " + target.encode("ascii") + b" HTTP/1.1",
-            b"Host: " + authority.encode("ascii"),
-            b"User-Agent: " + USER_AGENT,
-            b"Content-Type: application/json",
-        ]
-        if parts.username is not None:
-            credentials = unquote_to_bytes(parts.username) + b":"
-            credentials += unquote_to_bytes(parts.password or "")
-            lines.append(b"Authorization: Basic " + b64encode(credentials))
-        return cls(parts.scheme, host, port, b"".join(line + b"\r\n" for line in lines))
+        poster = cls.__new__(cls)
+        poster._setup(url, client, clock, timeout, None)
+        return poster
 
-    def endpoint(
-        self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float
-    ) -> IStreamClientEndpoint:
-        tcp = HostnameEndpoint(reactor, self.host, self.port, timeout=connect_timeout)
-        if self.scheme == "https":
-            creator = tls_policy.creatorForNetloc(self.host.encode("ascii"), self.port)
-            return wrapClientTLS(creator, tcp)
-        return tcp
-
-
-@implementer(IWebhookClient)
-@attrs.define
-class WebhookClient:
-    """POSTs to one L{Target} through a L{ConnectionPool} to its origin."""
-
-    target: Target
-    pool: ConnectionPool
-    clock: IReactorTime
-    timeout: float
+    def _setup(
+        self,
+        url: str,
+        client: _Client,
+        clock: IReactorTime,
+        timeout: float,
+        pool: HTTPConnectionPool | None,
+    ) -> None:
+        self._uri, self._auth = _target(url)
+        self._client = client
+        self._clock = clock
+        self._timeout = timeout
+        self._pool = pool
 
     def post(
         self, body: bytes, headers: dict[bytes, bytes]
     ) -> Deferred[WebhookResponse]:
-        request = b"".join(
-            [
-                self.target.head,
-                *[name + b": " + value + b"\r\n" for name, value in headers.items()],
-                b"Content-Length: %d\r\n\r\n" % len(body),
-                body,
-            ]
+        exchange = Deferred.fromCoroutine(self._exchange(body, headers))
+        return exchange.addTimeout(self._timeout, self._clock, _timed_out)
+
+    async def _exchange(
+        self, body: bytes, headers: dict[bytes, bytes]
+    ) -> WebhookResponse:
+        all_headers = dict(_HEADERS)
+        all_headers.update(headers.items())
+        response: IResponse = await self._client.post(
+            self._uri,
+            data=body,
+            headers=all_headers,
+            auth=self._auth,
+            allow_redirects=False,
+            unbuffered=True,
         )
-        d = self.pool.request(request).addCallback(_summarise, self.clock)
-        return d.addTimeout(self.timeout, self.clock, onTimeoutCancel=_timed_out)
+        content = await _read_body(response, BODY_LIMIT)
+        return WebhookResponse(
+            status=response.code,
+            retry_after=parse_retry_after(
+                _header(response, b"retry-after"), self._clock.seconds()
+            ),
+            reason=_reason(_header(response, b"content-type"), content),
+        )
+
+    def close(self) -> Deferred[None]:
+        """Close the connections kept open."""
+        if self._pool is None:
+            return succeed(None)
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
 
 
-_URL_SAFE = "/%:@!$&'()*+,;=-._~"
-"""What stays as written in a path or query; anything else is percent-encoded."""
+class _URI(EncodedURL):
+    """
+    A URL already made a URI.  treq makes one of the URL it is given on
+    every request, with hyperlink's C{to_uri()}, which IDNA-encodes the
+    host even when it is an IPv6 literal, and fails (hyperlink#68).
+    """
+
+    def to_uri(self) -> _URI:
+        return self
 
 
-def _ascii_host(host: str) -> str:
+def _target(url: str) -> tuple[_URI, tuple[bytes, bytes] | None]:
+    """
+    The URI to request, without credentials and fragment, and the
+    credentials, sent as basic authentication as curl and requests do.
+    """
+    parsed = EncodedURL.from_text(url)
+    credentials = None
+    if parsed.userinfo:
+        user, _, password = parsed.userinfo.partition(":")
+        credentials = (unquote_to_bytes(user), unquote_to_bytes(password))
+    plain = parsed.replace(userinfo="", fragment="")
+    if isIPv6Address(plain.host):  # see _URI
+        uri = plain.replace(host="").to_uri().replace(host=plain.host)
+    else:
+        uri = plain.to_uri()
+    return cast(_URI, _URI.from_text(uri.to_text())), credentials
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.define
+class _CachedEndpoints:
+    """
+    The endpoints C{Agent} would connect with, built once per origin.
+    C{Agent}'s own factory builds a new one for every request, even one that
+    then reuses a pooled connection: a C{HostnameEndpoint} (which
+    IDNA-encodes the host) and, for https, a TLS connection creator (a new
+    OpenSSL context, with the trust store loaded into it).
+    """
+
+    reactor: Any
+    policy: IPolicyForHTTPS
+    connect_timeout: float
+    _endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = attrs.field(
+        factory=dict
+    )
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoints[key] = self._endpoint(uri)
+        return endpoint
+
+    def _endpoint(self, uri: URI) -> IStreamClientEndpoint:
+        tcp = HostnameEndpoint(
+            self.reactor, uri.host, uri.port, timeout=self.connect_timeout
+        )
+        if uri.scheme == b"http":
+            return tcp
+        if uri.scheme == b"https":
+            return wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), tcp)
+        raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+
+
+@implementer(IBodyProducer)
+class _BodyNow:
+    """
+    Writes the request body as soon as it may.  treq's producer for bytes
+    (C{FileBodyProducer}) writes it from a task of the global cooperator, on
+    a later turn of the reactor.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _CappedBody(protocol.Protocol):
+    """
+    Collects a response body, up to a limit.  Unlike C{treq.collect}, whose
+    Deferred cannot be cancelled, this one closes the connection when it
+    is: a receiver that stops sending mid-body must not hold it past the
+    exchange's timeout.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def dataReceived(self, data: bytes) -> None:
+        kept = data[: self.limit - self.size]
+        self.chunks.append(kept)
+        self.size += len(kept)
+        if self.size >= self.limit and not self.done.called:
+            self.done.callback(b"".join(self.chunks))
+            self._close()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+    def _cancel(self, done: Deferred[bytes]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+def _read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """The first C{limit} bytes of C{response}'s body."""
+    reader = _CappedBody(limit)
+    response.deliverBody(reader)
+    return reader.done
+
+
+def trust_root(ca_file: str) -> object:
+    """
+    Every certificate in the PEM bundle C{ca_file}, as the authorities to
+    trust.
+
+    @raise OSError: if the file cannot be read.
+    @raise ValueError: if it holds no certificate, or a broken one.
+    """
+    with open(ca_file, "rb") as bundle:
+        blocks = _PEM_CERTIFICATE.findall(bundle.read())
+    if not blocks:
+        raise ValueError(f"{ca_file}: no PEM certificate in it")
     try:
-        return str(ip_address(host))
-    except ValueError:
-        return idna.encode(host, uts46=True).decode("ascii")
+        certificates = [Certificate.loadPEM(block) for block in blocks]
+    except Exception as error:
+        raise ValueError(f"{ca_file}: a certificate in it cannot be read") from error
+    return trustRootFromCertificates(certificates)
 
 
 def _timed_out(result: object, timeout: float) -> NoReturn:
     raise DeferredTimeoutError(f"no complete response within {timeout:g}s")
 
 
-def make_webhook_client(
-    url: str,
-    reactor: Any,
-    *,
-    concurrency: int,
-    timeout: float,
-    tls_policy: IPolicyForHTTPS | None = None,
-) -> WebhookClient:
-    """
-    The process-wide client: as many persistent connections as deliveries
-    run at once, a connection timeout within the request timeout, and the
-    system's trusted certificate authorities for https.
-    """
-    target = Target.from_url(url)
-    endpoint = target.endpoint(
-        reactor, tls_policy or BrowserLikePolicyForHTTPS(), min(timeout, 30.0)
-    )
-    pool = ConnectionPool(endpoint, reactor, max_idle=concurrency)
-    return WebhookClient(target, pool, reactor, timeout)
-
-
-def _summarise(response: Response, clock: IReactorTime) -> WebhookResponse:
-    return WebhookResponse(
-        status=response.status,
-        retry_after=parse_retry_after(response.header(b"retry-after"), clock.seconds()),
-        reason=_reason(response.header(b"content-type"), response.body),
-    )
+def _header(response: IResponse, name: bytes) -> bytes | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
 
 
 def parse_retry_after(value: bytes | None, now: float) -> float | None:
@@ -188,12 +375,3 @@ def _reason(content_type: bytes | None, body: bytes) -> str:
     text = body[: REASON_LENGTH * 4].decode("utf-8", "replace")
     printable = "".join(c if c.isprintable() else " " for c in text)
     return " ".join(printable.split())[:REASON_LENGTH]
-
-
-__all__ = [
-    "Target",
-    "WebhookClient",
-    "WebhookResponse",
-    "make_webhook_client",
-    "parse_retry_after",
-]
