@@ -23,6 +23,7 @@ from maillaser.worker._main import (
     worker_program,
 )
 from maillaser.worker._payloads import PayloadBuilder, PayloadProtocol
+from maillaser.worker._server import DeliveryStack, WorkerProtocol, build_stack
 from maillaser.worker._sinks import QueueSink, SyncSink, sync_deadline
 from maillaser.worker._stdio import ChildProtocol
 
@@ -32,13 +33,16 @@ __all__ = [
     "ChildProgram",
     "ChildProtocol",
     "ChildTimeout",
+    "DeliveryStack",
     "DeliveryWorker",
     "LogRelay",
     "PayloadBuilder",
     "PayloadProtocol",
     "QueueSink",
     "SyncSink",
+    "WorkerProtocol",
     "WorkerStatus",
+    "build_stack",
     "payload_main",
     "payload_program",
     "sync_deadline",
