@@ -157,6 +157,13 @@ class QueueSinkTests(SinkTestCase):
         self.worker.status = status(pending=1, bytes=99, breaker="open")
         self.sink.check_capacity()  # queue mode takes mail whatever the breaker
 
+    def test_a_spool_that_cannot_commit_is_offered_no_mail(self) -> None:
+        self.worker.status = status(writable=False)
+        self.assertEqual(
+            self.refused_now(self.sink),
+            "451 4.3.0 Could not store the message, try again later",
+        )
+
     def test_no_worker_ready(self) -> None:
         self.assert_not_ready_refused(self.sink)
 

@@ -99,6 +99,8 @@ class QueueSink:
         status = _ready_status(self.worker)
         if status.pending >= self.max_messages or status.bytes >= self.max_bytes:
             raise Refusal(452, "4.3.1", "Insufficient system storage, try again later")
+        if not status.writable:  # until the spool's probe commits again
+            raise _store_failed()
 
     def receive(self, message: Message) -> Deferred[None]:
         d = self.worker.call(Store, timeout=self.timeout, **message_arguments(message))
@@ -114,7 +116,11 @@ class QueueSink:
             message_id=message.id,
             error=failure.getErrorMessage(),
         )
-        raise Refusal(451, "4.3.0", "Could not store the message, try again later")
+        raise _store_failed()
+
+
+def _store_failed() -> Refusal:
+    return Refusal(451, "4.3.0", "Could not store the message, try again later")
 
 
 @implementer(IMessageSink)
