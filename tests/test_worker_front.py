@@ -15,6 +15,7 @@ import maillaser
 from maillaser.config import Config
 from maillaser.message import Refusal
 from maillaser.worker import (
+    START_TIMEOUT,
     ChildError,
     DeliveryWorker,
     QueueSink,
@@ -41,6 +42,8 @@ class FakeWorkerChild(ChildProtocol):
     version = maillaser.__version__
     answered_version: str | None = None
     """What it says it runs, if not its C{version}."""
+    starting: Deferred[None] | None = None
+    """What its Hello waits for, if anything."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,11 +61,16 @@ class FakeWorkerChild(ChildProtocol):
         self.stops: list[tuple[float, Deferred[dict[str, Any]]]] = []
 
     @Hello.responder
-    def hello(self, version: str, protocol: int, config: bytes) -> dict[str, Any]:
+    def hello(
+        self, version: str, protocol: int, config: bytes
+    ) -> Deferred[dict[str, Any]] | dict[str, Any]:
         self.hellos.append((version, protocol, Config.from_json(config)))
         if version != self.version:
             raise VersionMismatch(f"this worker runs {self.version}")
-        return {"version": self.answered_version or self.version, "pid": 4242}
+        answer = {"version": self.answered_version or self.version, "pid": 4242}
+        if self.starting is not None:
+            return self.starting.addCallback(lambda ignored: answer)
+        return answer
 
     @Status.responder
     def status(self) -> dict[str, Any]:
@@ -177,6 +185,20 @@ class DeliveryWorkerTests(SynchronousTestCase):
         self.reactor.process.exit(ProcessTerminated(signal=9))
         self.advance(1.0)
         self.assertEqual(len(self.reactor.processes), 2)  # tried again, later
+
+    def test_a_worker_slow_to_start(self) -> None:
+        """Opening the spool may take long; not forever."""
+        FakeWorkerChild.starting = Deferred()
+        self.addCleanup(setattr, FakeWorkerChild, "starting", None)
+        worker = self.start()
+        self.advance(START_TIMEOUT - 0.1)
+        self.assertFalse(worker.ready)
+        self.assertEqual(self.reactor.process.signals, [])
+        self.advance(0.1)
+        self.assertEqual(self.reactor.process.signals, ["KILL"])
+        self.assertEqual(
+            worker.problems(), ["delivery worker did not answer Hello within 60s"]
+        )
 
     def test_a_store_past_its_deadline(self) -> None:
         """451 at the deadline; the worker is killed; a new one takes the next."""

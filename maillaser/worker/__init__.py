@@ -15,7 +15,7 @@ from maillaser.worker._child import (
     ChildTimeout,
     LogRelay,
 )
-from maillaser.worker._front import DeliveryWorker, WorkerStatus
+from maillaser.worker._front import START_TIMEOUT, DeliveryWorker, WorkerStatus
 from maillaser.worker._main import (
     payload_main,
     payload_program,
@@ -28,6 +28,7 @@ from maillaser.worker._sinks import QueueSink, SyncSink, sync_deadline
 from maillaser.worker._stdio import ChildProtocol
 
 __all__ = [
+    "START_TIMEOUT",
     "ChildError",
     "ChildProcess",
     "ChildProgram",

@@ -40,6 +40,12 @@ from maillaser.worker._sinks import QueueSink, SyncSink, sync_deadline
 HEARTBEAT = 1.0
 """Seconds between two L{Status} requests."""
 
+START_TIMEOUT = 60.0
+"""
+Seconds a new worker has to answer L{Hello}, at the least: it opens the
+spool first, and SQLite's check reads the whole database.
+"""
+
 
 @attrs.frozen
 class WorkerStatus:
@@ -138,7 +144,7 @@ class DeliveryWorker(Service):
         timeout = self.config.worker_timeout
         answer = await ask(
             Hello,
-            timeout=timeout,
+            timeout=max(timeout, START_TIMEOUT),
             version=self._version,
             protocol=PROTOCOL_VERSION,
             config=self.config.to_json(),
@@ -235,4 +241,4 @@ class DeliveryWorker(Service):
         return pending
 
 
-__all__ = ["HEARTBEAT", "DeliveryWorker", "WorkerStatus"]
+__all__ = ["HEARTBEAT", "START_TIMEOUT", "DeliveryWorker", "WorkerStatus"]
