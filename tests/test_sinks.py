@@ -143,7 +143,7 @@ class QueueSinkTests(SinkTestCase):
         [event] = self.events
         self.assertEqual(
             formatEvent(event),
-            "could not hand msg_1 to the delivery worker: no answer within 3s",
+            "the delivery worker could not store msg_1: no answer within 3s",
         )
         self.assertEqual(event["message_id"], "msg_1")
 

@@ -208,6 +208,17 @@ class QueueModeTests(WorkerTestCase):
         self.reactor.process.exit(ProcessDone(0))
         self.assertEqual(self.successResultOf(stopped), 1)
         self.assertEqual(list(self.spool.pending), ["msg_1"])
+        late = Deferred.fromCoroutine(self.stacks[0].store(message(2)))
+        self.assertEqual(
+            self.successResultOf(late),
+            {
+                "code": 451,
+                "status": "4.3.0",
+                "text": "Shutting down, try again later",
+                "pending": 1,
+                "bytes": len(message(1).raw),
+            },
+        )
 
     def test_the_front_gone_closes_at_once(self) -> None:
         self.front()
@@ -260,3 +271,8 @@ class SyncModeTests(WorkerTestCase):
         )
         self.reactor.process.exit(ProcessDone(0))
         self.assertEqual(self.successResultOf(stopped), 0)
+        late = self.stacks[0].deliver(message(2))
+        self.assertEqual(
+            self.successResultOf(Deferred.fromCoroutine(late))["text"],
+            "Shutting down, try again later",
+        )

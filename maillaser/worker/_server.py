@@ -64,6 +64,9 @@ def _reply(code: int, status: str, text: str) -> Answer:
     return {"code": code, "status": status, "text": text}
 
 
+_SHUTTING_DOWN = _reply(451, "4.3.0", "Shutting down, try again later")
+
+
 def _reply_for(outcome: Outcome) -> Answer:
     """What a sync-mode round earns the SMTP client (SPEC section 5)."""
     if not isinstance(outcome, Failed):
@@ -80,8 +83,8 @@ class DeliveryStack:
     """
     What the worker runs: the spool and its dispatcher (queue mode only),
     the deliverer with its poster, breaker and payload builder, and the
-    metrics that watch them.  L{build_stack} assembles it from a
-    L{Config}.
+    metrics that watch them.  L{build_stack} makes one from a L{Config};
+    tests L{assemble} one around doubles.
     """
 
     config: Config
@@ -163,9 +166,11 @@ class DeliveryStack:
     async def store(self, message: Message) -> Answer:
         """Queue mode: commit, then let the dispatcher deliver it."""
         spool, dispatcher = self.spool, self.dispatcher
-        if spool is None or dispatcher is None:
-            return _reply(451, "4.3.0", "Not in queue mode, try again later")
+        if spool is None or dispatcher is None:  # a front in sync mode: a bug
+            raise amp.RemoteAmpError(b"NOT_QUEUE_MODE", "Store in sync mode")
         stats = spool.stats()
+        if self._stopped is not None:
+            return {**_SHUTTING_DOWN, "pending": stats.pending, "bytes": stats.bytes}
         config = self.config
         if stats.pending >= config.spool_max_messages or (
             stats.bytes >= config.spool_max_bytes
@@ -191,7 +196,9 @@ class DeliveryStack:
 
     async def deliver(self, message: Message) -> Answer:
         """Sync mode: one round now, answered with the reply it earns."""
-        if not self.breaker.acquire():
+        if self._stopped is not None:
+            reply = _SHUTTING_DOWN
+        elif not self.breaker.acquire():
             reply = _reply(451, "4.4.1", "Webhook unavailable, try again later")
         else:
             round_ = self.deliverer.deliver(message)
@@ -199,7 +206,7 @@ class DeliveryStack:
             try:
                 outcome = await round_
             except CancelledError:  # stopped past the grace period
-                reply = _reply(451, "4.3.0", "Shutting down, try again later")
+                reply = _SHUTTING_DOWN
             else:
                 self.metrics.settled(settlement(outcome))
                 reply = _reply_for(outcome)

@@ -77,6 +77,15 @@ def _ready_status(worker: Worker) -> WorkerStatus:
     return status
 
 
+def _no_answer(log: Logger, what: str, message: Message, failure: Failure) -> None:
+    log.warn(
+        "the delivery worker could not {what} {message_id}: {error}",
+        what=what,
+        message_id=message.id,
+        error=failure.getErrorMessage(),
+    )
+
+
 def _reply(answer: dict[str, Any]) -> None:
     """The worker's reply, unless it is C{250}, as the L{Refusal} it is."""
     if answer["code"] != 250:
@@ -111,11 +120,7 @@ class QueueSink:
         _reply(answer)
 
     def _not_stored(self, failure: Failure, message: Message) -> None:
-        self._log.warn(
-            "could not hand {message_id} to the delivery worker: {error}",
-            message_id=message.id,
-            error=failure.getErrorMessage(),
-        )
+        _no_answer(self._log, "store", message, failure)
         raise _store_failed()
 
 
@@ -164,11 +169,7 @@ class SyncSink:
         _reply(answer)
 
     def _not_delivered(self, failure: Failure, message: Message) -> None:
-        self._log.warn(
-            "the delivery worker did not deliver {message_id}: {error}",
-            message_id=message.id,
-            error=failure.getErrorMessage(),
-        )
+        _no_answer(self._log, "deliver", message, failure)
         raise Refusal(451, "4.3.0", "Temporary failure, try again later")
 
 
