@@ -11,6 +11,7 @@ tests too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import signal
@@ -27,10 +28,11 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from maillaser.worker._child import (
     MAX_RESTART_INTERVAL,
+    PIPE_SIZE,
     RESTART_INTERVAL,
     Ask,
     ChildError,
@@ -55,6 +57,13 @@ class Warn(amp.Command):
     response = []
 
 
+class PipeSizes(amp.Command):
+    """The sizes of the pipes the child reads and writes AMP on."""
+
+    arguments = []
+    response = [(b"sizes", amp.ListOf(amp.Integer()))]
+
+
 class Exit(amp.Command):
     """Write last words where no log observer sees them, and exit."""
 
@@ -74,6 +83,11 @@ class EchoChild(ChildProtocol):
         )
         print("a stray print")
         return {}
+
+    @PipeSizes.responder
+    def pipe_sizes(self) -> dict[str, object]:
+        get = fcntl.F_GETPIPE_SZ
+        return {"sizes": [fcntl.fcntl(fd, get) for fd in (0, 1)]}
 
     @Exit.responder
     def exit(self, status: int) -> dict[str, object]:
@@ -459,6 +473,14 @@ class RealChildTests(TestCase):
                 "echo child: a stray print": LogLevel.info,
             },
         )
+
+    async def test_wide_pipes(self) -> None:
+        """A large message crosses in one write, not one per 64 KiB."""
+        if not hasattr(fcntl, "F_GETPIPE_SZ"):
+            raise SkipTest("Linux only")
+        child = self.child()
+        answer = await wait(child.call(PipeSizes, timeout=10.0))
+        self.assertEqual(answer["sizes"], [PIPE_SIZE, PIPE_SIZE])
 
     async def test_a_stopped_child_is_killed_and_replaced(self) -> None:
         """SIGSTOP: the request fails at its deadline, the next is answered."""
