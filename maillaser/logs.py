@@ -69,21 +69,29 @@ def current_level() -> LogLevel:
     return current
 
 
+def at_level(destination: ILogObserver) -> ILogObserver:
+    """
+    C{destination}, sent every event (Twisted's own too) at or above
+    MailLaser's level, as L{set_level} sets it now or later: for a process
+    that is all MailLaser's, such as the delivery worker.
+    """
+    return FilteringLogObserver(destination, [_PREDICATE])
+
+
 def json_observer() -> ILogObserver:
     """
     For C{twistd --logger=maillaser.logs.json_observer}: L{json_lines} on
-    standard output, with Twisted's own events at MailLaser's level too.
+    standard output, L{at_level}.
     """
-    return FilteringLogObserver(json_lines(sys.stdout), [_PREDICATE])
+    return at_level(json_lines(sys.stdout))
 
 
 def text_observer() -> ILogObserver:
     """
     For C{twistd --logger=maillaser.logs.text_observer}: Twisted's text
-    lines on standard output, with Twisted's own events at MailLaser's
-    level too.
+    lines on standard output, L{at_level}.
     """
-    return FilteringLogObserver(textFileLogObserver(sys.stdout), [_PREDICATE])
+    return at_level(textFileLogObserver(sys.stdout))
 
 
 _LEGACY_KEYS = frozenset(
@@ -162,6 +170,7 @@ def _text(event: LogEvent) -> str:
 
 
 __all__ = [
+    "at_level",
     "current_level",
     "json_lines",
     "json_observer",

@@ -131,7 +131,7 @@ class _OwnProcess(MultiService):
     """
 
     def privilegedStartService(self) -> None:
-        """Under twistd: the spool opens and the ports are bound here."""
+        """Under twistd: the ports are bound here, before privileges are dropped."""
         with _start_up_errors_in_one_line():
             super().privilegedStartService()
 

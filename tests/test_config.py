@@ -6,7 +6,6 @@ secret ever reaches an error line or the start-up description.
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import subprocess
@@ -14,10 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
@@ -33,6 +29,7 @@ from maillaser.config import (
     load_config,
     mask_url,
 )
+from maillaser.smtp._tls import self_signed
 
 TARGET = "alerts@example.com"
 URL = "https://hooks.example.com/mail"
@@ -89,31 +86,6 @@ def expected(**fields: object) -> Config:
         "hostname": FQDN,
     }
     return Config(**{**defaults, **fields})  # type: ignore[arg-type]
-
-
-def self_signed(name: str) -> tuple[bytes, bytes]:
-    """A PEM certificate naming C{name}, and its PEM private key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        certificate.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
 
 
 def listening_on(description: str) -> tuple[int, str]:

@@ -139,8 +139,12 @@ class _Emitter:
     log = Logger(observer=logs.observer)
 
     def each_level(self) -> None:
-        for level in LEVELS:
-            self.log.emit(level, "at {level_name}", level_name=level.name)
+        each_level(self.log)
+
+
+def each_level(log: Logger) -> None:
+    for level in LEVELS:
+        log.emit(level, "at {level_name}", level_name=level.name)
 
 
 class LevelTests(SynchronousTestCase):
@@ -200,9 +204,7 @@ class LevelTests(SynchronousTestCase):
         """What an observer made for twistd writes to stdout, one event per level."""
         stdout = io.StringIO()
         self.patch(sys, "stdout", stdout)
-        log = Logger(namespace="twisted.other", observer=make_observer())
-        for level in LEVELS:
-            log.emit(level, "at {level_name}", level_name=level.name)
+        each_level(Logger(namespace="twisted.other", observer=make_observer()))
         return stdout.getvalue().splitlines()
 
     def test_json_observer(self) -> None:
@@ -217,6 +219,17 @@ class LevelTests(SynchronousTestCase):
         logs.set_level("error")
         [line] = self.observed(logs.text_observer)
         self.assertTrue(line.endswith(" [twisted.other#error] at error"), line)
+
+    def test_at_level(self) -> None:
+        """Every event, Twisted's too, at MailLaser's level."""
+        written = io.StringIO()
+        logs.set_level("warn")
+        destination = logs.at_level(logs.json_lines(written))
+        each_level(Logger(namespace="twisted.other", observer=destination))
+        self.assertEqual(
+            [json.loads(line)["text"] for line in written.getvalue().splitlines()],
+            ["at warn", "at error"],
+        )
 
     def test_observers_follow_the_level(self) -> None:
         """The level set after an observer was made applies to it."""

@@ -1,69 +1,67 @@
 """
-``/metrics`` and ``/health`` of a real bridge on loopback: the numbers move
-as mail is accepted, refused, delivered, retried, buried, and as the bridge
-stops.
+The metrics of the SMTP front (L{FrontMetrics}) and of the delivery worker
+(L{DeliveryMetrics}): names and labels as Prometheus scrapes them, the
+hooks that move them, and one ``/metrics`` page made of both.
+
+How the numbers move as a real bridge accepts, refuses, delivers, retries
+and buries mail is tested with the whole bridge.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-import treq
-from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from maillaser.interfaces import ISpool
-from maillaser.testing import HANG, MemorySpool, WebhookReceiver
-from tests.helpers import (
-    Bridge,
-    connect_raw,
-    poll,
-    simple_message,
-    start_bridge,
-    start_quiet_bridge,
-    wait,
+from maillaser.health import DeliveryMetrics, FrontMetrics
+from maillaser.interfaces import IWebhookPoster
+from maillaser.message import SpoolStats, WebhookResponse
+from maillaser.webhook import BreakerState
+
+Samples = dict[str, float]
+
+COUNTERS = (
+    "maillaser_smtp_replies_total",
+    "maillaser_messages_accepted_total",
+    "maillaser_deliveries_total",
+    "maillaser_webhook_requests_total",
+    "maillaser_webhook_latency_seconds_count",
+    "maillaser_webhook_latency_seconds_sum",
+)
+GAUGES = (
+    "maillaser_smtp_connections",
+    "maillaser_circuit_breaker_state",
+    "maillaser_spool_messages",
+    "maillaser_spool_bytes",
+    "maillaser_worker_up",
 )
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-NOBODY = ("nobody@example.com",)
-
-HANGING: dict[str, Any] = {"webhook_max_retries": 0, "shutdown_grace": 0.5}
-"""
-For a webhook that never answers.  No quick retries: cancelling a round at
-shutdown does not end it (treq reports the cancellation as a lost
-connection, which the deliverer retries), so each retry would cost a whole
-webhook timeout.
-"""
-
-
-async def scrape(bridge: Bridge) -> Samples:
-    """Every sample of C{/metrics}, keyed by name and sorted labels."""
-    response = await treq.get(bridge.health_url + "/metrics", persistent=False)
-    assert response.code == 200, response.code
-    assert response.headers.getRawHeaders("content-type") == [CONTENT_TYPE_LATEST]
-    text = (await response.content()).decode("utf-8")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def pick(samples: Samples, *names: str) -> dict[str, float]:
+def samples(text: bytes, *names: str) -> Samples:
     """The samples named, as C{name{label="value"}} strings, for exact comparison."""
     return {
-        name + "".join(f'{{{k}="{v}"}}' for k, v in labels): value
-        for (name, labels), value in samples.items()
-        if name in names
+        sample.name
+        + "".join(f'{{{k}="{v}"}}' for k, v in sorted(sample.labels.items())): (
+            sample.value
+        )
+        for family in text_string_to_metric_families(text.decode("utf-8"))
+        for sample in family.samples
+        if sample.name in names
     }
+
+
+def families(text: bytes) -> list[str]:
+    return [
+        family.name for family in text_string_to_metric_families(text.decode("utf-8"))
+    ]
 
 
 def outcomes(
     delivered: int = 0, retry: int = 0, dead: int = 0, rejected: int = 0
-) -> dict[str, float]:
+) -> Samples:
     return {
         'maillaser_deliveries_total{outcome="delivered"}': delivered,
         'maillaser_deliveries_total{outcome="retry"}': retry,
@@ -72,247 +70,248 @@ def outcomes(
     }
 
 
-COUNTERS = (
-    "maillaser_smtp_replies_total",
-    "maillaser_messages_accepted_total",
-    "maillaser_deliveries_total",
-    "maillaser_webhook_requests_total",
-    "maillaser_webhook_latency_seconds_count",
-)
-SPOOL = ("maillaser_spool_messages", "maillaser_spool_bytes")
-STATE = ("maillaser_circuit_breaker_state", "maillaser_smtp_connections")
+@implementer(IWebhookPoster)
+class _Poster:
+    """Answers each request with the next scripted Deferred."""
+
+    def __init__(self, *answers: Deferred[WebhookResponse]) -> None:
+        self.answers = list(answers)
+
+    def post(
+        self, body: bytes, headers: dict[bytes, bytes]
+    ) -> Deferred[WebhookResponse]:
+        return self.answers.pop(0)
 
 
-def spool_of(bridge: Bridge) -> ISpool:
-    spool = bridge.service.spool
-    assert spool is not None
-    return spool
+def response(status: int) -> WebhookResponse:
+    return WebhookResponse(status=status, retry_after=None, reason="")
 
 
-async def settled(bridge: Bridge, pending: int = 0, dead: int = 0) -> None:
-    """Wait until the spool holds exactly this, and every session is gone."""
-    spool = spool_of(bridge)
-    await poll(lambda: (spool.stats().pending, spool.stats().dead) == (pending, dead))
-    await poll(lambda: not bridge.service.smtp_factory.sessions)
+class FrontMetricsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.connections = 0
+        self.metrics = FrontMetrics(smtp_connections=lambda: self.connections)
 
-
-class MetricsTests(TestCase):
-    async def test_mail_flow(self) -> None:
-        """One message accepted and delivered, one refused at RCPT."""
-        bridge = await start_quiet_bridge(self)
-        self.assertEqual((await bridge.send(simple_message()))["code"], 250)
-        await bridge.send(simple_message(), recipients=NOBODY)
-        await wait(bridge.receiver.wait_for(1))
-        await settled(bridge)
-        samples = await scrape(bridge)
+    def test_replies(self) -> None:
+        """Every reply counted by code; a 250 is an accepted message too."""
+        for code in (250, 550, 250, 451, 421):
+            self.metrics.smtp_reply(code)
         self.assertEqual(
-            pick(samples, *COUNTERS, *SPOOL, *STATE),
+            samples(self.metrics.text(), *COUNTERS),
             {
-                'maillaser_smtp_replies_total{code="250"}': 1,
+                'maillaser_smtp_replies_total{code="250"}': 2,
                 'maillaser_smtp_replies_total{code="550"}': 1,
-                "maillaser_messages_accepted_total": 1,
-                **outcomes(delivered=1),
-                'maillaser_webhook_requests_total{status="200"}': 1,
-                "maillaser_webhook_latency_seconds_count": 1,
-                'maillaser_spool_messages{state="pending"}': 0,
-                'maillaser_spool_messages{state="dead"}': 0,
-                "maillaser_spool_bytes": 0,
-                "maillaser_circuit_breaker_state": 0,
-                "maillaser_smtp_connections": 0,
-            },
-        )
-        latency = samples[("maillaser_webhook_latency_seconds_sum", ())]
-        self.assertTrue(0 < latency < 5.0, latency)
-        self.assertIn(("maillaser_process_start_time_seconds", ()), samples)
-
-    async def test_rejected_retried_and_dead(self) -> None:
-        """A 422 is rejected; a 500 is retried once, then buried when the
-        schedule is over."""
-        receiver = WebhookReceiver()
-        receiver.script(422, 500, 500)
-        bridge = await start_quiet_bridge(
-            self, receiver, webhook_max_retries=0, retry_schedule=(0.2,)
-        )
-        await bridge.send(simple_message(subject="rejected"))
-        await settled(bridge, dead=1)
-        await bridge.send(simple_message(subject="dead"))
-        await wait(receiver.wait_for(3))
-        await settled(bridge, dead=2)
-        samples = await scrape(bridge)
-        self.assertEqual(
-            pick(samples, *COUNTERS[2:], *SPOOL, "maillaser_circuit_breaker_state"),
-            {
-                **outcomes(retry=1, dead=1, rejected=1),
-                'maillaser_webhook_requests_total{status="422"}': 1,
-                'maillaser_webhook_requests_total{status="500"}': 2,
-                "maillaser_webhook_latency_seconds_count": 3,
-                'maillaser_spool_messages{state="pending"}': 0,
-                'maillaser_spool_messages{state="dead"}': 2,
-                "maillaser_spool_bytes": 0,
-                "maillaser_circuit_breaker_state": 0,
+                'maillaser_smtp_replies_total{code="451"}': 1,
+                'maillaser_smtp_replies_total{code="421"}': 1,
+                "maillaser_messages_accepted_total": 2,
             },
         )
 
-    async def test_unreachable_webhook_opens_the_breaker(self) -> None:
-        bridge = await start_quiet_bridge(
-            self,
-            webhook_max_retries=0,
-            circuit_breaker_threshold=1,
-            circuit_breaker_reset=3600.0,
-            retry_schedule=(3600.0,),
-        )
-        await bridge.receiver.stop()  # connection refused from now on
-        await bridge.send(simple_message())
-        await poll(lambda: bridge.service.breaker.allowance() == 0)
-        await settled(bridge, pending=1)
-        samples = await scrape(bridge)
-        stored = spool_of(bridge).stats().bytes
-        self.assertGreater(stored, 0)
+    def test_fresh(self) -> None:
         self.assertEqual(
-            pick(samples, *COUNTERS[2:], *SPOOL, "maillaser_circuit_breaker_state"),
-            {
-                **outcomes(retry=1),
-                'maillaser_webhook_requests_total{status="error"}': 1,
-                "maillaser_webhook_latency_seconds_count": 1,
-                'maillaser_spool_messages{state="pending"}': 1,
-                'maillaser_spool_messages{state="dead"}': 0,
-                "maillaser_spool_bytes": stored,
-                "maillaser_circuit_breaker_state": 2,
-            },
+            samples(self.metrics.text(), *COUNTERS, *GAUGES),
+            {"maillaser_messages_accepted_total": 0, "maillaser_smtp_connections": 0},
         )
 
-    async def test_in_flight(self) -> None:
-        """While the webhook has not answered: spooled, counted nowhere else."""
-        bridge = await start_quiet_bridge(
-            self, WebhookReceiver(default=HANG), **HANGING
-        )
-        await bridge.send(simple_message())
-        await wait(bridge.receiver.wait_for(1))
-        await connect_raw(self, bridge.smtp_port)
-        samples = await scrape(bridge)
+    def test_connections_read_when_scraped(self) -> None:
+        self.connections = 7
         self.assertEqual(
-            pick(samples, *COUNTERS, "maillaser_spool_messages", *STATE),
+            samples(self.metrics.text(), "maillaser_smtp_connections"),
+            {"maillaser_smtp_connections": 7},
+        )
+
+    def test_process(self) -> None:
+        """The front's process is C{maillaser_process_*}."""
+        names = families(self.metrics.text())
+        self.assertIn("maillaser_process_start_time_seconds", names)
+        self.assertFalse([name for name in names if "worker" in name], names)
+
+    def test_page_with_the_worker(self) -> None:
+        worker = DeliveryMetrics(
+            clock=Clock(),
+            breaker_state=lambda: BreakerState.closed,
+            spool_stats=lambda: None,
+        )
+        worker.settled("delivered")
+        page = self.metrics.page(worker.text())
+        self.assertEqual(
+            samples(page, "maillaser_deliveries_total", "maillaser_worker_up"),
+            {**outcomes(delivered=1), "maillaser_worker_up": 1},
+        )
+        self.assertTrue(page.startswith(self.metrics.text().split(b"\n", 1)[0]))
+
+    def test_page_without_the_worker(self) -> None:
+        self.metrics.smtp_reply(250)
+        page = self.metrics.page(None)
+        self.assertEqual(
+            samples(page, "maillaser_messages_accepted_total", "maillaser_worker_up"),
+            {"maillaser_messages_accepted_total": 1, "maillaser_worker_up": 0},
+        )
+        self.assertNotIn(b"maillaser_deliveries_total", page)
+
+    def test_own_registry(self) -> None:
+        """Two bridges in one process do not share (or clash over) metrics."""
+        other = FrontMetrics(smtp_connections=lambda: 0)
+        self.metrics.smtp_reply(250)
+        accepted = "maillaser_messages_accepted_total"
+        self.assertEqual(
+            [samples(each.text(), accepted) for each in (self.metrics, other)],
+            [{accepted: 1}, {accepted: 0}],
+        )
+
+
+class DeliveryMetricsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.breaker: BreakerState | str = BreakerState.closed
+        self.stats: SpoolStats | None = SpoolStats(pending=0, dead=0, bytes=0)
+        self.metrics = DeliveryMetrics(
+            clock=self.clock,
+            breaker_state=lambda: self.breaker,
+            spool_stats=lambda: self.stats,
+        )
+
+    def test_fresh(self) -> None:
+        """Every outcome is there from the start, at 0."""
+        self.assertEqual(
+            samples(self.metrics.text(), *COUNTERS, *GAUGES),
             {
-                'maillaser_smtp_replies_total{code="250"}': 1,
-                "maillaser_messages_accepted_total": 1,
                 **outcomes(),
                 "maillaser_webhook_latency_seconds_count": 0,
-                'maillaser_spool_messages{state="pending"}': 1,
-                'maillaser_spool_messages{state="dead"}': 0,
+                "maillaser_webhook_latency_seconds_sum": 0,
                 "maillaser_circuit_breaker_state": 0,
-                "maillaser_smtp_connections": 1,
+                'maillaser_spool_messages{state="pending"}': 0,
+                'maillaser_spool_messages{state="dead"}': 0,
+                "maillaser_spool_bytes": 0,
             },
         )
 
-    async def test_sync_mode(self) -> None:
-        """No spool: the deliverer's rounds are counted, and the 550 it causes."""
-        receiver = WebhookReceiver()
-        receiver.script(200, 422)
-        bridge = await start_quiet_bridge(self, receiver, delivery_mode="sync")
-        self.assertEqual((await bridge.send(simple_message()))["code"], 250)
-        self.assertEqual((await bridge.send(simple_message()))["code"], 550)
-        samples = await scrape(bridge)
+    def test_settled(self) -> None:
+        for outcome in ("delivered", "retry", "retry", "dead", "rejected", "retry"):
+            self.metrics.settled(outcome)
         self.assertEqual(
-            pick(samples, *COUNTERS, *SPOOL),
+            samples(self.metrics.text(), "maillaser_deliveries_total"),
+            outcomes(delivered=1, retry=3, dead=1, rejected=1),
+        )
+
+    def test_timed(self) -> None:
+        """Each request counted by status, or C{error}, and timed on the clock."""
+        slow: Deferred[WebhookResponse] = Deferred()
+        poster = self.metrics.timed(
+            _Poster(succeed(response(200)), slow, fail(ConnectionRefusedError()))
+        )
+        self.assertTrue(verifyObject(IWebhookPoster, poster))
+        answered = self.successResultOf(poster.post(b"{}", {}))
+        pending = poster.post(b"{}", {})
+        self.clock.advance(0.75)
+        slow.callback(response(422))
+        self.assertEqual(
+            (answered, self.successResultOf(pending)), (response(200), response(422))
+        )
+        self.failureResultOf(poster.post(b"{}", {}), ConnectionRefusedError)
+        self.assertEqual(
+            samples(
+                self.metrics.text(),
+                "maillaser_webhook_requests_total",
+                "maillaser_webhook_latency_seconds_count",
+                "maillaser_webhook_latency_seconds_sum",
+                "maillaser_webhook_latency_seconds_bucket",
+            ),
             {
-                'maillaser_smtp_replies_total{code="250"}': 1,
-                'maillaser_smtp_replies_total{code="550"}': 1,
-                "maillaser_messages_accepted_total": 1,
-                **outcomes(delivered=1, rejected=1),
                 'maillaser_webhook_requests_total{status="200"}': 1,
                 'maillaser_webhook_requests_total{status="422"}': 1,
-                "maillaser_webhook_latency_seconds_count": 2,
+                'maillaser_webhook_requests_total{status="error"}': 1,
+                "maillaser_webhook_latency_seconds_count": 3,
+                "maillaser_webhook_latency_seconds_sum": 0.75,
+                **{
+                    f'maillaser_webhook_latency_seconds_bucket{{le="{le}"}}': count
+                    for le, count in [
+                        ("0.005", 2),
+                        ("0.01", 2),
+                        ("0.025", 2),
+                        ("0.05", 2),
+                        ("0.1", 2),
+                        ("0.25", 2),
+                        ("0.5", 2),
+                        ("1.0", 3),
+                        ("2.5", 3),
+                        ("5.0", 3),
+                        ("10.0", 3),
+                        ("30.0", 3),
+                        ("60.0", 3),
+                        ("+Inf", 3),
+                    ]
+                },
             },
         )
 
-    async def test_bridges_do_not_share_metrics(self) -> None:
-        first = await start_quiet_bridge(self)
-        second = await start_quiet_bridge(self)
-        await first.send(simple_message())
-        accepted = ("maillaser_messages_accepted_total", ())
+    def test_breaker(self) -> None:
+        """Read when scraped, as the enum or its value."""
+        cases: list[tuple[BreakerState | str, int]] = [
+            (BreakerState.closed, 0),
+            (BreakerState.half_open, 1),
+            (BreakerState.open, 2),
+            ("closed", 0),
+            ("half-open", 1),
+            ("open", 2),
+        ]
+        for state, value in cases:
+            self.breaker = state
+            self.assertEqual(
+                samples(self.metrics.text(), "maillaser_circuit_breaker_state"),
+                {"maillaser_circuit_breaker_state": value},
+            )
+
+    def test_spool(self) -> None:
+        self.stats = SpoolStats(pending=3, dead=2, bytes=4096)
         self.assertEqual(
-            [(await scrape(bridge))[accepted] for bridge in (first, second)], [1, 0]
-        )
-
-
-async def get_health(bridge: Bridge, method: str = "GET") -> tuple[int, Any]:
-    """Status and JSON body (C{None} for HEAD), with uptime checked and removed."""
-    response = await treq.request(
-        method, bridge.health_url + "/health", persistent=False
-    )
-    content = await response.content()
-    if method == "HEAD":
-        assert content == b"", content
-        return response.code, None
-    body = json.loads(content)
-    uptime = body.pop("uptime")
-    assert isinstance(uptime, float) and 0 <= uptime < 60, uptime
-    return response.code, body
-
-
-class HealthTests(TestCase):
-    async def test_ready(self) -> None:
-        bridge = await start_quiet_bridge(self)
-        self.assertEqual(
-            await get_health(bridge),
-            (
-                200,
-                {
-                    "status": "ok",
-                    "breaker": "closed",
-                    "spool_depth": 0,
-                    "dead_letters": 0,
-                },
+            samples(
+                self.metrics.text(), "maillaser_spool_messages", "maillaser_spool_bytes"
             ),
-        )
-        self.assertEqual(await get_health(bridge, "HEAD"), (200, None))
-
-    async def test_spool_not_writable(self) -> None:
-        """A spool that cannot commit: 503, and the SMTP client hears 451."""
-        bridge = await start_bridge(self, spool=MemorySpool(broken=True))
-        self.assertEqual((await bridge.send(simple_message()))["code"], 451)
-        self.assertEqual(
-            await get_health(bridge),
-            (
-                503,
-                {
-                    "status": "unavailable",
-                    "reasons": ["spool is not writable"],
-                    "breaker": "closed",
-                    "spool_depth": 0,
-                    "dead_letters": 0,
-                },
-            ),
-        )
-        self.assertEqual(await get_health(bridge, "HEAD"), (503, None))
-        samples = await scrape(bridge)
-        self.assertEqual(
-            pick(samples, *COUNTERS[:2]),
             {
-                'maillaser_smtp_replies_total{code="451"}': 1,
-                "maillaser_messages_accepted_total": 0,
+                'maillaser_spool_messages{state="pending"}': 3,
+                'maillaser_spool_messages{state="dead"}': 2,
+                "maillaser_spool_bytes": 4096,
             },
         )
 
-    async def test_shutting_down(self) -> None:
-        """While a delivery holds up the shutdown, readiness is withdrawn."""
-        bridge = await start_quiet_bridge(
-            self, WebhookReceiver(default=HANG), **HANGING
-        )
-        await bridge.send(simple_message())
-        await wait(bridge.receiver.wait_for(1))
-        stopping = bridge.service.stopService()
+    def test_no_spool(self) -> None:
+        """Sync mode has no spool, and no spool gauges."""
+        self.stats = None
+        names = families(self.metrics.text())
         self.assertEqual(
-            await get_health(bridge),
-            (
-                503,
-                {
-                    "status": "unavailable",
-                    "reasons": ["shutting down", "SMTP listener is not listening"],
-                    "breaker": "closed",
-                    "spool_depth": 1,
-                    "dead_letters": 0,
-                },
-            ),
+            [name for name in names if "spool" in name],
+            [],
         )
-        await wait(stopping)
+        self.assertIn("maillaser_circuit_breaker_state", names)
+
+    def test_process(self) -> None:
+        """The worker's process is C{maillaser_worker_process_*}."""
+        names = families(self.metrics.text())
+        self.assertIn("maillaser_worker_process_start_time_seconds", names)
+        self.assertNotIn("maillaser_process_start_time_seconds", names)
+
+    def test_one_page_with_the_front(self) -> None:
+        """
+        The front's page with the worker's text in it: every family once,
+        so that Prometheus reads it whole.
+        """
+        front = FrontMetrics(smtp_connections=lambda: 2)
+        page = front.page(self.metrics.text())
+        names = families(page)
+        self.assertEqual(sorted(names), sorted(set(names)))
+        for name in (
+            "maillaser_smtp_replies",
+            "maillaser_messages_accepted",
+            "maillaser_smtp_connections",
+            "maillaser_process_start_time_seconds",
+            "maillaser_deliveries",
+            "maillaser_webhook_requests",
+            "maillaser_webhook_latency_seconds",
+            "maillaser_circuit_breaker_state",
+            "maillaser_spool_messages",
+            "maillaser_spool_bytes",
+            "maillaser_worker_process_start_time_seconds",
+            "maillaser_worker_up",
+        ):
+            self.assertIn(name, names)

@@ -551,13 +551,20 @@ class HTTPSTests(TestCase):
         receiver, url = await self.receiver("localhost")
         error = await self.refused(url, None)
         self.assertIsInstance(error, TLSError)
-        self.assertIn("certificate verify failed", str(error))
+        self.assertEqual(
+            describe_error(error),
+            "TLS failed: [('SSL routines', '', 'certificate verify failed')]",
+        )
         self.assertEqual(receiver.requests, [])
 
     async def test_trusted_certificate_for_another_host(self) -> None:
         receiver, url = await self.receiver("other.example")
         error = await self.refused(url, self.bundle())
         self.assertIsInstance(error, HostnameMismatch)
+        self.assertEqual(
+            describe_error(error),
+            "TLS failed: the certificate is not for the webhook's host",
+        )
         self.assertEqual(receiver.requests, [])
 
 

@@ -108,7 +108,14 @@ def loaded(environ: Mapping[str, str], **options: object) -> Config:
     return load_config({"smtp": [], **options}, environ, None)
 
 
-class OptionsTests(SynchronousTestCase):
+class ParsingTestCase(SynchronousTestCase):
+    """Parsing the options sets the process's log level: put it back after."""
+
+    def setUp(self) -> None:
+        self.addCleanup(logs.set_level, logs.current_level())
+
+
+class OptionsTests(ParsingTestCase):
     def test_every_setting_is_an_option(self) -> None:
         """Same names as the environment variables, plus the two endpoints."""
         names = [parameter[0] for parameter in Options.optParameters]
@@ -236,7 +243,7 @@ class OptionsTests(SynchronousTestCase):
         )
 
 
-class BadValueTests(SynchronousTestCase):
+class BadValueTests(ParsingTestCase):
     """
     A bad value stops start-up with one line and status 1.
 
@@ -291,10 +298,7 @@ class BadValueTests(SynchronousTestCase):
         self.assertEqual(str(err), "option --no-such-option not recognized")
 
 
-class LevelTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.addCleanup(logs.set_level, logs.current_level())
-
+class LevelTests(ParsingTestCase):
     def test_sets_the_level(self) -> None:
         """MailLaser's events are filtered at the configured level from now on."""
         parse(["--log-level", "error"], {**REQUIRED, "MAIL_LASER_LOG_LEVEL": "debug"})
@@ -306,7 +310,7 @@ class LevelTests(SynchronousTestCase):
         self.assertIs(logs.current_level(), LogLevel.info)
 
 
-class MakeServiceTests(SynchronousTestCase):
+class MakeServiceTests(ParsingTestCase):
     def test_builds_from_config(self) -> None:
         """The service module is imported only now, and given the C{Config}."""
         built = Service()
@@ -361,7 +365,7 @@ class _Failing(Service):
         raise self.error
 
 
-class StartUpErrorTests(SynchronousTestCase):
+class StartUpErrorTests(ParsingTestCase):
     """
     An address that cannot be listened on, or an unusable spool, stops
     start-up with one line and status 1, whether it shows when twistd
@@ -419,6 +423,31 @@ class StartUpErrorTests(SynchronousTestCase):
 
 class RunnerTests(SynchronousTestCase):
     """The plugin under the real C{twistd} and C{twist}."""
+
+    def test_plugin_is_import_light(self) -> None:
+        """
+        Found by every C{getPlugins} (C{twistd --help}, C{trial}), it
+        imports neither MailLaser nor the reactor, which C{--reactor} must
+        be free to choose.
+        """
+        program = (
+            "import sys\n"
+            "from twisted.application.service import IServiceMaker\n"
+            "from twisted.plugin import getPlugins\n"
+            "names = [plugin.tapname for plugin in getPlugins(IServiceMaker)]\n"
+            "loaded = [name for name in sys.modules if name.startswith('maillaser')]\n"
+            "print('maillaser' in names, loaded,\n"
+            "      'twisted.internet.reactor' in sys.modules)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", program],
+            env={"PYTHONPATH": ROOT},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual((result.stdout, result.stderr), ("True [] False\n", ""))
 
     def test_bad_value_in_one_line(self) -> None:
         """Status 1, one line on standard error, nothing else."""

@@ -164,7 +164,7 @@ class MetricsResource(_Endpoint):
     ) -> None:
         self._log.failure("cannot render the metrics", failure)
         if not finished.called:
-            _plain(request, 500, b"Internal Server Error")
+            request.write(_plain(request, 500, b"Internal Server Error"))
             request.finish()
 
 
@@ -215,7 +215,8 @@ def make_site(
         C{None} without it (L{maillaser.health.FrontMetrics.page}).
     @param worker_metrics: the delivery worker's part, asked at each
         scrape (C{DeliveryWorker.metrics_text}).
-    @param clock: what the deadline of C{worker_metrics} is measured on.
+    @param clock: what the deadline of C{worker_metrics}, and the site's
+        idle timeout, are measured on: the reactor.
     """
     root = _Root()
     root.putChild(b"health", HealthResource(health))
@@ -223,7 +224,7 @@ def make_site(
         b"metrics",
         MetricsResource(metrics, worker_metrics, clock=clock, timeout=timeout),
     )
-    return QuietSite(root)
+    return QuietSite(root, reactor=clock)
 
 
 __all__ = [

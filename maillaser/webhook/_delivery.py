@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
+from OpenSSL import SSL
+from service_identity import VerificationError as CertificateNotForHost
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
@@ -190,6 +192,10 @@ def describe_error(error: BaseException) -> str:
         return "DNS lookup failed"
     if isinstance(error, ConnectError):
         return f"connection failed: {error.__class__.__name__}"
+    if isinstance(error, SSL.Error):
+        return f"TLS failed: {error}"[:200]
+    if isinstance(error, CertificateNotForHost):
+        return "TLS failed: the certificate is not for the webhook's host"
     if isinstance(error, _WRAPPERS) and error.reasons:
         # Agent wraps what went wrong on the connection (a TLS failure, a
         # connection lost mid-response): that is the reason worth telling.

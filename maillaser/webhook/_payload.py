@@ -181,10 +181,9 @@ class _Reading:
         C{root.get()}, which hands raw 8-bit text back as an opaque
         C{Header}; the first field of a name wins, as C{get} has it.
         """
-        fields = root.raw_items()
         first: dict[str, str] = {}
         prefixes = tuple(p.strip().lower() for p in header_prefixes if p.strip())
-        for name, value in fields:
+        for name, value in root.raw_items():
             lower = name.lower()
             first.setdefault(lower, value)
             if prefixes and lower.startswith(prefixes):
@@ -223,9 +222,8 @@ class _Reading:
         payload["recipient"] = envelope.recipients[0] if envelope.recipients else ""
         payload["recipients"] = list(envelope.recipients)
         payload["subject"] = self.subject
-        payload["body"] = next(
-            (body for body in (self.text, self.rendered) if body is not None), ""
-        )
+        body = self.text if self.text is not None else self.rendered
+        payload["body"] = body or ""
         if self.html is not None:
             payload["html_body"] = self.html
         if self.headers:
