@@ -78,9 +78,9 @@ class EchoChild(ChildProtocol):
 
     @Warn.responder
     def warn(self, message_id: str) -> dict[str, object]:
-        Logger(namespace="tests.child").warn(
-            "could not read {message_id}", message_id=message_id
-        )
+        log = Logger(namespace="tests.child")
+        log.debug("details of {message_id}", message_id=message_id)  # below info
+        log.warn("could not read {message_id}", message_id=message_id)
         print("a stray print")
         return {}
 

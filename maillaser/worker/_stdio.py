@@ -29,7 +29,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from maillaser.logs import json_lines, observer
+from maillaser.logs import at_level, json_lines, observer, set_level
 
 
 @implementer(IHalfCloseableProtocol)
@@ -115,16 +115,17 @@ def run_child(protocol: ChildProtocol, level: str, reactor: Any) -> None:
 
 def log_to_stderr(level: str) -> None:
     """
-    JSON lines on standard error, for the parent to log as its own.
-    Whatever is printed goes there too, as log events: standard output
-    carries the protocol, and a stray print must not break it.
+    JSON lines on standard error at C{level}, for the parent to log as its
+    own.  Whatever is printed goes there too, as log events: standard
+    output carries the protocol, and a stray print must not break it.
     """
-    predicate = LogLevelFilterPredicate(LogLevel.levelWithName(level))
+    set_level(level)
     # AMP says "connection established" and "lost" at info: the parent
     # logs when the child is ready and when it ends.
-    predicate.setLogLevelForNamespace("twisted.protocols.amp", LogLevel.warn)
-    observer = FilteringLogObserver(json_lines(sys.stderr), [predicate])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=True)
+    quieter = LogLevelFilterPredicate(defaultLogLevel=LogLevel.debug)
+    quieter.setLogLevelForNamespace("twisted.protocols.amp", LogLevel.warn)
+    destination = FilteringLogObserver(json_lines(sys.stderr), [quieter])
+    globalLogBeginner.beginLoggingTo([at_level(destination)], redirectStandardIO=True)
 
 
 __all__ = ["ChildProtocol", "log_to_stderr", "run_child"]
