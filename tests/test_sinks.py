@@ -53,6 +53,7 @@ def status(**changes: Any) -> WorkerStatus:
 class Call:
     command: type[amp.Command]
     timeout: float
+    slow: bool
     arguments: dict[str, Any]
     answer: Deferred[dict[str, Any]] = attrs.Factory(Deferred)
 
@@ -68,9 +69,14 @@ class FakeWorker:
         self.breaker_states: list[str] = []
 
     def call(
-        self, command: type[amp.Command], *, timeout: float, **arguments: Any
+        self,
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        slow: bool = False,
+        **arguments: Any,
     ) -> Deferred[dict[str, Any]]:
-        self.calls.append(Call(command, timeout, arguments))
+        self.calls.append(Call(command, timeout, slow, arguments))
         return self.calls[-1].answer
 
     def spool_changed(self, pending: int, size: int) -> None:
@@ -118,8 +124,8 @@ class QueueSinkTests(SinkTestCase):
         d = self.sink.receive(message(1))
         [call] = self.worker.calls
         self.assertEqual(
-            (call.command, call.timeout, call.arguments),
-            (Store, 3.0, message_arguments(message(1))),
+            (call.command, call.timeout, call.slow, call.arguments),
+            (Store, 3.0, False, message_arguments(message(1))),
         )
         self.assertNoResult(d)
         call.answer.callback(reply(250, "2.0.0", "Ok", pending=1, bytes=20))
@@ -181,7 +187,8 @@ class SyncSinkTests(SinkTestCase):
         waiting = [self.sink.receive(message(n)) for n in range(3)]
         self.assertEqual(len(self.worker.calls), 2)
         self.assertEqual(
-            [(c.command, c.timeout) for c in self.worker.calls], [(Deliver, 40.0)] * 2
+            [(c.command, c.timeout, c.slow) for c in self.worker.calls],
+            [(Deliver, 40.0, True)] * 2,
         )
         self.assertNoResult(waiting[2])
         self.worker.calls[0].answer.callback(

@@ -337,7 +337,9 @@ class ChildProcessTests(SynchronousTestCase):
     def test_health_names_a_child_slow_to_answer(self) -> None:
         child = self.child()
         child.start()
-        child.call(Echo, timeout=10.0, value="slow")
+        child.call(Echo, timeout=10.0, slow=True, value="slow by nature")
+        self.reactor.advance(1.0)
+        child.call(Echo, timeout=10.0, value="quick, usually")
         self.reactor.advance(2.0)
         self.assertEqual(child.problems(), [])
         self.reactor.advance(1.0)

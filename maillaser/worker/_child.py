@@ -108,6 +108,7 @@ class _Request:
     connection: _Connection | None = None
     """The child it was sent to; C{None} while it waits for one."""
     sent_at: float = 0.0
+    slow: bool = False
 
     def __attrs_post_init__(self) -> None:
         # Cancelled, a request stops its deadline; its answer is ignored.
@@ -257,11 +258,18 @@ class ChildProcess:
         self._start_soon()
 
     def call(
-        self, command: type[amp.Command], *, timeout: float, **arguments: Any
+        self,
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        slow: bool = False,
+        **arguments: Any,
     ) -> Deferred[Answer]:
         """
         Send C{command} to the child, or to the next one if none is ready.
 
+        @param slow: the request may take long by nature (a delivery
+            round): health does not count it as a sign of a stuck child.
         @return: fires with the answer's fields, or fails with the
             command's own errors, L{ChildTimeout} past C{timeout} seconds
             (the child is killed), or L{ChildError} when the child ended or
@@ -270,6 +278,7 @@ class ChildProcess:
         if self._stopping:
             return fail(ChildError(f"{self.name} is stopped"))
         request = self._request(command, timeout, arguments)
+        request.slow = slow
         if self.ready:
             assert self._connection is not None
             self._send(self._connection, request)
@@ -448,7 +457,8 @@ class ChildProcess:
         if not self.ready:
             problems.append(self._why or f"{self.name} is starting")
         connection = self._connection
-        sent = [] if connection is None else [r.sent_at for r in connection.requests]
+        requests = [] if connection is None else connection.requests
+        sent = [request.sent_at for request in requests if not request.slow]
         if sent:
             waited = self._reactor.seconds() - min(sent)
             if waited > SLOW_ANSWER:

@@ -131,10 +131,15 @@ class DeliveryWorker(Service):
         return self.stop(self.config.shutdown_grace)
 
     def call(
-        self, command: type[amp.Command], *, timeout: float, **arguments: Any
+        self,
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        slow: bool = False,
+        **arguments: Any,
     ) -> Deferred[Answer]:
         """One request to the worker (see L{ChildProcess.call})."""
-        return self._child.call(command, timeout=timeout, **arguments)
+        return self._child.call(command, timeout=timeout, slow=slow, **arguments)
 
     def _hello(self, ask: Ask) -> Deferred[None]:
         """The greeting: versions checked, configuration sent, status known."""
@@ -229,7 +234,10 @@ class DeliveryWorker(Service):
         if self.ready:
             try:
                 answer = await self.call(
-                    Stop, timeout=grace + self.config.worker_timeout, grace=grace
+                    Stop,
+                    timeout=grace + self.config.worker_timeout,
+                    slow=True,
+                    grace=grace,
                 )
                 pending = answer["pending"]
             except Exception as error:

@@ -97,6 +97,7 @@ class PayloadBuilder:
                 answer = await self.process.call(
                     BuildPayload,
                     timeout=self.timeout,
+                    slow=False,
                     header_prefixes=list(self.header_prefixes),
                     **message_arguments(message),
                 )

@@ -46,7 +46,12 @@ class Worker(Protocol):
     def status(self) -> WorkerStatus | None: ...
 
     def call(
-        self, command: type[amp.Command], *, timeout: float, **arguments: Any
+        self,
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        slow: bool = False,
+        **arguments: Any,
     ) -> Deferred[dict[str, Any]]: ...
 
     def spool_changed(self, pending: int, size: int) -> None: ...
@@ -112,7 +117,8 @@ class QueueSink:
             raise _store_failed()
 
     def receive(self, message: Message) -> Deferred[None]:
-        d = self.worker.call(Store, timeout=self.timeout, **message_arguments(message))
+        arguments = message_arguments(message)
+        d = self.worker.call(Store, timeout=self.timeout, slow=False, **arguments)
         return d.addCallbacks(self._stored, self._not_stored, errbackArgs=(message,))
 
     def _stored(self, answer: dict[str, Any]) -> None:
@@ -158,7 +164,7 @@ class SyncSink:
 
     def _deliver(self, message: Message) -> Deferred[None]:
         d = self.worker.call(
-            Deliver, timeout=self.timeout, **message_arguments(message)
+            Deliver, timeout=self.timeout, slow=True, **message_arguments(message)
         )
         return d.addCallbacks(
             self._delivered, self._not_delivered, errbackArgs=(message,)
