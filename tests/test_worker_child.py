@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
@@ -71,7 +71,23 @@ class Exit(amp.Command):
     response = []
 
 
+class Hold(amp.Command):
+    """Answered when the test says."""
+
+    arguments = []
+    response = []
+
+
 class EchoChild(ChildProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Deferred[dict[str, object]]] = []
+
+    @Hold.responder
+    def hold(self) -> Deferred[dict[str, object]]:
+        self.held.append(Deferred())
+        return self.held[-1]
+
     @Echo.responder
     def echo(self, value: str) -> dict[str, object]:
         return {"value": value, "pid": os.getpid()}
@@ -388,6 +404,27 @@ class ChildProcessTests(SynchronousTestCase):
             child.problems(), ["could not start echo child: no more processes"]
         )
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class ChildProtocolTests(SynchronousTestCase):
+    """The child's end, in memory."""
+
+    def test_ends_once_what_it_was_asked_is_answered(self) -> None:
+        child, transport = EchoChild(), StringTransport()
+        child.makeConnection(transport)
+        parent, sent = amp.AMP(), StringTransport()
+        parent.makeConnection(sent)
+        answer = parent.callRemote(Hold)
+        child.dataReceived(sent.value())
+        child.readConnectionLost()  # the parent closed our input
+        self.assertFalse(transport.disconnecting)
+        child.held[0].callback({})
+        self.assertTrue(transport.disconnecting)
+        parent.dataReceived(transport.value())
+        self.assertEqual(self.successResultOf(answer), {})
+        self.assertNoResult(child.finished)
+        child.connectionLost(Failure(ProcessDone(0)))
+        self.assertIsNone(self.successResultOf(child.finished))
 
 
 class LogRelayTests(SynchronousTestCase):
