@@ -1,116 +1,249 @@
-"""When the SMTP client hears 250: after the spool commit, or the webhook's answer."""
+"""
+When the SMTP client hears 250: after the worker's commit, or the
+webhook's answer; and what it hears when the worker is not there.  The
+sinks over a fake worker, on a C{Clock}.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
-from maillaser.breaker import CircuitBreaker
-from maillaser.delivery import Deliverer
-from maillaser.dispatch import Dispatcher
-from maillaser.message import Refusal
-from maillaser.sinks import QueueSink, SyncSink
-from maillaser.testing import MemorySpool
-from maillaser.webhook import WebhookResponse
-from tests.doubles import ScriptedClient, message
+from maillaser.config import Config
+from maillaser.interfaces import IMessageSink
+from maillaser.message import Envelope, Message, Refusal
+from maillaser.worker import (
+    ChildTimeout,
+    QueueSink,
+    SyncSink,
+    WorkerStatus,
+    sync_deadline,
+)
+from maillaser.worker._commands import Deliver, Store, message_arguments
 
 
-def refusal(test: SynchronousTestCase, d: Deferred[None]) -> str:
-    failure: Failure = test.failureResultOf(d, Refusal)
-    return str(failure.value)
+def message(n: int = 0) -> Message:
+    envelope = Envelope("a@example.net", ("target@example.com",), "client", "1.2.3.4")
+    return Message(f"msg_{n}", envelope, b"Subject: %d\r\n\r\nhi\r\n" % n, 17.0)
 
 
-class QueueSinkTests(SynchronousTestCase):
+def status(**changes: Any) -> WorkerStatus:
+    return attrs.evolve(
+        WorkerStatus(
+            breaker="closed",
+            pending=0,
+            dead=0,
+            bytes=0,
+            writable=True,
+            problems=(),
+            at=0.0,
+        ),
+        **changes,
+    )
+
+
+@attrs.define
+class Call:
+    command: type[amp.Command]
+    timeout: float
+    slow: bool
+    arguments: dict[str, Any]
+    answer: Deferred[dict[str, Any]] = attrs.Factory(Deferred)
+
+
+class FakeWorker:
+    """What the sinks see of a L{DeliveryWorker}: its requests wait here."""
+
+    def __init__(self) -> None:
+        self.ready = True
+        self.status: WorkerStatus | None = status()
+        self.calls: list[Call] = []
+        self.spool_counts: list[tuple[int, int]] = []
+        self.breaker_states: list[str] = []
+
+    def call(
+        self,
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        slow: bool = False,
+        **arguments: Any,
+    ) -> Deferred[dict[str, Any]]:
+        self.calls.append(Call(command, timeout, slow, arguments))
+        return self.calls[-1].answer
+
+    def spool_changed(self, pending: int, size: int) -> None:
+        self.spool_counts.append((pending, size))
+
+    def breaker_changed(self, state: str) -> None:
+        self.breaker_states.append(state)
+
+
+def reply(code: int, status: str = "", text: str = "", **more: Any) -> dict[str, Any]:
+    return {"code": code, "status": status, "text": text, **more}
+
+
+class SinkTestCase(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.spool = MemorySpool()
-        breaker = CircuitBreaker(1, 60.0, self.clock)
-        client = ScriptedClient(None)
-        deliverer = Deliverer(
-            client=client, clock=self.clock, breaker=breaker, max_retries=0
-        )
-        self.dispatcher = Dispatcher(
-            self.spool, deliverer, breaker, self.clock, 1, (5.0,)
-        )
-        self.client = client
-        self.sink = QueueSink(
-            self.spool, self.dispatcher, max_messages=2, max_bytes=10_000
-        )
+        self.worker = FakeWorker()
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
 
-    def test_committed_then_dispatched(self) -> None:
-        self.dispatcher.startService()
-        self.successResultOf(self.sink.receive(message(1)))
-        self.assertEqual(self.spool.stats().pending, 1)
-        self.assertEqual(len(self.client.requests), 1)
-        self.dispatcher.stopService()
+    def refusal(self, d: Deferred[None]) -> str:
+        return str(self.failureResultOf(d, Refusal).value)
 
-    def test_failed_write_is_451_never_250(self) -> None:
-        self.spool.broken = True
+    def refused_now(self, sink: QueueSink | SyncSink) -> str:
+        with self.assertRaises(Refusal) as raised:
+            sink.check_capacity()
+        return str(raised.exception)
+
+    def assert_not_ready_refused(self, sink: QueueSink | SyncSink) -> None:
+        self.worker.ready = False
+        self.assertEqual(self.refused_now(sink), "451 4.3.0 Not ready, try again later")
+        self.worker.ready, self.worker.status = True, None
+        self.assertEqual(self.refused_now(sink), "451 4.3.0 Not ready, try again later")
+
+
+class QueueSinkTests(SinkTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.sink = QueueSink(self.worker, max_messages=2, max_bytes=100, timeout=3.0)
+
+    def test_an_imessagesink(self) -> None:
+        self.assertTrue(verifyObject(IMessageSink, self.sink))
+
+    def test_250_once_the_worker_committed(self) -> None:
+        d = self.sink.receive(message(1))
+        [call] = self.worker.calls
         self.assertEqual(
-            refusal(self, self.sink.receive(message(1))),
+            (call.command, call.timeout, call.slow, call.arguments),
+            (Store, 3.0, False, message_arguments(message(1))),
+        )
+        self.assertNoResult(d)
+        call.answer.callback(reply(250, "2.0.0", "Ok", pending=1, bytes=20))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.worker.spool_counts, [(1, 20)])
+
+    def test_the_workers_refusal(self) -> None:
+        d = self.sink.receive(message(1))
+        self.worker.calls[0].answer.callback(
+            reply(452, "4.3.1", "Insufficient system storage", pending=2, bytes=9)
+        )
+        self.assertEqual(self.refusal(d), "452 4.3.1 Insufficient system storage")
+        self.assertEqual(self.worker.spool_counts, [(2, 9)])
+
+    def test_no_answer_in_time_is_451(self) -> None:
+        d = self.sink.receive(message(1))
+        self.worker.calls[0].answer.errback(ChildTimeout("no answer within 3s"))
+        self.assertEqual(
+            self.refusal(d), "451 4.3.0 Could not store the message, try again later"
+        )
+        [event] = self.events
+        self.assertEqual(
+            formatEvent(event),
+            "the delivery worker could not store msg_1: no answer within 3s",
+        )
+        self.assertEqual(event["message_id"], "msg_1")
+
+    def test_back_pressure_from_the_last_status(self) -> None:
+        self.sink.check_capacity()
+        full = "452 4.3.1 Insufficient system storage, try again later"
+        self.worker.status = status(pending=2)
+        self.assertEqual(self.refused_now(self.sink), full)
+        self.worker.status = status(pending=1, bytes=100)
+        self.assertEqual(self.refused_now(self.sink), full)
+        self.worker.status = status(pending=1, bytes=99, breaker="open")
+        self.sink.check_capacity()  # queue mode takes mail whatever the breaker
+
+    def test_a_spool_that_cannot_commit_is_offered_no_mail(self) -> None:
+        self.worker.status = status(writable=False)
+        self.assertEqual(
+            self.refused_now(self.sink),
             "451 4.3.0 Could not store the message, try again later",
         )
 
-    def test_back_pressure_by_count(self) -> None:
-        self.sink.check_capacity()
-        self.spool.add(message(1))
-        self.spool.add(message(2))
-        with self.assertRaises(Refusal) as raised:
-            self.sink.check_capacity()
-        self.assertEqual(
-            str(raised.exception),
-            "452 4.3.1 Insufficient system storage, try again later",
-        )
-
-    def test_back_pressure_by_bytes(self) -> None:
-        self.sink.max_bytes = len(message(1).raw)
-        self.spool.add(message(1))
-        self.assertRaises(Refusal, self.sink.check_capacity)
+    def test_no_worker_ready(self) -> None:
+        self.assert_not_ready_refused(self.sink)
 
 
-class SyncSinkTests(SynchronousTestCase):
-    def sink(
-        self, *script: int | WebhookResponse | Exception | None, concurrency: int = 4
-    ) -> SyncSink:
-        clock = Clock()
-        self.breaker = CircuitBreaker(1, 60.0, clock)
-        self.client = ScriptedClient(*script)
-        deliverer = Deliverer(
-            client=self.client, clock=clock, breaker=self.breaker, max_retries=0
-        )
-        return SyncSink(deliverer, self.breaker, concurrency)
+class SyncSinkTests(SinkTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.sink = SyncSink(self.worker, concurrency=2, timeout=40.0)
+
+    def test_an_imessagesink(self) -> None:
+        self.assertTrue(verifyObject(IMessageSink, self.sink))
 
     def test_rounds_at_once_are_bounded(self) -> None:
         """The third waits for a slot, then goes; nobody is refused."""
-        sink = self.sink(None, None, concurrency=2)
-        waiting = [sink.receive(message(n)) for n in range(3)]
-        self.assertEqual(len(self.client.requests), 2)
-        self.assertNoResult(waiting[2])
-        self.client.hanging[0].callback(WebhookResponse(200))
-        self.assertEqual(len(self.client.requests), 3)
-        self.assertIsNone(self.successResultOf(waiting[0]))
-        self.assertIsNone(self.successResultOf(waiting[2]))
-        self.assertNoResult(waiting[1])
-
-    def test_2xx_is_250(self) -> None:
-        self.assertIsNone(self.successResultOf(self.sink(200).receive(message())))
-
-    def test_5xx_is_451(self) -> None:
+        waiting = [self.sink.receive(message(n)) for n in range(3)]
+        self.assertEqual(len(self.worker.calls), 2)
         self.assertEqual(
-            refusal(self, self.sink(503).receive(message())),
-            "451 4.4.1 Webhook temporarily unavailable, try again later",
+            [(c.command, c.timeout, c.slow) for c in self.worker.calls],
+            [(Deliver, 40.0, True)] * 2,
+        )
+        self.assertNoResult(waiting[2])
+        self.worker.calls[0].answer.callback(
+            reply(250, "2.0.0", "Ok", breaker="closed")
+        )
+        self.assertIsNone(self.successResultOf(waiting[0]))
+        self.assertEqual(len(self.worker.calls), 3)
+        self.assertEqual(self.worker.calls[2].arguments, message_arguments(message(2)))
+
+    def test_the_webhooks_answer_is_the_reply(self) -> None:
+        d = self.sink.receive(message(1))
+        self.worker.calls[0].answer.callback(
+            reply(550, "5.6.0", "no such queue", breaker="closed")
+        )
+        self.assertEqual(self.refusal(d), "550 5.6.0 no such queue")
+        d = self.sink.receive(message(2))
+        self.worker.calls[1].answer.callback(
+            reply(451, "4.4.1", "Webhook unavailable", breaker="open")
+        )
+        self.assertEqual(self.refusal(d), "451 4.4.1 Webhook unavailable")
+        self.assertEqual(self.worker.breaker_states, ["closed", "open"])
+
+    def test_no_answer_in_time_is_451(self) -> None:
+        d = self.sink.receive(message(1))
+        self.worker.calls[0].answer.errback(ChildTimeout("late"))
+        self.assertEqual(
+            self.refusal(d), "451 4.3.0 Temporary failure, try again later"
+        )
+        self.assertEqual(self.events[0]["message_id"], "msg_1")
+        self.sink.receive(message(2))
+        self.assertEqual(len(self.worker.calls), 2)  # its slot is free again
+
+    def test_an_open_breaker_is_451_at_mail_from(self) -> None:
+        self.sink.check_capacity()
+        self.worker.status = status(breaker="half-open", pending=10**9)
+        self.sink.check_capacity()
+        self.worker.status = status(breaker="open")
+        self.assertEqual(
+            self.refused_now(self.sink),
+            "451 4.4.1 Webhook unavailable, try again later",
         )
 
-    def test_permanent_4xx_is_550_with_reason(self) -> None:
-        d = self.sink(WebhookResponse(422, reason="no such queue")).receive(message())
-        self.assertEqual(refusal(self, d), "550 5.6.0 no such queue")
+    def test_no_worker_ready(self) -> None:
+        self.assert_not_ready_refused(self.sink)
 
-    def test_open_breaker_is_451_without_a_request(self) -> None:
-        sink = self.sink(500)
-        refusal(self, sink.receive(message(1)))
-        with self.assertRaises(Refusal) as raised:
-            sink.check_capacity()
-        self.assertEqual(raised.exception.code, 451)
-        self.assertRaises(Refusal, sink.receive, message(2))
+
+class SyncDeadlineTests(SynchronousTestCase):
+    def test_the_longest_round_and_the_workers_own_deadline(self) -> None:
+        config = Config(
+            target_emails=("a@example.com",),
+            webhook_url="http://127.0.0.1/hook",
+            webhook_timeout=30.0,
+            webhook_max_retries=3,
+            payload_timeout=10.0,
+            worker_timeout=5.0,
+        )
+        # two tries at the payload, four attempts, 0.1 + 0.2 + 0.4 of backoff
+        self.assertAlmostEqual(sync_deadline(config), 20 + 120 + 0.7 + 5)

@@ -2,4 +2,51 @@
 The delivery worker: a child process of the SMTP front that owns the spool,
 the dispatcher, payload building, the webhook poster and the breaker, and
 the AMP protocol (L{maillaser.worker._commands}) between the two.
+
+The front creates a L{DeliveryWorker} (a service: it starts the worker
+process, checks its version, watches it, and stops it) and hands accepted
+messages to its C{sink}.  The worker process runs L{worker_main}.
 """
+
+from maillaser.worker._child import (
+    ChildError,
+    ChildProcess,
+    ChildProgram,
+    ChildTimeout,
+    LogRelay,
+)
+from maillaser.worker._front import START_TIMEOUT, DeliveryWorker, WorkerStatus
+from maillaser.worker._main import (
+    payload_main,
+    payload_program,
+    worker_main,
+    worker_program,
+)
+from maillaser.worker._payloads import PayloadBuilder, PayloadProtocol
+from maillaser.worker._server import DeliveryStack, WorkerProtocol, build_stack
+from maillaser.worker._sinks import QueueSink, SyncSink, sync_deadline
+from maillaser.worker._stdio import ChildProtocol
+
+__all__ = [
+    "START_TIMEOUT",
+    "ChildError",
+    "ChildProcess",
+    "ChildProgram",
+    "ChildProtocol",
+    "ChildTimeout",
+    "DeliveryStack",
+    "DeliveryWorker",
+    "LogRelay",
+    "PayloadBuilder",
+    "PayloadProtocol",
+    "QueueSink",
+    "SyncSink",
+    "WorkerProtocol",
+    "WorkerStatus",
+    "build_stack",
+    "payload_main",
+    "payload_program",
+    "sync_deadline",
+    "worker_main",
+    "worker_program",
+]

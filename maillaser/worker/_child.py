@@ -1,445 +1,548 @@
 """
-Work done in child processes of the bridge: the spool's SQLite (and the
-fsync behind every ``250``), and turning messages into payloads.
+A supervised child process that answers AMP commands on its standard
+input and output.
 
-The reactor thread must only do I/O, and a thread beside it does not keep
-it free: a thread shares the interpreter's lock with the reactor, and the
-two hand it over at every system call.  Measured in the benchmark, a
-spool thread making SQLite calls cost the bridge a quarter of its
-throughput on small messages, and a thread rendering HTML (html2text, pure
-Python) made the reactor wait up to 70 ms.  A child process shares
-nothing: the reactor writes requests to a pipe and reads answers from
-another, as it reads sockets, and the work runs on another core.  A bug or
-a message that kills a child costs the requests it had, not the bridge.
+The SMTP front runs the delivery worker this way, and the worker its
+payload processes: work that may block (a commit, a parse, a stuck disk)
+happens in another process, and the parent's reactor only writes requests
+to a pipe and reads answers from another, as it reads sockets.  Each
+request has a deadline: a child that misses one is killed (C{SIGKILL}:
+a stopped or wedged process ignores anything milder), everything it was
+asked fails at once, and a new child is started, no more than once a
+second, so the parent answers late rather than never.
 
-The bridge sends the requests made in one turn of its reactor, each a frame
-(a length and a pickle), in one write to the child's standard input; the
-child (L{main}, in a Python of its own) takes every frame that has arrived,
-answers them all with its job's handler, and writes the answers in one
-frame on its standard output.  Pickle is safe here: both ends are this
-package, speaking over pipes only they hold.  A child ignores SIGINT and
-SIGTERM, which a terminal or a service manager sends to the whole process
-group: it ends when its input ends, because the bridge closed it or died,
-and so never leaves a request that reached it unanswered.
+The child's standard error carries its log: JSON lines (what
+L{maillaser.logs.json_lines} writes), logged here again with their level
+and fields; anything else it writes (an interpreter dying with a
+traceback) is logged as a warning, and its tail says why the child ended.
+
+Twisted's C{ProcessEndpoint} would connect AMP to a child too, but it
+logs the child's standard error as plain text, without levels or fields;
+hence a process protocol of our own.
 """
 
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
-import math
 import os
-import pickle
-import signal
-import struct
 import sys
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+import attrs
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogBeginner
+from twisted.internet.stdio import PipeAddress
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
+from twisted.protocols import amp
+from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 import maillaser
-from maillaser.logs import json_lines
+from maillaser.logs import observer
 from maillaser.timers import cancel_timer
 
-READ_SIZE = 1024 * 1024
-"""Bytes a child reads at once: a burst of small messages in one frame."""
+RESTART_INTERVAL = 1.0
+"""Seconds between two starts of a child, at the least."""
 
-RESPAWN_INTERVAL = 1.0
-"""Seconds between starts of a child that keeps failing, at the least."""
+MAX_RESTART_INTERVAL = 60.0
+"""
+The longest wait before the next start of a child that keeps failing
+before it is ready (the wait doubles with each such failure): a worker
+refused for its version, or one whose spool cannot be opened, is not
+started sixty times a minute.
+"""
 
-WRITE_SIZE = 1024 * 1024
-"""Bytes of requests written to a child per turn of the reactor, about."""
+SLOW_ANSWER = 2.0
+"""Seconds a request may wait for its answer before health calls the child
+unresponsive."""
 
 PIPE_SIZE = 1024 * 1024
 """Bytes a pipe to or from a child holds (Linux's largest by default)."""
 
-STOP_TIMEOUT = 10.0
-"""Seconds a child has to finish its work and exit before it is killed."""
+_TAIL = 4096
+"""Bytes of a child's last non-log output kept, to say why it ended."""
 
-_LENGTH = struct.Struct(">I")
-
-_PROGRAM = f"from {__name__} import main; main()"
-"""
-A child's program.  Not C{-m}, which would run this module as C{__main__},
-and pickle would name its classes after that.
-"""
+Answer = dict[str, Any]
+Ask = Callable[..., Deferred[Answer]]
+"""C{ask(command, *, timeout, **arguments)}: one request to one child."""
 
 
 class ChildError(Exception):
-    """A child could not answer: it ended, or could not be started."""
+    """A child could not answer: it was not running, ended, or was killed."""
 
 
-class Request(NamedTuple):
-    """Run C{function(*args)} in the child (the spool adds its database)."""
-
-    number: int
-    function: Callable[..., object]
-    """A module-level function, which pickle names and the child imports."""
-    args: tuple[object, ...]
-    write: bool = False
-    """For the spool: a write, committed in one transaction with its neighbours."""
+class ChildTimeout(ChildError):
+    """A child did not answer in time; it is being killed."""
 
 
-class Answer(NamedTuple):
-    number: int
-    value: object
-    """What the function returned, or the exception it raised."""
-    failed: bool = False
-
-
-class Batch(NamedTuple):
-    """The answers to every request that one read of the child's input brought."""
-
-    answers: Sequence[Answer]
-    transactions: Sequence[tuple[int, Exception | None]] = ()
-    """For the spool, per transaction: how many writes, and why it failed."""
-
-
-def frame(value: object) -> list[bytes]:
-    """C{value}'s frame, in two pieces: a megabyte is not copied to join them."""
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return [_LENGTH.pack(len(data)), data]
-
-
-# On the pipes these tuples go as plain ones: pickle names a class each time
-# it meets one, which for a small request costs more than the request itself.
-
-
-def request_frame(request: Request) -> list[bytes]:
-    return frame(tuple(request))
-
-
-def batch_frame(batch: Batch) -> list[bytes]:
-    return frame(([tuple(answer) for answer in batch.answers], batch.transactions))
-
-
-def as_batch(value: tuple[list[tuple[Any, ...]], Sequence[Any]]) -> Batch:
-    answers, transactions = value
-    return Batch([Answer._make(answer) for answer in answers], transactions)
-
-
-class FrameReader:
-    """Whole values out of a byte stream that arrives in arbitrary pieces."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[Any]:
-        self._buffer += data
-        values = []
-        start = 0
-        with memoryview(self._buffer) as buffer:  # frames unpickled in place
-            while len(buffer) - start >= _LENGTH.size:
-                (length,) = _LENGTH.unpack_from(buffer, start)
-                end = start + _LENGTH.size + length
-                if len(buffer) < end:
-                    break
-                values.append(pickle.loads(buffer[start + _LENGTH.size : end]))
-                start = end
-        del self._buffer[:start]
-        return values
-
-
-# The child.
-
-Handler = Callable[[Sequence[Request]], Batch]
-
-
-def run_each(requests: Sequence[Request]) -> Batch:
-    """The payload child's handler: each request on its own."""
-    return Batch([call(request) for request in requests])
-
-
-def call(request: Request, *first: object) -> Answer:
+@attrs.frozen
+class ChildProgram:
     """
-    Answer C{request}, the exception included if it raised one: a bug or a
-    bad message fails its own request, and the child goes on.
-    """
-    try:
-        return Answer(request.number, request.function(*first, *request.args))
-    except Exception as error:
-        return Answer(request.number, portable(error), True)
-
-
-def portable(error: Exception) -> Exception:
-    """C{error} if it survives the pipe; else a L{ChildError} describing it."""
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:
-        return ChildError(repr(error))
-    return error
-
-
-def serve(handle: Handler, source: int = 0, sink: int = 1) -> None:
-    """Answer requests from C{source} on C{sink} until C{source} ends."""
-    reader = FrameReader()
-    while chunk := os.read(source, READ_SIZE):
-        requests = [Request._make(request) for request in reader.feed(chunk)]
-        if requests:
-            for piece in batch_frame(handle(requests)):
-                _write_all(sink, piece)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """A child: C{spool DIRECTORY} or C{payload}."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Log events go to the bridge, which logs them as its own.
-    globalLogBeginner.beginLoggingTo(
-        [json_lines(sys.stderr)], discardBuffer=True, redirectStandardIO=False
-    )
-    job, *args = sys.argv[1:] if argv is None else argv
-    if job == "payload":
-        serve(run_each)
-        return
-    from maillaser.spool import serve_spool
-
-    serve_spool(*args)
-
-
-# The bridge's end.
-
-
-@implementer(IPushProducer)
-class ChildProcess(ProcessProtocol):
-    """
-    Requests to a child, each answered through a Deferred.
-
-    It is the producer for the child's input: while the pipe and Twisted's
-    buffer in front of it are full, requests wait in a list, to go in one
-    frame once they drain, rather than be copied into that buffer and,
-    each time it empties, copied together again.
-
-    The child is started by the first request.  If it ends on its own
-    (killed, out of memory), what it had not answered fails with a
-    L{ChildError}, and the next request starts a new one, no sooner than
-    L{RESPAWN_INTERVAL} after the last start: requests made meanwhile wait.
+    What a child runs: C{module.function()}, with C{args} as its
+    C{sys.argv[1:]}.  Not C{python -m}, which would import the module a
+    second time as C{__main__}.
     """
 
-    _log = Logger()
+    module: str
+    function: str
+    args: tuple[str, ...] = ()
+
+    def argv(self) -> list[str]:
+        code = f"from {self.module} import {self.function}; {self.function}()"
+        return [sys.executable, "-c", code, *self.args]
+
+
+@attrs.define(eq=False)
+class _Request:
+    command: type[amp.Command]
+    arguments: dict[str, Any]
+    timeout: float
+    answer: Deferred[Answer] = attrs.field(init=False)
+    timer: IDelayedCall | None = None
+    connection: _Connection | None = None
+    """The child it was sent to; C{None} while it waits for one."""
+    sent_at: float = 0.0
+    slow: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        # Cancelled, a request stops its deadline; its answer is ignored.
+        self.answer = Deferred(lambda answer: self.stop_timer())
+
+    def stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+
+    def fail(self, error: ChildError) -> None:
+        self.stop_timer()
+        if not self.answer.called:
+            self.answer.errback(Failure(error))
+
+
+class _ChildTransport(proxyForInterface(IProcessTransport, "process")):  # type: ignore[misc]
+    """A process transport as AMP wants one: AMP asks for addresses."""
+
+    def getPeer(self) -> PipeAddress:
+        return PipeAddress()
+
+    def getHost(self) -> PipeAddress:
+        return PipeAddress()
+
+
+class _Connection(ProcessProtocol):
+    """One child process: its output to AMP, its standard error to the log."""
+
+    def __init__(
+        self, relay: LogRelay, on_ended: Callable[[_Connection, Failure], None]
+    ) -> None:
+        self.amp = amp.AMP()
+        self.relay = relay
+        self.requests: set[_Request] = set()
+        """Sent and not yet answered."""
+        self.ready = False
+        """Greeted, and taking requests."""
+        self.killed = False
+        self.finished = False
+        self.pid: int | None = None
+        self._on_ended = on_ended
+        self._waiting: list[Deferred[None]] = []
+
+    @property
+    def alive(self) -> bool:
+        return not (self.killed or self.finished)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        self.amp.makeConnection(_ChildTransport(self.transport))
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.amp.dataReceived(data)
+        else:
+            self.relay.feed(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.finished = True
+        self.relay.flush()
+        self.amp.connectionLost(reason)
+        self._on_ended(self, reason)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def ended(self) -> Deferred[None]:
+        """Fires once the process has ended and its pipes are closed."""
+        if self.finished:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def kill(self) -> None:
+        self.killed = True
+        assert self.transport is not None
+        with suppress(ProcessExitedAlready):
+            self.transport.signalProcess("KILL")
+
+    def describe_end(self, reason: Failure) -> str:
+        """The reason a process ended, with the last words it wrote."""
+        why = reason.getErrorMessage()
+        tail = self.relay.tail()
+        return f"{why}: {tail}" if tail else why
+
+
+class ChildProcess:
+    """
+    Requests to a child process, each with a deadline.
+
+    L{start} keeps a child running until L{stop}, restarting it whenever
+    it ends; without it, the first request starts one, and a child that
+    ends is started again only when a request needs it.  Requests made
+    while no child is ready wait for one, their deadlines running.
+
+    @ivar name: names the child in logs and health problems.
+    """
+
+    _log = Logger(observer=observer)
 
     def __init__(
         self,
         reactor: Any,
-        clock: IReactorTime,
-        job: Sequence[str],
-        on_batch: Callable[[Batch], object] = lambda batch: None,
-        on_exit: Callable[[ChildError], object] = lambda error: None,
+        program: ChildProgram,
+        *,
+        name: str,
+        greet: Callable[[Ask], Deferred[Any]] | None = None,
     ) -> None:
         """
-        @param reactor: spawns the child and ends each turn of requests: an
+        @param reactor: spawns the child and times the deadlines: an
             C{IReactorProcess} and C{IReactorTime}.
-        @param clock: times restarts and the stop.
-        @param job: the child's arguments, for L{main}.
-        @param on_batch: told of each batch before its answers go out.
-        @param on_exit: told when the child ended without being stopped.
+        @param greet: called with each new child's C{ask} before any
+            request goes to it; the child is ready once its Deferred
+            fires, and is killed if it fails (a worker of another version).
         """
         self._reactor = reactor
-        self._clock = clock
-        self._job = list(job)
-        self._on_batch = on_batch
-        self._on_exit = on_exit
-        self._numbers = itertools.count()
-        self._waiting: dict[int, Deferred[Any]] = {}
-        self._outgoing: deque[Request] = deque()
-        self._reader = FrameReader()
-        self._started_at: float | None = None
-        self._starting: IDelayedCall | None = None
+        self.program = program
+        self.name = name
+        self._greet = greet
+        self._connection: _Connection | None = None
+        self._waiting: list[_Request] = []
+        self._supervised = False
         self._stopping = False
-        self._paused = False
-        self._ended: Deferred[None] | None = None
-        """While a child runs: fires when it has ended."""
-        self._errors = b""
-        self._partial_line = b""
+        self._starting: IDelayedCall | None = None
+        self._started_at: float | None = None
+        self._failures = 0
+        """Children in a row that ended before they were ready."""
+        self._why: str = ""
+        """Why no child is ready, for health; empty while one starts."""
 
     @property
-    def name(self) -> str:
-        return " ".join(["child", *self._job])
+    def ready(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.alive and connection.ready
 
-    def run(self, function: Callable[[], Any]) -> Deferred[Any]:
-        """C{function()} in the child: an offload for the deliverer."""
-        return self.request(function, ())
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id."""
+        return None if self._connection is None else self._connection.pid
 
-    def request(
+    def start(self) -> None:
+        """Keep a child running from now on."""
+        self._supervised = True
+        self._stopping = False
+        self._start_soon()
+
+    def call(
         self,
-        function: Callable[..., object],
-        args: tuple[object, ...],
-        write: bool = False,
-    ) -> Deferred[Any]:
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        slow: bool = False,
+        **arguments: Any,
+    ) -> Deferred[Answer]:
+        """
+        Send C{command} to the child, or to the next one if none is ready.
+
+        @param slow: the request may take long by nature (a delivery
+            round): health does not count it as a sign of a stuck child.
+        @return: fires with the answer's fields, or fails with the
+            command's own errors, L{ChildTimeout} past C{timeout} seconds
+            (the child is killed), or L{ChildError} when the child ended or
+            was killed first.
+        """
         if self._stopping:
             return fail(ChildError(f"{self.name} is stopped"))
-        number = next(self._numbers)
-        answer: Deferred[Any] = Deferred()
-        self._waiting[number] = answer
-        self._outgoing.append(Request(number, function, args, write))
-        if self._ended is None:
+        request = self._request(command, timeout, arguments)
+        request.slow = slow
+        if self.ready:
+            assert self._connection is not None
+            self._send(self._connection, request)
+        else:
+            self._waiting.append(request)
             self._start_soon()
-        elif len(self._outgoing) == 1 and not self._paused:
-            self._reactor.callLater(0, self._send)
-        return answer
+        return request.answer
 
-    def _send(self) -> None:
-        """At the end of the turn: what this turn asked, in one write."""
-        if self._ended is None or self._paused or not self._outgoing:
-            return  # no child yet, or a full pipe: they go later
-        self._write(WRITE_SIZE)
-        if self._outgoing:
-            self._reactor.callLater(0, self._send)
+    def _request(
+        self, command: type[amp.Command], timeout: float, arguments: dict[str, Any]
+    ) -> _Request:
+        request = _Request(command, arguments, timeout)
+        request.answer.addBoth(self._forget, request)
+        request.timer = self._reactor.callLater(timeout, self._late, request)
+        return request
 
-    def _write(self, limit: float) -> None:
-        """
-        Requests as they were asked, up to about C{limit} bytes: their
-        pickling is work for the reactor, which must not do it all at once.
-        """
-        pieces: list[bytes] = []
-        size = 0
-        while self._outgoing and size < limit:
-            pieces += request_frame(self._outgoing.popleft())
-            size += len(pieces[-1])
-        assert self.transport is not None
-        self.transport.writeSequence(pieces)
+    def _send(self, connection: _Connection, request: _Request) -> None:
+        request.connection = connection
+        request.sent_at = self._reactor.seconds()
+        connection.requests.add(request)
+        sent = maybeDeferred(
+            connection.amp.callRemote, request.command, **request.arguments
+        )
+        sent.addBoth(self._answered, request, connection)
 
-    def stop(self) -> Deferred[None]:
-        """End the child once it has answered everything asked of it."""
-        self._stopping = True
-        if self._ended is None:
-            if self._starting is not None:
-                self._starting.cancel()
-            self._fail_waiting(ChildError(f"{self.name} is stopped"))
-            return succeed(None)
-        self._write(math.inf)  # full pipe or not: the child reads it all first
-        assert self.transport is not None
-        self.transport.closeStdin()
-        ended, timer = self._ended, self._clock.callLater(STOP_TIMEOUT, self._kill)
-        return ended.addBoth(cancel_timer, timer)
+    def _answered(
+        self, result: Answer | Failure, request: _Request, connection: _Connection
+    ) -> None:
+        if request.answer.called:
+            return  # late, killed or cancelled: done with already
+        if isinstance(result, Failure) and result.check(ConnectionDone, ConnectionLost):
+            why = connection.describe_end(result)
+            request.fail(ChildError(f"{self.name} ended: {why}"))
+            return
+        request.stop_timer()
+        if isinstance(result, Failure):
+            request.answer.errback(result)
+        else:
+            request.answer.callback(result)
+
+    def _forget(self, result: object, request: _Request) -> object:
+        if request.connection is not None:
+            request.connection.requests.discard(request)
+        elif request in self._waiting:
+            self._waiting.remove(request)
+        return result
+
+    def _late(self, request: _Request) -> None:
+        error = ChildTimeout(
+            f"{self.name} did not answer {request.command.__name__}"
+            f" within {request.timeout:g}s"
+        )
+        connection = request.connection
+        if connection is not None:  # killed first: who hears of it may ask again
+            connection.requests.discard(request)
+            self._kill(connection, error)
+        request.fail(error)
+
+    def _kill(self, connection: _Connection, error: ChildError) -> None:
+        """Kill the child; what else it had fails now, not when it is reaped."""
+        if not connection.alive:
+            return
+        self._log.error(
+            "{error}; killing it (pid {pid})", error=str(error), pid=connection.pid
+        )
+        self._why = str(error)
+        connection.kill()
+        for other in list(connection.requests):
+            other.fail(ChildError(f"{self.name} was killed: {error}"))
+
+    # Starting
 
     def _start_soon(self) -> None:
-        if self._starting is not None:
+        if self._stopping or self._connection is not None or self._starting:
             return
-        now = self._clock.seconds()
-        last = self._started_at
-        delay = 0.0 if last is None else last + RESPAWN_INTERVAL - now
-        if delay > 0:
-            self._starting = self._clock.callLater(delay, self._start)
-        else:
-            self._start()
-
-    def _start(self) -> None:
-        self._starting = None
-        self._started_at = self._clock.seconds()
-        self._ended = Deferred()
-        self._errors = b""
-        self._partial_line = b""
-        process = self._reactor.spawnProcess(
-            self,
-            sys.executable,
-            [sys.executable, "-c", _PROGRAM, *self._job],
-            env=_environment(),
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
-        _widen(process)
-        self._paused = False
-        process.registerProducer(self, True)
-        self._send()
-
-    def _kill(self) -> None:
-        self._log.warn("{name} did not finish in time; killing it", name=self.name)
-        assert self.transport is not None
-        self.transport.signalProcess("KILL")
-
-    # IPushProducer, for the child's input
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._send()
-
-    def stopProducing(self) -> None:
-        pass  # processEnded follows
-
-    # ProcessProtocol
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd == 2:
-            self._relay(data)
-            return
-        for batch in map(as_batch, self._reader.feed(data)):
-            self._on_batch(batch)
-            for answer in batch.answers:
-                waiting = self._waiting.pop(answer.number)
-                if answer.failed:
-                    waiting.errback(Failure(answer.value))
-                else:
-                    waiting.callback(answer.value)
-
-    def _relay(self, data: bytes) -> None:
-        """
-        The child's log: its JSON lines logged here, with their level and
-        fields; anything else (a dying interpreter's traceback) as warnings,
-        the last of it kept to say why the child ended.
-        """
-        *lines, self._partial_line = (self._partial_line + data).split(b"\n")
-        for line in filter(bytes.strip, lines):
-            try:
-                event = json.loads(line)
-                level = LogLevel.levelWithName(event.pop("level"))
-            except (ValueError, KeyError, InvalidLogLevelError, AttributeError):
-                self._errors = (self._errors + line + b"\n")[-4096:]
-                text = line.decode("utf-8", "replace")
-                self._log.warn("{child}: {text}", child=self.name, text=text)
-                continue
-            event.pop("timestamp", None)
-            event.pop("namespace", None)
-            text = event.pop("text", "")
-            self._log.emit(
-                level, "{child}: {text}", child=self.name, text=text, **event
+        delay = 0.0
+        if self._started_at is not None:
+            interval = min(
+                RESTART_INTERVAL * 2 ** max(self._failures - 1, 0),
+                MAX_RESTART_INTERVAL,
             )
+            delay = self._started_at + interval - self._reactor.seconds()
+        if delay > 0:
+            self._starting = self._reactor.callLater(delay, self._spawn)
+        else:
+            self._spawn()
 
-    def processEnded(self, reason: Failure) -> None:
-        ended, self._ended = self._ended, None
-        self._reader = FrameReader()
-        self._relay(b"\n")  # a last line without its end
-        why = self._errors.decode("utf-8", "replace").strip()
-        error = ChildError(
-            f"{self.name} ended: {reason.getErrorMessage()}"
-            + (f": {why}" if why else "")
+    def _spawn(self) -> None:
+        self._starting = None
+        self._started_at = self._reactor.seconds()
+        connection = _Connection(LogRelay(self.name), self._ended)
+        try:
+            process = self._reactor.spawnProcess(
+                connection,
+                sys.executable,
+                self.program.argv(),
+                env=_environment(),
+                childFDs={0: "w", 1: "r", 2: "r"},
+            )
+        except Exception as error:
+            self._log.failure("could not start {name}", name=self.name)
+            self._why = f"could not start {self.name}: {error}"
+            self._failures += 1
+            if self._supervised or self._waiting:
+                self._start_soon()
+            return
+        self._connection = connection
+        _widen(process)
+        if self._greet is None:
+            self._greeted(None, connection)
+            return
+        greeting = maybeDeferred(self._greet, partial(self._ask, connection))
+        greeting.addCallbacks(
+            self._greeted,
+            self._not_greeted,
+            callbackArgs=(connection,),
+            errbackArgs=(connection,),
         )
-        if not (self._stopping and reason.check(ProcessDone)):
-            self._on_exit(error)
-        self._fail_waiting(error)  # none, unless it ended on its own
-        assert ended is not None
-        ended.callback(None)
 
-    def _fail_waiting(self, error: ChildError) -> None:
-        self._outgoing.clear()
-        waiting, self._waiting = self._waiting, {}
-        for answer in waiting.values():
-            answer.errback(Failure(error))
+    def _ask(
+        self,
+        connection: _Connection,
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        **arguments: Any,
+    ) -> Deferred[Answer]:
+        """A request to this very child, ready or not: for the greeting."""
+        request = self._request(command, timeout, arguments)
+        if connection.alive:
+            self._send(connection, request)
+        else:
+            request.fail(ChildError(f"{self.name} ended"))
+        return request.answer
+
+    def _greeted(self, ignored: object, connection: _Connection) -> None:
+        if not connection.alive or connection is not self._connection:
+            return
+        connection.ready = True
+        self._failures = 0
+        self._why = ""
+        self._log.info("{name} ready (pid {pid})", name=self.name, pid=connection.pid)
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            self._send(connection, request)
+
+    def _not_greeted(self, failure: Failure, connection: _Connection) -> None:
+        error = failure.value
+        why = getattr(error, "description", None) or str(error)
+        self._kill(connection, ChildError(f"{self.name} refused: {why}"))
+
+    def _ended(self, connection: _Connection, reason: Failure) -> None:
+        why = connection.describe_end(reason)
+        if self._connection is connection:
+            self._connection = None
+        if not connection.ready:
+            self._failures += 1
+        for request in list(connection.requests):
+            request.fail(ChildError(f"{self.name} ended: {why}"))
+        if self._stopping:
+            self._log.info("{name} exited: {why}", name=self.name, why=why)
+            return
+        if not connection.killed:  # it ended on its own
+            self._log.error("{name} ended: {why}", name=self.name, why=why)
+            self._why = f"{self.name} ended: {why}"
+        if self._supervised or self._waiting:
+            self._start_soon()
+
+    # Health and stopping
+
+    def problems(self) -> list[str]:
+        """What is wrong with the child now, for C{/health}."""
+        if self._stopping:
+            return [f"{self.name} is stopped"]
+        problems = []
+        if not self.ready:
+            problems.append(self._why or f"{self.name} is starting")
+        connection = self._connection
+        requests = [] if connection is None else connection.requests
+        sent = [request.sent_at for request in requests if not request.slow]
+        if sent:
+            waited = self._reactor.seconds() - min(sent)
+            if waited > SLOW_ANSWER:
+                problems.append(f"{self.name} has not answered for {waited:.0f}s")
+        return problems
+
+    def stop(self, timeout: float) -> Deferred[None]:
+        """
+        Close the child's input, which ends it once it has answered what it
+        was asked; kill it if it has not ended within C{timeout} seconds.
+        Requests still waiting for a child fail.
+        """
+        self._stopping = True
+        self._supervised = False
+        if self._starting is not None:
+            self._starting.cancel()
+            self._starting = None
+        for request in list(self._waiting):
+            request.fail(ChildError(f"{self.name} is stopped"))
+        connection = self._connection
+        if connection is None:
+            return succeed(None)
+        ended = connection.ended()
+        if connection.alive:
+            assert connection.transport is not None
+            connection.transport.closeStdin()
+            timer = self._reactor.callLater(
+                timeout,
+                self._kill,
+                connection,
+                ChildError(f"{self.name} did not exit within {timeout:g}s"),
+            )
+            ended.addBoth(cancel_timer, timer)
+        return ended
+
+
+class LogRelay:
+    """
+    A child's standard error, logged here: its JSON lines as events with
+    their level and fields, anything else as warnings, the last of which
+    are kept to say why the child ended.
+    """
+
+    _log = Logger(observer=observer)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._partial = b""
+        self._tail = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._line(line)
+
+    def flush(self) -> None:
+        """The last line, if the child ended without finishing it."""
+        line, self._partial = self._partial, b""
+        self._line(line)
+
+    def tail(self) -> str:
+        return self._tail.decode("utf-8", "replace").strip()
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            fields = json.loads(line)
+            level = LogLevel.levelWithName(fields.pop("level"))
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidLogLevelError):
+            self._tail = (self._tail + line + b"\n")[-_TAIL:]
+            text = line.decode("utf-8", "replace")
+            self._log.warn("{child}: {text}", child=self._name, text=text)
+            return
+        fields.pop("timestamp", None)
+        fields.pop("namespace", None)
+        fields.update(child=self._name, text=fields.get("text", ""))
+        self._log.emit(level, "{child}: {text}", **fields)
 
 
 def _widen(process: Any) -> None:
     """
-    Pipes of L{PIPE_SIZE}, where Linux allows: through the usual 64 KB a
-    large message takes a turn of the reactor per 64 KB, and behind it the
-    frames queue up, to be copied together again and again.
+    Pipes of L{PIPE_SIZE}, where Linux allows: through the usual 64 KiB, a
+    large message takes a turn of each reactor per 64 KiB.
     """
     size_option = getattr(fcntl, "F_SETPIPE_SZ", None)
     if size_option is None:
@@ -454,3 +557,17 @@ def _environment() -> dict[str, str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(maillaser.__file__)))
     path = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+__all__ = [
+    "MAX_RESTART_INTERVAL",
+    "RESTART_INTERVAL",
+    "SLOW_ANSWER",
+    "Answer",
+    "Ask",
+    "ChildError",
+    "ChildProcess",
+    "ChildProgram",
+    "ChildTimeout",
+    "LogRelay",
+]

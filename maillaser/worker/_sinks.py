@@ -1,53 +1,137 @@
 """
 What happens at the end of DATA, i.e. when the SMTP client may hear C{250}.
 
-C{queue} mode answers once the message is committed to the spool and lets
-the dispatcher deliver it later; C{sync} mode calls the webhook first and
-answers with what it said.  Both are L{IMessageSink}s, so the SMTP session
-does not know which one it talks to.
+C{queue} mode answers once the delivery worker has committed the message
+to its spool (L{Store}); C{sync} mode has the worker run a delivery round
+first and answers with what the webhook said (L{Deliver}).  Both are
+L{IMessageSink}s, so the SMTP session does not know which one it talks
+to, nor that the work happens in another process.
+
+Neither asks the worker anything at C{MAIL FROM}: back-pressure and the
+breaker are read from the worker's last status, which its heartbeat keeps
+fresh.  An answer the worker does not give in time is a C{451}: the
+client keeps the message and tries again later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.logger import Logger
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from maillaser.breaker import CircuitBreaker
-from maillaser.delivery import Deliverer, Failed, Outcome, settlement
-from maillaser.dispatch import Dispatcher
-from maillaser.interfaces import IMessageSink, ISpool
+from maillaser.config import Config
+from maillaser.interfaces import IMessageSink
+from maillaser.logs import observer
 from maillaser.message import Message, Refusal
+from maillaser.webhook import quick_backoff
+from maillaser.worker._commands import Deliver, Store, message_arguments
+from maillaser.worker._payloads import payload_deadline
+
+if TYPE_CHECKING:
+    from maillaser.worker._front import WorkerStatus
+
+
+class Worker(Protocol):
+    """What the sinks use of L{maillaser.worker.DeliveryWorker}."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def status(self) -> WorkerStatus | None: ...
+
+    def call(
+        self,
+        command: type[amp.Command],
+        *,
+        timeout: float,
+        slow: bool = False,
+        **arguments: Any,
+    ) -> Deferred[dict[str, Any]]: ...
+
+    def spool_changed(self, pending: int, size: int) -> None: ...
+
+    def breaker_changed(self, state: str) -> None: ...
+
+
+def sync_deadline(config: Config) -> float:
+    """
+    How long the front waits for a L{Deliver} answer: the longest a round
+    can take (its payload, every attempt with its quick backoff), plus the
+    worker's own deadline.
+    """
+    retries = config.webhook_max_retries
+    backoffs = sum(quick_backoff(retry) for retry in range(1, retries + 1))
+    return (
+        payload_deadline(config.payload_timeout)
+        + (retries + 1) * config.webhook_timeout
+        + backoffs
+        + config.worker_timeout
+    )
+
+
+def _ready_status(worker: Worker) -> WorkerStatus:
+    status = worker.status
+    if not worker.ready or status is None:
+        raise Refusal(451, "4.3.0", "Not ready, try again later")
+    return status
+
+
+def _no_answer(log: Logger, what: str, message: Message, failure: Failure) -> None:
+    log.warn(
+        "the delivery worker could not {what} {message_id}: {error}",
+        what=what,
+        message_id=message.id,
+        error=failure.getErrorMessage(),
+    )
+
+
+def _reply(answer: dict[str, Any]) -> None:
+    """The worker's reply, unless it is C{250}, as the L{Refusal} it is."""
+    if answer["code"] != 250:
+        raise Refusal(answer["code"], answer["status"], answer["text"])
 
 
 @implementer(IMessageSink)
 @attrs.define
 class QueueSink:
-    """C{250} only after the spool commit; then wake the dispatcher."""
+    """C{250} only once the worker has committed the message to its spool."""
 
-    spool: ISpool
-    dispatcher: Dispatcher
+    worker: Worker
     max_messages: int
     max_bytes: int
+    timeout: float
+    """Seconds the worker has to answer L{Store}."""
+    _log = Logger(observer=observer)
 
     def check_capacity(self) -> None:
-        stats = self.spool.stats()
-        if stats.pending >= self.max_messages or stats.bytes >= self.max_bytes:
+        status = _ready_status(self.worker)
+        if status.pending >= self.max_messages or status.bytes >= self.max_bytes:
             raise Refusal(452, "4.3.1", "Insufficient system storage, try again later")
+        if not status.writable:  # until the spool's probe commits again
+            raise _store_failed()
 
     def receive(self, message: Message) -> Deferred[None]:
-        d: Deferred[None] = self.spool.add(message)
-        d.addCallbacks(self._stored, self._not_stored, callbackArgs=(message,))
-        return d
+        arguments = message_arguments(message)
+        d = self.worker.call(Store, timeout=self.timeout, slow=False, **arguments)
+        return d.addCallbacks(self._stored, self._not_stored, errbackArgs=(message,))
 
-    def _stored(self, ignored: object, message: Message) -> None:
-        self.dispatcher.offer(message)
+    def _stored(self, answer: dict[str, Any]) -> None:
+        self.worker.spool_changed(answer["pending"], answer["bytes"])
+        _reply(answer)
 
-    def _not_stored(self, failure: Failure) -> None:
-        raise Refusal(451, "4.3.0", "Could not store the message, try again later")
+    def _not_stored(self, failure: Failure, message: Message) -> None:
+        _no_answer(self._log, "store", message, failure)
+        raise _store_failed()
+
+
+def _store_failed() -> Refusal:
+    return Refusal(451, "4.3.0", "Could not store the message, try again later")
 
 
 @implementer(IMessageSink)
@@ -56,41 +140,43 @@ class SyncSink:
     """
     The webhook's answer becomes the SMTP answer (SPEC section 5).
 
-    At most C{concurrency} rounds run at once, as in queue mode; the SMTP
-    sessions past that wait their turn, holding their reply.
+    At most C{concurrency} rounds run at once; the SMTP sessions past that
+    wait their turn, holding their reply.  The bound is kept here, not in
+    the worker, so that a round's deadline counts the round only.
     """
 
-    deliverer: Deliverer
-    breaker: CircuitBreaker
+    worker: Worker
     concurrency: int
-    on_settled: Callable[[str], object] = lambda settlement: None
-    """Told how each round ended: delivered, rejected, or retry (by the client)."""
+    timeout: float
+    """Seconds the worker has to answer L{Deliver}: see L{sync_deadline}."""
     _slots: DeferredSemaphore = attrs.field(init=False)
+    _log = Logger(observer=observer)
 
     def __attrs_post_init__(self) -> None:
         self._slots = DeferredSemaphore(self.concurrency)
 
     def check_capacity(self) -> None:
-        if self.breaker.allowance() == 0:
+        if _ready_status(self.worker).breaker == "open":
             raise Refusal(451, "4.4.1", "Webhook unavailable, try again later")
 
     def receive(self, message: Message) -> Deferred[None]:
-        if not self.breaker.acquire():
-            raise Refusal(451, "4.4.1", "Webhook unavailable, try again later")
-        delivered = self._slots.run(self.deliverer.deliver, message)
-        return delivered.addCallback(self._settled)
+        return self._slots.run(self._deliver, message)
 
-    def _settled(self, outcome: Outcome) -> None:
-        self.on_settled(settlement(outcome))
-        _reply_for(outcome)
-
-
-def _reply_for(outcome: Outcome) -> None:
-    if not isinstance(outcome, Failed):
-        return
-    if outcome.permanent:
-        status = outcome.attempts[-1].status
-        raise Refusal(
-            550, "5.6.0", outcome.reason or f"Rejected by the webhook (HTTP {status})"
+    def _deliver(self, message: Message) -> Deferred[None]:
+        d = self.worker.call(
+            Deliver, timeout=self.timeout, slow=True, **message_arguments(message)
         )
-    raise Refusal(451, "4.4.1", "Webhook temporarily unavailable, try again later")
+        return d.addCallbacks(
+            self._delivered, self._not_delivered, errbackArgs=(message,)
+        )
+
+    def _delivered(self, answer: dict[str, Any]) -> None:
+        self.worker.breaker_changed(answer["breaker"])
+        _reply(answer)
+
+    def _not_delivered(self, failure: Failure, message: Message) -> None:
+        _no_answer(self._log, "deliver", message, failure)
+        raise Refusal(451, "4.3.0", "Temporary failure, try again later")
+
+
+__all__ = ["QueueSink", "SyncSink", "Worker", "sync_deadline"]

@@ -1,0 +1,145 @@
+"""
+Payloads for the delivery worker: built at once when that is cheap, else
+in a payload process, under a deadline.
+
+Parsing is pure Python and html2text's cost has no bound a message's size
+would set; the standard library's parser can take minutes over a few
+hundred nested multiparts.  On the worker's reactor such a message would
+stall every delivery; in a payload process it costs its own deadline: the
+process is killed, a new one takes the next message, and this one is
+delivered with what its top-level header says and a C{parse_error}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from maillaser.interfaces import IPayloadBuilder
+from maillaser.logs import observer
+from maillaser.message import Message
+from maillaser.webhook import encoded_payload, fallback_payload
+from maillaser.worker._child import ChildError, ChildProcess, ChildProgram, ChildTimeout
+from maillaser.worker._commands import (
+    BuildPayload,
+    message_arguments,
+    message_from_arguments,
+)
+from maillaser.worker._stdio import ChildProtocol
+
+INLINE_SIZE = 4096
+"""
+Messages up to this size with no HTML in them are built on the worker's
+reactor: parsing them costs tens of microseconds, less than the trip.
+"""
+
+ATTEMPTS = 2
+"""
+Tries per message: a payload process killed for another message's
+deadline fails what it had, and those messages deserve a process of
+their own before they are called unreadable.
+"""
+
+
+def payload_deadline(timeout: float) -> float:
+    """The longest L{PayloadBuilder.build} takes, given its C{timeout}."""
+    return ATTEMPTS * timeout
+
+
+def is_cheap(raw: bytes) -> bool:
+    """
+    Small, and with no C{text/html} part: a part is HTML only if its
+    Content-Type says so, so where the words do not appear there is none
+    to render.
+    """
+    return len(raw) <= INLINE_SIZE and b"text/html" not in raw.lower()
+
+
+@implementer(IPayloadBuilder)
+class PayloadBuilder:
+    """
+    L{IPayloadBuilder} for the worker.  The payload process is started by
+    the first message that needs it, and again by the next one after it
+    ended.
+    """
+
+    _log = Logger(observer=observer)
+
+    def __init__(
+        self,
+        reactor: Any,
+        header_prefixes: Sequence[str],
+        timeout: float,
+        program: ChildProgram,
+    ) -> None:
+        """
+        @param timeout: seconds a payload process has for one message.
+        @param program: the payload process's program
+            (L{maillaser.worker._main.payload_program}).
+        """
+        self.header_prefixes = tuple(header_prefixes)
+        self.timeout = timeout
+        self.process = ChildProcess(reactor, program, name="payload process")
+
+    def build(self, message: Message) -> Deferred[bytes]:
+        if is_cheap(message.raw):
+            return succeed(encoded_payload(message, self.header_prefixes))
+        return Deferred.fromCoroutine(self._elsewhere(message))
+
+    async def _elsewhere(self, message: Message) -> bytes:
+        reason = ""
+        for _ in range(ATTEMPTS):
+            try:
+                answer = await self.process.call(
+                    BuildPayload,
+                    timeout=self.timeout,
+                    slow=False,
+                    header_prefixes=list(self.header_prefixes),
+                    **message_arguments(message),
+                )
+            except CancelledError:
+                raise  # the round is cancelled, at shutdown
+            except ChildTimeout:
+                reason = f"payload not built within {self.timeout:g}s"
+                break
+            except ChildError as error:  # another message's process died
+                reason = f"payload not built: {error}"
+            except Exception as error:
+                reason = f"payload not built: {error}"
+                break
+            else:
+                body: bytes = answer["body"]
+                return body
+        self._log.warn(
+            "{message_id}: {reason}; delivered with its header only",
+            message_id=message.id,
+            reason=reason,
+        )
+        return fallback_payload(message, self.header_prefixes, reason)
+
+    def stop(self, timeout: float) -> Deferred[None]:
+        """End the payload process, if one runs."""
+        return self.process.stop(timeout)
+
+
+class PayloadProtocol(ChildProtocol):
+    """The payload process's end: one payload at a time, as asked."""
+
+    @BuildPayload.responder
+    def build(self, header_prefixes: list[str], **message: Any) -> dict[str, bytes]:
+        body = encoded_payload(message_from_arguments(**message), header_prefixes)
+        return {"body": body}
+
+
+__all__ = [
+    "ATTEMPTS",
+    "INLINE_SIZE",
+    "PayloadBuilder",
+    "PayloadProtocol",
+    "is_cheap",
+    "payload_deadline",
+]
