@@ -144,6 +144,10 @@ class VersionMismatch(Exception):
     """The worker runs other code than the front: it must not be used."""
 
 
+class StartFailed(Exception):
+    """The worker could not build what it needs (its spool, say); why, in words."""
+
+
 class Hello(amp.Command):
     """
     Front to worker, before anything else: check that both run the same
@@ -158,7 +162,7 @@ class Hello(amp.Command):
         (b"config", BigBytes()),
     ]
     response = [(b"version", amp.Unicode()), (b"pid", amp.Integer())]
-    errors = {VersionMismatch: b"VERSION_MISMATCH"}
+    errors = {VersionMismatch: b"VERSION_MISMATCH", StartFailed: b"START_FAILED"}
 
 
 class Store(amp.Command):
@@ -195,7 +199,7 @@ class Status(amp.Command):
     the worker itself finds wrong.
     """
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments = []
     response = [
         (b"breaker", amp.Unicode()),
         (b"pending", amp.Integer()),
@@ -209,7 +213,7 @@ class Status(amp.Command):
 class Metrics(amp.Command):
     """The worker's Prometheus metrics, in the text format, for C{/metrics}."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments = []
     response = [(b"text", BigBytes())]
 
 
@@ -244,6 +248,7 @@ __all__ = [
     "Hello",
     "JSONValue",
     "Metrics",
+    "StartFailed",
     "Status",
     "Stop",
     "Store",

@@ -47,6 +47,7 @@ from maillaser.worker._commands import (
     Deliver,
     Hello,
     Metrics,
+    StartFailed,
     Status,
     Stop,
     Store,
@@ -326,7 +327,7 @@ class WorkerProtocol(ChildProtocol):
                 self.stack = self._build(settings, self._reactor)
             except Exception as error:
                 self._log.failure("could not start the delivery worker")
-                raise amp.RemoteAmpError(b"START_FAILED", str(error)) from error
+                raise StartFailed(str(error)) from error
             self.stack.start()
             self._log.info(
                 "delivery worker started in {mode} mode",
