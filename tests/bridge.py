@@ -11,12 +11,14 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from maillaser.config import Config
 from maillaser.service import MailLaserService, makeService
 from maillaser.testing import ReceivedRequest, WebhookReceiver
+from maillaser.worker import Status
 from tests.helpers import LOOPBACK, TARGET, poll, send_mail, wait
 
 
@@ -64,19 +66,20 @@ class Bridge:
 
 
 async def start_bridge(
-    test: Any,
-    receiver: WebhookReceiver | None = None,
-    spool: Any = None,
-    **overrides: Any,
+    test: Any, receiver: WebhookReceiver | None = None, **overrides: Any
 ) -> Bridge:
-    """Start a bridge and a receiver; both are stopped when the test ends."""
+    """
+    Start a bridge (its delivery worker ready) and a receiver; both are
+    stopped when the test ends.
+    """
     receiver = receiver or WebhookReceiver()
     url = await receiver.listen(reactor)
     test.addCleanup(receiver.stop)
     config = make_config(url, test.mktemp(), **overrides)
-    service = makeService(config, reactor, spool=spool)
+    service = makeService(config, reactor)
     service.startService()
     test.addCleanup(stop_service, service)
+    await poll(lambda: service.worker.ready, timeout=30)
     return Bridge(service, receiver)
 
 
@@ -84,24 +87,22 @@ def stop_service(service: MailLaserService) -> Deferred[None] | None:
     return service.stopService() if service.running else None
 
 
-async def start_quiet_bridge(
-    test: Any, receiver: WebhookReceiver | None = None, **overrides: Any
-) -> Bridge:
-    """
-    L{start_bridge}, and before the bridge stops, wait for the dispatcher
-    to finish its look at the spool: stopping while it reads logs "spool is
-    closed" (a race in Dispatcher.stopService reported on issue 4).
-    """
-    bridge = await start_bridge(test, receiver, **overrides)
-    test.addCleanup(dispatcher_idle, bridge)
-    return bridge
+async def worker_status(bridge: Bridge) -> dict[str, Any]:
+    """The delivery worker's L{Status} answer, asked now."""
+    return await bridge.service.worker.call(Status, timeout=10)
 
 
-def dispatcher_idle(bridge: Bridge) -> Deferred[None]:
-    dispatcher = bridge.service.dispatcher
-    if dispatcher is None:
-        return succeed(None)
-    return Deferred.fromCoroutine(poll(lambda: not dispatcher._pumping))
+async def spool_empty(bridge: Bridge, timeout: float = 10.0) -> dict[str, Any]:
+    """
+    Wait until the worker's spool holds no pending message: every round is
+    then settled, so no more requests can come.  Returns that status.
+    """
+    deadline = reactor.seconds() + timeout
+    while (status := await worker_status(bridge))["pending"]:
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"spool not empty within {timeout}s: {status}")
+        await deferLater(reactor, 0.02)
+    return status
 
 
 def count_admissions(factory: Any) -> list[str]:
@@ -126,16 +127,13 @@ async def settled(
     bridge: Bridge, count: int, timeout: float = 10.0
 ) -> list[ReceivedRequest]:
     """
-    Wait for C{count} webhook requests, an empty spool and an idle
-    dispatcher (so that nothing more can arrive); prove that no request
-    came beyond them, and none was dead-lettered; return the requests.
+    Wait for C{count} webhook requests and an empty spool (so that nothing
+    more can arrive); prove that no request came beyond them, and none was
+    dead-lettered; return the requests.
     """
-    spool = bridge.service.spool
-    assert spool is not None
     await wait(bridge.receiver.wait_for(count), timeout)
-    await poll(lambda: spool.stats().pending == 0, timeout)
-    await dispatcher_idle(bridge)
-    assert spool.stats().dead == 0, spool.stats()
+    status = await spool_empty(bridge, timeout)
+    assert status["dead"] == 0, status
     requests = bridge.receiver.requests
     assert len(requests) == count, [r.json() for r in requests]
     return list(requests)

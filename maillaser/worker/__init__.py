@@ -1,7 +1,9 @@
 """
 The delivery worker: a child process of the SMTP front that owns the spool,
 the dispatcher, payload building, the webhook poster and the breaker, and
-the AMP protocol (L{maillaser.worker._commands}) between the two.
+the AMP protocol between the two: L{Hello}, L{Store}, L{Deliver},
+L{Status}, L{Metrics}, L{Stop}, and L{BuildPayload} between the worker and
+its payload processes (documented in L{maillaser.worker._commands}).
 
 The front creates a L{DeliveryWorker} (a service: it starts the worker
 process, checks its version, watches it, and stops it) and hands accepted
@@ -14,6 +16,18 @@ from maillaser.worker._child import (
     ChildProgram,
     ChildTimeout,
     LogRelay,
+)
+from maillaser.worker._commands import (
+    PROTOCOL_VERSION,
+    BuildPayload,
+    Deliver,
+    Hello,
+    Metrics,
+    StartFailed,
+    Status,
+    Stop,
+    Store,
+    VersionMismatch,
 )
 from maillaser.worker._front import START_TIMEOUT, DeliveryWorker, WorkerStatus
 from maillaser.worker._main import (
@@ -28,19 +42,29 @@ from maillaser.worker._sinks import QueueSink, SyncSink, sync_deadline
 from maillaser.worker._stdio import ChildProtocol
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "START_TIMEOUT",
+    "BuildPayload",
     "ChildError",
     "ChildProcess",
     "ChildProgram",
     "ChildProtocol",
     "ChildTimeout",
+    "Deliver",
     "DeliveryStack",
     "DeliveryWorker",
+    "Hello",
     "LogRelay",
+    "Metrics",
     "PayloadBuilder",
     "PayloadProtocol",
     "QueueSink",
+    "StartFailed",
+    "Status",
+    "Stop",
+    "Store",
     "SyncSink",
+    "VersionMismatch",
     "WorkerProtocol",
     "WorkerStatus",
     "build_stack",
