@@ -78,6 +78,9 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     Set it to C{False} to measure the difference.
     """
 
+    max_data_line = MAX_DATA_LINE
+    """The longest DATA line, CRLF excluded."""
+
     noisy = False  # else Twisted logs every envelope at DATA
     smtputf8 = False
     """The client asked for SMTPUTF8 (RFC 6531) in this transaction."""
@@ -192,7 +195,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             return
         if self.paused:
             self._held += len(data)
-            self._update_flow()
+            self._update_reading()
         if self._skipping is not None:
             data = self._skip_long_line(data)
             if self._skipping is not None:
@@ -201,6 +204,9 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         while self._after_long_line:
             rest, self._after_long_line = self._after_long_line, b""
             super().dataReceived(rest)
+        if not self.paused:  # all handled but an incomplete line
+            self._held = 0
+            self._update_reading()
 
     def lineReceived(self, line: bytes) -> None:
         expects_reply = self.mode != smtp.DATA or line == b"."
@@ -220,7 +226,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     @property
     def MAX_LENGTH(self) -> int:  # type: ignore[override]
         """LineReceiver's line limit (CRLF excluded), by mode."""
-        return MAX_DATA_LINE if self.mode == smtp.DATA else MAX_COMMAND_LINE - 2
+        return self.max_data_line if self.mode == smtp.DATA else MAX_COMMAND_LINE - 2
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # twisted: SMTP.lineLengthExceeded ends DATA and runs the rest of the
@@ -263,30 +269,33 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         self.paused = True
 
     def _update_flow(self) -> None:
-        """
-        Handle input only while nothing makes us wait, and read it only
-        while what waits is small.
-
-        A full send buffer stops the handling at once, but the reading only
-        once input piles up: during a TLS handshake the TLS layer pauses us
-        too, and it must go on reading to finish the handshake.
-        """
+        """Handle input only while nothing makes us wait."""
         waiting = self._awaiting_reply or self._write_blocked or self._closing
         resumed = self.paused and not waiting
         self.paused = waiting
-        if not waiting:
-            self._held = 0
-        if not self._closing:
-            backlog = self._write_blocked and self._held >= MAX_INPUT_BACKLOG
-            reading = not (self._awaiting_reply or backlog)
-            if reading != self._reading:
-                self._reading = reading
-                if reading:
-                    self._transport.resumeProducing()
-                else:
-                    self._transport.pauseProducing()
         if resumed:
-            self.dataReceived(b"")
+            self.dataReceived(b"")  # what waited; it may pause us again
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """
+        Read while no reply is awaited and what waits to be handled is small.
+
+        A full send buffer stops the handling at once (L{pauseProducing}),
+        but the reading only once input piles up: during a TLS handshake
+        the TLS layer pauses us too, and it must go on reading to finish
+        the handshake.  C{_held} counts what arrived since the handling
+        last caught up; the handling may have stopped within one more read.
+        """
+        if self._closing:
+            return
+        reading = not (self._awaiting_reply or self._held >= MAX_INPUT_BACKLOG)
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                self._transport.resumeProducing()
+            else:
+                self._transport.pauseProducing()
 
     # Replies
 
@@ -474,7 +483,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             self._reader = BulkData(
                 delivery.message.write,
                 max_size=self.factory.max_message_size,
-                max_line=MAX_DATA_LINE,
+                max_line=self.max_data_line,
             )
             self.setRawMode()
 
