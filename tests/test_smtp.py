@@ -99,6 +99,16 @@ class GreetingAndEhloTests(SessionTestCase):
             session.send(b"STARTTLS\r\n"), [b"503 5.5.1 TLS already active"]
         )
 
+    def test_refused_starttls_keeps_the_session(self) -> None:
+        self.factory.tls_context = object()  # type: ignore[assignment]
+        session = Session(self.factory, "192.0.2.7", transport=TLSStringTransport())
+        session.send(b"EHLO c\r\nSTARTTLS\r\n")
+        session.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+        self.assertEqual(
+            session.send(b"STARTTLS\r\nRCPT TO:<target@example.com>\r\n"),
+            [b"503 5.5.1 TLS already active", b"250 2.1.5 Recipient OK"],
+        )
+
     def test_helo(self) -> None:
         self.assertEqual(self.send(b"HELO client.test\r\n"), [b"250 mx.test"])
 

@@ -522,7 +522,8 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         if rest.strip():
             self._reply(501, b"5.5.4 STARTTLS takes no arguments")
             return
-        if self.canStartTLS and not self.startedTLS and self.clearLineBuffer():
+        starting = self.canStartTLS and not self.startedTLS
+        if starting and self.clearLineBuffer():
             # CVE-2011-0411's class (no Twisted ticket found): ESMTP's
             # ext_STARTTLS leaves cleartext pipelined after STARTTLS in the
             # buffer, to be run as commands inside TLS.  Never run it.
@@ -532,7 +533,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             self._transport.abortConnection()
             return
         super().ext_STARTTLS(rest)
-        if self.startedTLS:
+        if starting:
             # RFC 3207 4.2 (no Twisted ticket found): ESMTP keeps what it
             # learnt in cleartext (HELO, sender, recipients) across the
             # handshake; forget it, so the client must EHLO again.
