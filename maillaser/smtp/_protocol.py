@@ -113,7 +113,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     # The connection
 
     def connectionMade(self) -> None:
-        self.peer_host = str(getattr(self.transport.getPeer(), "host", ""))  # type: ignore[union-attr]
+        self.peer_host = str(getattr(self._transport.getPeer(), "host", ""))
         self._peer = self.peer_host.encode("utf-8")
         refusal = self.factory.admit(self)
         if refusal is not None:
