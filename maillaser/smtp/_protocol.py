@@ -1,47 +1,43 @@
 """
-The SMTP session: RFC 5321 / RFC 3207 on the wire, ending in an accepted
-L{Message} handed to an L{IMessageSink}.
+The SMTP session: Twisted's L{smtp.ESMTP}, with MailLaser's replies and
+limits, and the smallest overrides that fix Twisted's defects.
 
-This is a purpose-built protocol rather than a subclass of
-C{twisted.mail.smtp.ESMTP}.  That class answers C{550} to every end-of-data
-failure, executes cleartext pipelined after C{STARTTLS}, runs the rest of a
-body as commands after an over-long line, lets an unterminated line grow
-without bound, and handles DATA one Python call per line.  Fixing each of
-those means overriding its private methods; owning the session costs about
-as much code and gives us every reply, every limit and DATA in bulk.
+Twisted's L{smtp.SMTP} is a L{basic.LineOnlyReceiver}, which can neither
+pause between lines nor take raw data.  L{basic.LineReceiver} is its
+documented superset with both, so it comes first in the bases: its
+C{dataReceived}, C{setRawMode} and C{pauseProducing} are the ones used.
+Pausing is what makes C{PIPELINING} honest (a command waits until the one
+before it is answered), and raw mode is what lets DATA be taken in bulk.
 
-Replies are collected while a received chunk is processed and written
-together, and commands are answered strictly in order: the only asynchronous
-step is the end of DATA, during which input is paused.  That is what makes
-advertising C{PIPELINING} honest.
+Commands follow Twisted's flow: C{do_MAIL} and C{do_RCPT} end in Twisted's
+C{validateFrom}/C{validateTo}, which ask the transaction's
+L{IMessageDelivery} (from the factory's L{IMessageDeliveryFactory}), and
+the end of DATA goes through Twisted's C{dataLineReceived}, which calls
+every message's C{eomReceived}.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Callable, Iterable
-from email.utils import formatdate
-from functools import lru_cache
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import (
-    IAddress,
-    IDelayedCall,
-    IReactorTime,
-    ISSLTransport,
-    ITLSTransport,
-)
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
+from twisted.mail import smtp
+from twisted.mail.interfaces import IMessageSMTP
+from twisted.protocols import basic
 from twisted.python.failure import Failure
 
-from maillaser.interfaces import IMessageSink
-from maillaser.message import Envelope, Message, Refusal, new_message_id
-from maillaser.timers import cancel_timer
-from maillaser.wire import write_now
+from maillaser.smtp._address import Mailbox, Recipient, parse_path, valid_address
+from maillaser.smtp._data import TOO_BIG, BulkData
+from maillaser.smtp._delivery import MailLaserDelivery
+from maillaser.smtp._replies import with_status
+
+if TYPE_CHECKING:
+    from maillaser.smtp._factory import MailLaserSMTPFactory
 
 MAX_COMMAND_LINE = 512
 """RFC 5321 section 4.5.3.1.4, including the CRLF."""
@@ -60,773 +56,522 @@ recipient we do not serve, are answers, not errors, and do not count.
 _PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
 
 MAX_INPUT_BACKLOG = 64 * 1024
-"""Unprocessed input kept while the client does not read our replies."""
+"""Input kept while the client does not read our replies."""
 
 CLOSE_GRACE = 10.0
 """Seconds a closing connection has to take its last reply before it is cut."""
 
-FLUSH_EVERY = 64
-"""Replies written at once while pipelined input is processed, so that a full
-send buffer pauses us within one received chunk."""
-
-_END_OF_DATA = b"\r\n.\r\n"
-_LINE_START = b"\r\n"
-
-_PATH = re.compile(
-    r"""\s*(?:<(?P<bracketed>[^<>]*)>|(?P<bare>[^\s<>]+))(?P<params>(?:\s.*)?)$""",
-    re.DOTALL,
-)
-_ATOM = r"[^\s@<>()\[\],;:\\\".]+"
-# Dots only separate atoms, so matching is linear: an atom class that also
-# admitted dots would try every split of "a.a.a...a" (2**n steps).
-_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[^\s@<>]+")
-_QUOTED_LOCAL_ADDRESS = re.compile(r'"(?:[^"\\]|\\.)*"@[^\s@<>]+')
-_HELO_DOMAIN = re.compile(r"[\x21-\x7e]{1,255}")
-_PARAM = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[^\s=]+))?$")
+_HELO_DOMAIN = re.compile(rb"[\x21-\x7e]{1,255}")
 
 
-class _Reply(Exception):
-    """A reply that ends the handling of a command early."""
-
-    def __init__(self, code: int, status: str, text: str) -> None:
-        super().__init__(code, status, text)
-        self.code = code
-        self.line = _format(code, status, text)
-
-
-@lru_cache(maxsize=1)
-def _date(second: int) -> str:
-    """The RFC 5322 date of C{second}, made once for all messages in it."""
-    return formatdate(second)
-
-
-def _format(code: int, status: str, text: str) -> bytes:
-    return f"{code} {status} {text}".encode("utf-8", "replace")
-
-
-def _parse_path(argument: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     """
-    Split C{FROM:<path> params} into the address and its ESMTP parameters.
+    One SMTP connection, built by L{maillaser.smtp.MailLaserSMTPFactory}.
 
-    Liberal where it costs nothing (case, spaces after the colon, a missing
-    pair of angle brackets, source routes), strict where an error would
-    route mail wrongly (the address syntax itself).
+    Input is kept as bytes; message content is never decoded here.
     """
-    head, colon, rest = argument.partition(":")
-    if not colon or head.strip().upper() != keyword:
-        raise _Reply(501, "5.5.4", f"Syntax: {keyword}:<address>")
-    match = _PATH.match(rest)
-    if match is None:
-        raise _Reply(501, "5.5.4", f"Syntax: {keyword}:<address>")
-    address = match["bracketed"] if match["bracketed"] is not None else match["bare"]
-    if address.startswith("@") and ":" in address:
-        address = address.split(":", 1)[1]  # RFC 5321 4.1.2 source route
-    params: dict[str, str | None] = {}
-    for token in match["params"].split():
-        param = _PARAM.match(token)
-        if param is None:
-            raise _Reply(501, "5.5.4", "Malformed parameter")
-        params[param["key"].upper()] = param["value"]
-    return address, params
 
-
-def _valid_address(address: str) -> bool:
-    return bool(_ADDRESS.fullmatch(address) or _QUOTED_LOCAL_ADDRESS.fullmatch(address))
-
-
-class SMTPSession(Protocol, TimeoutMixin):
+    bulk_data = True
     """
-    One SMTP connection.
-
-    Input is kept as bytes until a command line is complete; message
-    content is never decoded here.
+    Take DATA in bulk (raw mode) for MailLaser's own messages; any other
+    L{IMessageSMTP} always gets its lines through Twisted's own DATA path.
+    Set it to C{False} to measure the difference.
     """
+
+    max_data_line = MAX_DATA_LINE
+    """The longest DATA line, CRLF excluded."""
+
+    noisy = False  # else Twisted logs every envelope at DATA
+    smtputf8 = False
+    """The client asked for SMTPUTF8 (RFC 6531) in this transaction."""
 
     _log = Logger()
-    factory: SMTPServerFactory
-    # The transaction, set by _reset_transaction.
-    _sender: str | None
-    _recipients: list[str]
-    _recipient_keys: set[str]
-    _message_id: str
-    _utf8: bool
-    """The client asked for SMTPUTF8 (RFC 6531): UTF-8 in addresses and headers."""
+    factory: MailLaserSMTPFactory
+    timeout: float  # type: ignore[assignment]  # seconds, not only whole ones
+    _helo: tuple[Any, Any]
+    """Twisted's: the HELO argument (C{None} before HELO) and the peer."""
 
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._replies: list[bytes] = []
-        self._discarding_line = False
-        self._in_data = False
-        self._data = bytearray()
-        self._data_error: _Reply | None = None
-        self._data_line_length = 0
-        self._waiting = False
-        self._write_blocked = False
-        self._input_paused = False
-        self._producing = False
-        self._abort_timer: IDelayedCall | None = None
-        self._processing = False
+    def __init__(self, chal: Any = None, context_factory: Any = None) -> None:
+        super().__init__(chal, context_factory)
+        self.peer_host = ""
+        self._peer = b""
         self._closing = False
+        self._producing = False
+        self._reading = True
+        self._awaiting_reply = False
+        self._write_blocked = False
+        self._held = 0
+        self._replies = 0
         self._errors = 0
-        self._tls = False
-        self._peer = ""
-        self._helo: str | None = None
-        self._reset_transaction()
+        self._skipping: bytes | None = None
+        self._after_long_line = b""
+        self._messages: list[IMessageSMTP] = []
+        self._data_size = 0
+        self._reader: BulkData | None = None
+        self._abort_timer: IDelayedCall | None = None
 
-    # Twisted's Protocol interface
+    # The connection
 
     def connectionMade(self) -> None:
-        self._peer = _host_of(self._wire.getPeer())
-        self._tls = ISSLTransport.providedBy(self._wire)
+        self.peer_host = str(getattr(self._transport.getPeer(), "host", ""))
+        self._peer = self.peer_host.encode("utf-8")
         refusal = self.factory.admit(self)
         if refusal is not None:
-            self._send(refusal)
+            self._reply(421, refusal)
             self._close()
             return
-        self._wire.registerProducer(self, True)
+        # A client that sends commands but never reads the replies fills the
+        # send buffer: the transport pauses us (see pauseProducing).
+        self._transport.registerProducer(self, True)
         self._producing = True
-        self.setTimeout(self.factory.timeout)
-        self._send(b"220 " + self.factory.hostname.encode("idna") + b" ESMTP MailLaser")
-        self._flush()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self.resetTimeout()
-        self._buffer += data
-        if self._write_blocked:
-            self._hold_input()
-        self._process()
+        super().connectionMade()
+        self.startedTLS = ISSLTransport.providedBy(self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.setTimeout(None)
         self._closing = True
+        self.paused = True
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
+        super().connectionLost(reason)
         self.factory.release(self)
 
-    # IPushProducer, towards our own transport: a client that sends commands
-    # but never reads the replies fills the send buffer; stop reading (as
-    # while a sink decides) instead of buffering replies without bound.
-
-    def pauseProducing(self) -> None:
-        self._write_blocked = True
-        self._hold_input()
-
-    def resumeProducing(self) -> None:
-        self._write_blocked = False
-        self._hold_input()
-        self._process()
-
-    def stopProducing(self) -> None:
-        pass  # connectionLost follows
-
-    def _hold_input(self) -> None:
-        """
-        Read from the client only while nothing makes us wait.
-
-        A full send buffer stops the processing at once, but the reading
-        only once input piles up: during a TLS handshake the TLS layer
-        pauses us too, and it must go on reading to finish the handshake.
-        """
-        backlog = self._write_blocked and len(self._buffer) >= MAX_INPUT_BACKLOG
-        paused = self._waiting or backlog
-        if paused != self._input_paused and not self._closing:
-            self._input_paused = paused
-            if paused:
-                self._wire.pauseProducing()
-            else:
-                self._wire.resumeProducing()
-
-    def timeoutConnection(self) -> None:
-        self._log.info("idle timeout for {peer}", peer=self._peer)
-        self._send(
-            _format(421, "4.4.2", f"{self.factory.hostname} Idle timeout, closing")
-        )
-        self._close()
+    def greeting(self) -> bytes:
+        host: bytes = self.host
+        return host + b" ESMTP MailLaser"
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """TimeoutMixin's clock: the factory's, so tests drive it."""
+        """TimeoutMixin's clock: the factory's, so tests can drive it."""
         return self.factory.clock.callLater(period, func)
 
-    @property
-    def _wire(self) -> Any:
-        """
-        The transport: TCP or TLS, a producer, maybe able to start TLS.
-        Twisted's C{Protocol.transport} is typed as a bare ITransport.
-        """
-        return self.transport
-
-    # What the factory needs to know
-
-    @property
-    def peer_host(self) -> str:
-        return self._peer
+    def timeoutConnection(self) -> None:
+        """Idle too long: our reply, and a close that works with TLS."""
+        self._log.info("idle timeout for {peer}", peer=self.peer_host)
+        self._reply(421, b"4.4.2 " + self.host + b" Idle timeout, closing")
+        self._close()
 
     @property
     def busy(self) -> bool:
-        """A transaction has reached DATA; shutdown lets it finish."""
-        return self._in_data or self._waiting
+        """A transaction has reached DATA or waits for a reply; draining lets
+        it finish."""
+        return self.mode == smtp.DATA or self._awaiting_reply
 
     def shut_down(self) -> None:
         """The server is stopping: tell the client and hang up (RFC 5321 3.8)."""
         if not self._closing:
-            self._send(
-                _format(421, "4.3.2", f"{self.factory.hostname} Service shutting down")
-            )
+            self._reply(421, b"4.3.2 " + self.host + b" Service shutting down")
             self._close()
 
-    # Input processing
-
-    def _process(self) -> None:
-        if self._processing:
-            return  # a synchronous sink answered; the outer loop carries on
-        self._processing = True
-        try:
-            while self._ready() and self._step():
-                if len(self._replies) >= FLUSH_EVERY:
-                    self._flush()  # may pause us: see pauseProducing
-        finally:
-            self._processing = False
-        self._flush()
-
-    def _ready(self) -> bool:
-        return not (self._waiting or self._closing or self._write_blocked)
-
-    def _step(self) -> bool:
-        """Handle what the buffer holds next; C{False} when more input is needed."""
-        if not self._buffer:
-            return False
-        if self._in_data:
-            self._receive_data()
-        elif self._discarding_line:
-            self._skip_long_line()
-        else:
-            return self._receive_command()
-        return True
-
-    def _receive_command(self) -> bool:
-        end = self._buffer.find(b"\n", 0, MAX_COMMAND_LINE)
-        if end < 0:
-            if len(self._buffer) < MAX_COMMAND_LINE:
-                return False
-            self._line_too_long()
-            return True
-        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        self._command(line)
-        return True
-
-    def _line_too_long(self) -> None:
-        self._discarding_line = True
-        self._error(_Reply(500, "5.5.2", "Line too long"))
-
-    def _skip_long_line(self) -> None:
-        end = self._buffer.find(b"\n")
-        if end < 0:
-            self._buffer = b""
-        else:
-            self._buffer = self._buffer[end + 1 :]
-            self._discarding_line = False
-
-    def _command(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace")
-        verb, _, argument = text.partition(" ")
-        handler = self._handlers.get(verb.upper())
-        try:
-            if handler is None:
-                raise _Reply(500, "5.5.2", "Command not recognized")
-            if self.factory.draining and verb.upper() not in ("QUIT", "NOOP", "RSET"):
-                self.shut_down()
-                return
-            handler(self, argument)
-        except _Reply as reply:
-            self._error(reply)
-
-    def _error(self, reply: _Reply) -> None:
-        self._send(reply.line)
-        if reply.code not in _PROTOCOL_ERRORS:
-            return
-        self._errors += 1
-        if self._errors >= MAX_ERRORS:
-            self._send(_format(421, "4.7.0", "Too many errors, closing"))
-            self._close()
-
-    # Commands
-
-    def _do_HELO(self, argument: str) -> None:
-        self._greet(argument)
-        self._send(b"250 " + self.factory.hostname.encode("ascii", "replace"))
-
-    def _do_EHLO(self, argument: str) -> None:
-        self._greet(argument)
-        lines = [self.factory.hostname, *self._extensions()]
-        for line in lines[:-1]:
-            self._send(b"250-" + line.encode("ascii", "replace"))
-        self._send(b"250 " + lines[-1].encode("ascii", "replace"))
-
-    def _greet(self, argument: str) -> None:
-        domain = argument.strip()
-        if not _HELO_DOMAIN.fullmatch(domain):
-            raise _Reply(501, "5.5.4", "Syntax: EHLO hostname")
-        self._reset_transaction()
-        self._helo = domain
-
-    def _extensions(self) -> Iterable[str]:
-        yield "PIPELINING"
-        yield f"SIZE {self.factory.max_message_size}"
-        yield "8BITMIME"
-        yield "SMTPUTF8"
-        yield "ENHANCEDSTATUSCODES"
-        if self._can_start_tls():
-            yield "STARTTLS"
-
-    def _do_MAIL(self, argument: str) -> None:
-        if self._helo is None:
-            raise _Reply(503, "5.5.1", "Send HELO/EHLO first")
-        if self._sender is not None:
-            raise _Reply(503, "5.5.1", "Nested MAIL command")
-        address, params = _parse_path(argument, "FROM")
-        if address and not _valid_address(address):
-            raise _Reply(501, "5.1.7", "Bad sender address syntax")
-        self._check_mail_params(params)
-        try:
-            self.factory.sink.check_capacity()
-        except Refusal as refusal:
-            raise _Reply(refusal.code, refusal.status, refusal.text) from None
-        self._utf8 = "SMTPUTF8" in params
-        self._sender = address
-        self._message_id = new_message_id(self.factory.clock.seconds())
-        self._send(_format(250, "2.1.0", "Sender OK"))
-
-    def _check_mail_params(self, params: dict[str, str | None]) -> None:
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    raise _Reply(501, "5.5.4", "Bad SIZE parameter")
-                if int(value) > self.factory.max_message_size:
-                    raise _Reply(552, "5.3.4", "Message size exceeds fixed maximum")
-            elif key == "BODY":
-                if (value or "").upper() not in ("7BIT", "8BITMIME"):
-                    raise _Reply(555, "5.5.4", "Unsupported BODY type")
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    raise _Reply(501, "5.5.4", "SMTPUTF8 takes no value")
-            else:
-                raise _Reply(555, "5.5.4", f"Unsupported parameter {key}")
-
-    def _do_RCPT(self, argument: str) -> None:
-        if self._sender is None:
-            raise _Reply(503, "5.5.1", "Need MAIL command first")
-        address, params = _parse_path(argument, "TO")
-        if params:
-            raise _Reply(555, "5.5.4", "Unsupported parameter")
-        if not _valid_address(address):
-            raise _Reply(501, "5.1.3", "Bad recipient address syntax")
-        if address.casefold() not in self.factory.targets:
-            raise _Reply(550, "5.1.1", "No such user here")
-        if address.casefold() not in self._recipient_keys:
-            if len(self._recipients) >= self.factory.max_recipients:
-                self._send(_format(452, "4.5.3", "Too many recipients"))
-                return
-            self._recipients.append(address)
-            self._recipient_keys.add(address.casefold())
-        self._send(_format(250, "2.1.5", "Recipient OK"))
-
-    def _do_DATA(self, argument: str) -> None:
-        if argument.strip():
-            raise _Reply(501, "5.5.4", "DATA takes no arguments")
-        if self._sender is None:
-            raise _Reply(503, "5.5.1", "Need MAIL command first")
-        if not self._recipients:
-            raise _Reply(503, "5.5.1", "No valid recipients")
-        self._in_data = True
-        self._data = bytearray(_LINE_START)
-        self._data_error = None
-        self._data_line_length = 0
-        self._send(b"354 End data with <CR><LF>.<CR><LF>")
-
-    def _do_RSET(self, argument: str) -> None:
-        self._reset_transaction()
-        self._send(_format(250, "2.0.0", "OK"))
-
-    def _do_NOOP(self, argument: str) -> None:
-        self._send(_format(250, "2.0.0", "OK"))
-
-    def _do_HELP(self, argument: str) -> None:
-        self._send(
-            _format(
-                214,
-                "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS",
-            )
-        )
-
-    def _do_VRFY(self, argument: str) -> None:
-        self._send(_format(252, "2.5.2", "Cannot VRFY user, send mail to find out"))
-
-    def _do_EXPN(self, argument: str) -> None:
-        raise _Reply(502, "5.5.1", "EXPN not supported")
-
-    def _do_unimplemented(self, argument: str) -> None:
-        raise _Reply(502, "5.5.1", "Command not implemented")
-
-    def _do_QUIT(self, argument: str) -> None:
-        self._send(_format(221, "2.0.0", "Bye"))
-        self._close()
-
-    def _do_STARTTLS(self, argument: str) -> None:
-        if argument.strip():
-            raise _Reply(501, "5.5.4", "STARTTLS takes no arguments")
-        if self._tls:
-            raise _Reply(503, "5.5.1", "TLS already active")
-        if not self._can_start_tls():
-            raise _Reply(454, "4.7.0", "TLS not available")
-        if self._buffer:
-            # Cleartext pipelined after STARTTLS (CVE-2011-0411's class of
-            # attack): never execute it, not even after the handshake.
-            self._log.warn("cleartext after STARTTLS from {peer}", peer=self._peer)
-            self._closing = True
-            self._wire.abortConnection()
-            return
-        self._send(_format(220, "2.0.0", "Ready to start TLS"))
-        self._flush()
-        self._wire.startTLS(self.factory.tls_context)
-        self._tls = True
-        self._helo = None  # RFC 3207 4.2: forget everything learnt in cleartext
-        self._reset_transaction()
-
-    def _can_start_tls(self) -> bool:
-        return (
-            not self._tls
-            and self.factory.tls_context is not None
-            and ITLSTransport.providedBy(self._wire)
-        )
-
-    _handlers: dict[str, Callable[[SMTPSession, str], None]] = {
-        "HELO": _do_HELO,
-        "EHLO": _do_EHLO,
-        "MAIL": _do_MAIL,
-        "RCPT": _do_RCPT,
-        "DATA": _do_DATA,
-        "RSET": _do_RSET,
-        "NOOP": _do_NOOP,
-        "HELP": _do_HELP,
-        "VRFY": _do_VRFY,
-        "EXPN": _do_EXPN,
-        "QUIT": _do_QUIT,
-        "STARTTLS": _do_STARTTLS,
-        "AUTH": _do_unimplemented,
-        "BDAT": _do_unimplemented,
-        "TURN": _do_unimplemented,
-        "ETRN": _do_unimplemented,
-    }
-
-    # DATA, in bulk
-
-    def _receive_data(self) -> None:
+    @property
+    def _transport(self) -> Any:
         """
-        Take message content from the buffer, up to CRLF.CRLF.
-
-        Works per received chunk, not per line: the end marker is found with
-        C{bytes.find} and dot-stuffing is undone with C{bytes.replace}.  Only
-        CRLF.CRLF ends the message (no smuggling with bare LF), and the
-        size and line limits are enforced while the data streams in, so
-        an oversized message is discarded as it arrives.
+        The transport: TCP or TLS, a consumer, maybe able to start TLS.
+        Twisted's C{Protocol.transport} is typed as a bare ITransport.
         """
-        chunk, self._buffer = self._buffer, b""
-        searched = len(self._data)
-        self._data += chunk
-        end = self._data.find(_END_OF_DATA, max(0, searched - len(_END_OF_DATA) + 1))
-        if end >= 0:
-            stop = end + len(_END_OF_DATA)
-            self._buffer = bytes(self._data[stop:])  # pipelined commands
-            del self._data[stop:]
-            chunk = chunk[: len(chunk) - len(self._buffer)]
-        self._check_data_limits(chunk)
-        if end < 0:
-            if self._data_error is not None:
-                del self._data[: -len(_END_OF_DATA)]  # keep only what the marker needs
-            return
-        data, self._data = self._data, bytearray()
-        del data[end + len(_LINE_START) :]  # the end marker, but for its first CRLF
-        self._in_data = False
-        self._end_of_data(data)
-
-    def _check_data_limits(self, chunk: bytes) -> None:
-        if self._data_error is not None:
-            return
-        if len(self._data) > self.factory.max_message_size + 2 * len(_END_OF_DATA):
-            self._data_error = _Reply(
-                552, "5.3.4", "Message size exceeds fixed maximum"
-            )
-            return
-        first = chunk.find(b"\n")
-        if first < 0:
-            self._data_line_length += len(chunk)
-            longest = self._data_line_length
-        else:
-            longest = max(self._data_line_length + first, _longest_line(chunk, first))
-            self._data_line_length = len(chunk) - chunk.rfind(b"\n") - 1
-            longest = max(longest, self._data_line_length)
-        if longest > MAX_DATA_LINE + 1:  # the CR belongs to the line ending
-            self._data_error = _Reply(500, "5.5.2", "Line too long")
-
-    def _end_of_data(self, data: bytearray) -> None:
-        """
-        C{data} is the content as sent, after a CRLF that makes its first
-        line like the others for undoing dot-stuffing.  Two copies of it are
-        made (a megabyte takes about a millisecond each): the unstuffed
-        content, and the message with its trace header.
-        """
-        if self._data_error is not None:
-            self._send(self._data_error.line)
-            self._reset_transaction()
-            return
-        unstuffed = data.replace(b"\r\n.", b"\r\n")
-        if len(unstuffed) - len(_LINE_START) > self.factory.max_message_size:
-            self._send(_format(552, "5.3.4", "Message size exceeds fixed maximum"))
-            self._reset_transaction()
-            return
-        message = self._message(memoryview(unstuffed)[len(_LINE_START) :])
-        self._reset_transaction()
-        self._waiting = True
-        self.setTimeout(None)
-        self._hold_input()
-        d = maybeDeferred(self.factory.sink.receive, message)
-        d.addCallbacks(
-            self._accepted,
-            self._not_accepted,
-            callbackArgs=(message,),
-            errbackArgs=(message,),
-        )
-        d.addBoth(self._resume)
-
-    def _message(self, content: memoryview) -> Message:
-        now = self.factory.clock.seconds()
-        envelope = Envelope(
-            sender=self._sender or "",
-            recipients=tuple(self._recipients),
-            helo=self._helo or "",
-            peer=self._peer,
-        )
-        trace = self._received_header(envelope, now)
-        return Message(self._message_id, envelope, b"".join((trace, content)), now)
-
-    def _received_header(self, envelope: Envelope, now: float) -> bytes:
-        """RFC 5321 4.4: the receiving server adds trace information."""
-        recipient = (
-            f"\r\n\tfor <{envelope.recipients[0]}>"
-            if len(envelope.recipients) == 1
-            else ""
-        )
-        protocol = ("UTF8SMTP" if self._utf8 else "ESMTP") + ("S" if self._tls else "")
-        return (
-            f"Received: from {envelope.helo} ([{envelope.peer}])\r\n"
-            f"\tby {self.factory.hostname} (MailLaser) with {protocol}"
-            f" id {self._message_id}{recipient};\r\n\t{_date(int(now))}\r\n"
-        ).encode("utf-8", "replace")
-
-    def _accepted(self, result: object, message: Message) -> None:
-        self._log.info(
-            "accepted {message_id} from {peer}: {size} bytes for {count} recipient(s)",
-            message_id=message.id,
-            peer=self._peer,
-            size=len(message.raw),
-            count=len(message.envelope.recipients),
-        )
-        self._send(_format(250, "2.0.0", f"Ok: queued as {message.id}"))
-        self.factory.on_reply(250)
-        self._errors = 0
-
-    def _not_accepted(self, failure: Failure, message: Message) -> None:
-        if failure.check(Refusal):
-            refusal: Any = failure.value
-            self._log.info(
-                "refused {message_id} from {peer}: {code} {reason}",
-                message_id=message.id,
-                peer=self._peer,
-                code=refusal.code,
-                reason=refusal.text,
-            )
-            self._send(_format(refusal.code, refusal.status, refusal.text))
-        else:
-            # Never Twisted's 550: whatever broke, the sender should retry.
-            self._log.failure(
-                "could not accept {message_id}", failure, message_id=message.id
-            )
-            self._send(
-                _format(451, "4.3.0", "Temporary failure, please try again later")
-            )
-
-    def _resume(self, ignored: object) -> None:
-        self._waiting = False
-        if self._closing:
-            return
-        self.setTimeout(self.factory.timeout)
-        self._hold_input()
-        if self.factory.draining:
-            self._flush()
-            self.shut_down()
-            return
-        self._process()
-
-    # Output and state
-
-    def _send(self, line: bytes) -> None:
-        if line[:1] in (b"4", b"5"):
-            self.factory.on_reply(int(line[:3]))
-        self._replies.append(line + b"\r\n")
-
-    def _flush(self) -> None:
-        if self._replies:
-            replies, self._replies = self._replies, []
-            write_now(self._wire, b"".join(replies))
+        return self.transport
 
     def _close(self) -> None:
-        self._flush()
+        if self._closing:
+            return
         self._closing = True
-        self._buffer = b""
+        self.paused = True
+        self.setTimeout(None)
         if self._write_blocked:
             # The client is not reading; it would never take the last reply,
             # and a polite close would hold the connection slot for ever.
-            self._wire.abortConnection()
+            self._transport.abortConnection()
             return
         if self._producing:
-            # A TLS transport closes only once no producer is registered
-            # (ITransport.loseConnection); TCP happens not to wait.
+            # ITransport.loseConnection waits for the producer to go: TLS
+            # does, TCP happens not to.
             self._producing = False
-            self._wire.unregisterProducer()
-        self._wire.loseConnection()
-        self._abort_timer = self.callLater(CLOSE_GRACE, self._wire.abortConnection)
+            self._transport.unregisterProducer()
+        self._transport.loseConnection()
+        self._abort_timer = self.callLater(CLOSE_GRACE, self._transport.abortConnection)
 
-    def _reset_transaction(self) -> None:
-        self._sender = None
-        self._recipients = []
-        self._recipient_keys = set()
-        self._message_id = ""
-        self._utf8 = False
+    # Input: lines, paused while a reply is pending or the client not reading
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self.paused:
+            self._held += len(data)
+            self._update_reading()
+        if self._skipping is not None:
+            data = self._skip_long_line(data)
+            if self._skipping is not None:
+                return
+        super().dataReceived(data)
+        while self._after_long_line:
+            rest, self._after_long_line = self._after_long_line, b""
+            super().dataReceived(rest)
+        if not self.paused:  # all handled but an incomplete line
+            self._held = 0
+            self._update_reading()
 
-def _longest_line(chunk: bytes, first_newline: int) -> int:
-    """The longest line that starts and ends inside C{chunk}."""
-    if len(chunk) - first_newline <= MAX_DATA_LINE:
-        return 0  # cannot exceed the limit; skip the split on the hot path
-    return max(map(len, chunk[first_newline + 1 :].split(b"\n")[:-1]), default=0)
+    def lineReceived(self, line: bytes) -> None:
+        expects_reply = self.mode != smtp.DATA or line == b"."
+        replies = self._replies
+        smtp.ESMTP.lineReceived(self, line)
+        if expects_reply and self._replies == replies and not self._closing:
+            # twisted#8126: SMTP runs pipelined commands while a validator's
+            # or eomReceived's Deferred is pending, so replies come out of
+            # order (DATA gets 503 before RCPT's 250).  Read no further
+            # until the reply is sent (see _reply).
+            self._awaiting_reply = True
+            self.setTimeout(None)  # the sink answers within a bounded time
+            self._update_flow()
+        elif self.factory.draining and not self.busy:
+            self.shut_down()
 
+    @property
+    def MAX_LENGTH(self) -> int:  # type: ignore[override]
+        """LineReceiver's line limit (CRLF excluded), by mode."""
+        return self.max_data_line if self.mode == smtp.DATA else MAX_COMMAND_LINE - 2
 
-def _host_of(address: IAddress) -> str:
-    return str(getattr(address, "host", ""))
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # twisted: SMTP.lineLengthExceeded ends DATA and runs the rest of the
+        # body as commands, LineReceiver drops what followed the long line,
+        # and LineOnlyReceiver's unterminated line grows without bound.
+        # Refuse the line, skip to its end, and go on from there.
+        if self.mode == smtp.DATA:
+            self._fail_data(500, b"5.5.2 Line too long")
+        else:
+            self._reply(500, b"5.5.2 Line too long")
+        _, crlf, rest = line.partition(b"\r\n")
+        if crlf:
+            self._after_long_line = rest
+        else:
+            self._skipping = b"\r" if line.endswith(b"\r") else b""
 
+    def _skip_long_line(self, data: bytes) -> bytes:
+        """Drop input up to the CRLF that ends a line already refused."""
+        assert self._skipping is not None
+        data = self._skipping + data
+        end = data.find(b"\r\n")
+        if end < 0:
+            self._skipping = data[-1:] if data.endswith(b"\r") else b""
+            return b""
+        self._skipping = None
+        return data[end + 2 :]
 
-class SMTPServerFactory(Factory[SMTPSession]):
-    """
-    Shared state of all sessions: policy, limits, and the connections open.
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full: stop answering."""
+        self._write_blocked = True
+        self._update_flow()
 
-    The connection caps are enforced here because only the factory sees
-    every session; refusing with C{421} (rather than not accepting) tells a
-    legitimate MTA to come back later.
-    """
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._update_flow()
 
-    protocol = SMTPSession
-    noisy = False
-    _log = Logger()
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost follows."""
+        self._closing = True
+        self.paused = True
 
-    def __init__(
-        self,
-        *,
-        sink: IMessageSink,
-        clock: IReactorTime,
-        hostname: str,
-        targets: Iterable[str],
-        max_message_size: int,
-        max_recipients: int,
-        timeout: float,
-        tls_context: Any = None,
-        max_connections: int = 1000,
-        max_connections_per_ip: int = 50,
-        on_reply: Callable[[int], object] = lambda code: None,
-    ) -> None:
-        self.sink = sink
-        self.clock = clock
-        self.hostname = hostname
-        self.targets = frozenset(target.casefold() for target in targets)
-        self.max_message_size = max_message_size
-        self.max_recipients = max_recipients
-        self.timeout = timeout
-        self.tls_context = tls_context
-        self.max_connections = max_connections
-        self.max_connections_per_ip = max_connections_per_ip
-        self.on_reply = on_reply  # told 250 at the end of DATA, and every 4xx/5xx
-        self.draining = False
-        self.sessions: set[SMTPSession] = set()
-        self._per_host: Counter[str] = Counter()
-        self._idle_waiters: list[Deferred[None]] = []
+    def _update_flow(self) -> None:
+        """Handle input only while nothing makes us wait."""
+        waiting = self._awaiting_reply or self._write_blocked or self._closing
+        resumed = self.paused and not waiting
+        self.paused = waiting
+        if resumed:
+            self.dataReceived(b"")  # what waited; it may pause us again
+        self._update_reading()
 
-    def admit(self, session: SMTPSession) -> bytes | None:
-        """Register a new session, or return the C{421} that turns it away."""
-        host = session.peer_host
-        if self.draining:
-            return _format(421, "4.3.2", f"{self.hostname} Service shutting down")
-        if len(self.sessions) >= self.max_connections:
-            self._log.warn("connection limit reached, refusing {peer}", peer=host)
-            return _format(
-                421, "4.7.0", f"{self.hostname} Too many connections, try later"
-            )
-        if self._per_host[host] >= self.max_connections_per_ip:
-            self._log.warn("per-address connection limit reached for {peer}", peer=host)
-            return _format(
-                421, "4.7.0", f"{self.hostname} Too many connections from you"
-            )
-        self.sessions.add(session)
-        self._per_host[host] += 1
-        return None
-
-    def release(self, session: SMTPSession) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            self._per_host[session.peer_host] -= 1
-            if not self._per_host[session.peer_host]:
-                del self._per_host[session.peer_host]
-        self._notify_if_idle()
-
-    def drain(self, grace: float) -> Deferred[None]:
+    def _update_reading(self) -> None:
         """
-        Stop taking new transactions and let those in DATA finish.
+        Read while no reply is awaited and what waits to be handled is small.
 
-        Idle sessions are told C{421} at once; busy ones get until C{grace}
-        seconds have passed, then C{421} too (they were not answered C{250},
-        so the client still holds the message and will retry).
+        A full send buffer stops the handling at once (L{pauseProducing}),
+        but the reading only once input piles up: during a TLS handshake
+        the TLS layer pauses us too, and it must go on reading to finish
+        the handshake.  C{_held} counts what arrived since the handling
+        last caught up; the handling may have stopped within one more read.
         """
-        self.draining = True
-        for session in list(self.sessions):
-            if not session.busy:
-                session.shut_down()
-        if not self._busy():
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._idle_waiters.append(waiter)
-        timer: IDelayedCall = self.clock.callLater(grace, self._give_up, waiter)
-        waiter.addBoth(cancel_timer, timer)
-        return waiter
+        if self._closing:
+            return
+        reading = not (self._awaiting_reply or self._held >= MAX_INPUT_BACKLOG)
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                self._transport.resumeProducing()
+            else:
+                self._transport.pauseProducing()
 
-    def _busy(self) -> bool:
-        return any(session.busy for session in self.sessions)
+    # Replies
 
-    def _notify_if_idle(self) -> None:
-        if self._idle_waiters and not self._busy():
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+    def sendCode(self, code: int, message: bytes | str = b"") -> None:
+        """
+        Every reply but the greeting and HELO/EHLO's carries an enhanced
+        status code (ENHANCEDSTATUSCODES); Twisted's own have none.  A
+        C{str} text (an L{smtp.SMTPServerError} raised with one) is taken
+        too, where Twisted would raise C{TypeError} and answer nothing.
+        """
+        if isinstance(message, str):
+            message = message.encode("utf-8", "replace")
+        self._reply(*with_status(code, message))
 
-    def _give_up(self, waiter: Deferred[None]) -> None:
-        busy = [session for session in self.sessions if session.busy]
-        self._log.warn(
-            "grace period over, closing {count} busy session(s)", count=len(busy)
+    def _reply(self, code: int, message: bytes) -> None:
+        """Send a finished reply; count it; go on if it was awaited."""
+        smtp.ESMTP.sendCode(self, code, message)
+        self._replies += 1
+        if code >= 400:
+            self.factory.on_reply(code)
+        if code in _PROTOCOL_ERRORS and not self._closing:
+            self._errors += 1
+            if self._errors >= MAX_ERRORS:
+                self._reply(421, b"4.7.0 Too many errors, closing")
+                self._close()
+        if self._awaiting_reply and not self._closing:
+            self._awaiting_reply = False
+            if self.factory.draining:
+                self.shut_down()
+                return
+            self.setTimeout(self.timeout)
+            self._update_flow()
+
+    def _messageHandled(self, results: list[tuple[bool, Any]]) -> None:
+        # twisted#4904: SMTP._messageHandled answers 550 to every failure,
+        # even an SMTPServerError(451), so a temporary problem would bounce
+        # the mail.  Answer the error's own reply, else 451.
+        failures = [result for ok, result in results if not ok]
+        for failure in failures:
+            if failure.check(smtp.SMTPServerError):
+                self.sendCode(failure.value.code, failure.value.resp)
+                return
+        for failure in failures:
+            self._log.failure("message not accepted", failure)
+        if failures:
+            self._reply(451, b"4.3.0 Temporary failure, please try again later")
+            return
+        self._errors = 0
+        self.factory.on_reply(250)
+        texts = [result for _, result in results if isinstance(result, bytes)]
+        self.sendCode(250, texts[0] if texts else b"Message accepted")
+
+    # Commands
+
+    def do_HELO(self, rest: bytes) -> None:
+        if self._greet(rest):
+            self._reply(250, self.host)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        if self._greet(rest):
+            self._reply(250, self.host + b"\n" + self.listExtensions())
+
+    def _greet(self, rest: bytes) -> bool:
+        """HELO and EHLO: a domain (or address literal) is required."""
+        domain = rest.strip()
+        if not _HELO_DOMAIN.fullmatch(domain):
+            self._reply(501, b"5.5.4 Syntax: EHLO hostname")
+            return False
+        self._helo = (domain, self._peer)
+        self._from = None
+        self._to = []
+        return True
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        return {
+            b"PIPELINING": None,
+            b"SIZE": [b"%d" % self.factory.max_message_size],
+            b"8BITMIME": None,
+            b"SMTPUTF8": None,
+            b"ENHANCEDSTATUSCODES": None,
+            **super().extensions(),
+        }
+
+    def do_MAIL(self, rest: bytes) -> None:
+        # twisted#8128: SMTP.do_MAIL parses the ESMTP parameters and throws
+        # them away (SIZE=, BODY= unchecked), and its Address is ASCII only,
+        # so SMTPUTF8 addresses get 553.  Parse both here, then validate as
+        # Twisted does.
+        if self._helo[0] is None:
+            self._reply(503, b"5.5.1 Send HELO/EHLO first")
+        elif self._from is not None:
+            self._reply(503, b"5.5.1 Nested MAIL command")
+        else:
+            try:
+                address, params = parse_path(rest, "FROM")
+                if address and not valid_address(address):
+                    raise smtp.SMTPServerError(501, b"5.1.7 Bad sender address syntax")
+                self._check_mail_parameters(params)
+            except smtp.SMTPServerError as error:
+                self._reply(error.code, error.resp)
+                return
+            self._to = []
+            self.smtputf8 = "SMTPUTF8" in params
+            validated = maybeDeferred(self.validateFrom, self._helo, Mailbox(address))
+            validated.addCallbacks(self._cbFromValidate, self._ebFromValidate)
+
+    def _check_mail_parameters(self, params: dict[str, str | None]) -> None:
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    raise smtp.SMTPServerError(501, b"5.5.4 Bad SIZE parameter")
+                if int(value) > self.factory.max_message_size:
+                    raise smtp.SMTPServerError(*TOO_BIG)
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    raise smtp.SMTPServerError(555, b"5.5.4 Unsupported BODY type")
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    raise smtp.SMTPServerError(501, b"5.5.4 SMTPUTF8 takes no value")
+            else:
+                raise smtp.SMTPServerError(
+                    555, b"5.5.4 Unsupported parameter " + key.encode()
+                )
+
+    def do_RCPT(self, rest: bytes) -> None:
+        """Twisted's C{do_RCPT}, but for UTF-8 addresses (see L{do_MAIL})."""
+        if self._from is None:
+            self._reply(503, b"5.5.1 Need MAIL command first")
+            return
+        try:
+            address, params = parse_path(rest, "TO")
+            if params:
+                raise smtp.SMTPServerError(555, b"5.5.4 Unsupported parameter")
+            if not valid_address(address):
+                raise smtp.SMTPServerError(501, b"5.1.3 Bad recipient address syntax")
+        except smtp.SMTPServerError as error:
+            self._reply(error.code, error.resp)
+            return
+        user = Recipient(Mailbox(address), self._helo, self, self._from)
+        validated = maybeDeferred(self.validateTo, user)
+        validated.addCallbacks(
+            self._cbToValidate, self._ebToValidate, callbackArgs=(user,)
         )
-        for session in busy:
-            session.shut_down()
-        if waiter in self._idle_waiters:
-            self._idle_waiters.remove(waiter)
-            waiter.callback(None)
+
+    def validateTo(self, user: smtp.User) -> Any:
+        """
+        Twisted's, noting each message it makes at DATA, so that a message
+        refused for a limit is told C{connectionLost} as Twisted does for
+        the ones it refuses itself.
+        """
+        made = super().validateTo(user)
+        if isinstance(made, Deferred):
+            return made.addCallback(self._noted)
+        return self._noted(made)
+
+    def _noted(self, make: Callable[[], IMessageSMTP]) -> Callable[[], IMessageSMTP]:
+        def noted() -> IMessageSMTP:
+            message = make()
+            self._messages.append(message)
+            return message
+
+        return noted
+
+    def do_DATA(self, rest: bytes) -> None:
+        if rest.strip():
+            self._reply(501, b"5.5.4 DATA takes no arguments")
+        elif self._from is None:
+            self._reply(503, b"5.5.1 Need MAIL command first")
+        elif not self._to:
+            self._reply(503, b"5.5.1 No valid recipients")
+        else:
+            self._messages = []
+            self._data_size = 0
+            super().do_DATA(rest)
+            self._maybe_take_data_in_bulk()
+
+    def _maybe_take_data_in_bulk(self) -> None:
+        delivery = self.delivery
+        if (
+            self.bulk_data
+            and self.mode == smtp.DATA
+            and isinstance(delivery, MailLaserDelivery)
+            and delivery.message is not None
+        ):
+            self._reader = BulkData(
+                delivery.message.write,
+                max_size=self.factory.max_message_size,
+                max_line=self.max_data_line,
+            )
+            self.setRawMode()
+
+    def state_DATA(self, line: bytes) -> None:
+        """
+        Twisted's DATA line, with the size limit Twisted does not have
+        (SIZE is ours: twisted#8128), counted as RFC 1870 does.
+        """
+        if line != b"." and self.datafailed is None:
+            self._data_size += len(line) + 2 - line.startswith(b".")
+            if self._data_size > self.factory.max_message_size:
+                self._fail_data(*TOO_BIG)
+        smtp.SMTP.dataLineReceived(self, line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """DATA in bulk: see L{BulkData}; the end goes Twisted's way."""
+        assert self._reader is not None
+        self.resetTimeout()
+        rest = self._reader.feed(data)
+        if self._reader.error is not None:
+            self._fail_data(*self._reader.error)
+        if rest is not None:
+            self._reader = None
+            self.lineReceived(b".")
+            self.setLineMode(rest)
+
+    def _fail_data(self, code: int, resp: bytes) -> None:
+        """Refuse the message at the final dot, as Twisted does when a
+        message's lineReceived raises."""
+        if self.datafailed is None:
+            self.datafailed = smtp.SMTPServerError(code, resp)
+            for message in self._messages:
+                message.connectionLost()
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        if rest.strip():
+            self._reply(501, b"5.5.4 STARTTLS takes no arguments")
+            return
+        starting = self.canStartTLS and not self.startedTLS
+        if starting and self.clearLineBuffer():
+            # CVE-2011-0411's class (no Twisted ticket found): ESMTP's
+            # ext_STARTTLS leaves cleartext pipelined after STARTTLS in the
+            # buffer, to be run as commands inside TLS.  Never run it.
+            self._log.warn("cleartext after STARTTLS from {peer}", peer=self.peer_host)
+            self._closing = True
+            self.paused = True
+            self._transport.abortConnection()
+            return
+        super().ext_STARTTLS(rest)
+        if starting:
+            # RFC 3207 4.2 (no Twisted ticket found): ESMTP keeps what it
+            # learnt in cleartext (HELO, sender, recipients) across the
+            # handshake; forget it, so the client must EHLO again.
+            self._helo = (None, self._peer)
+            self._from = None
+            self._to = []
+
+    def lookupMethod(self, command: bytes) -> Callable[[bytes], None] | None:
+        # twisted: ESMTP.lookupMethod decodes the verb as ASCII, so a verb
+        # with any other byte raises UnicodeDecodeError out of dataReceived
+        # and the connection is dropped with a traceback logged.
+        try:
+            method: Callable[[bytes], None] | None = super().lookupMethod(command)
+        except UnicodeError:
+            return None
+        return method
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self._reply(221, b"2.0.0 Bye")
+        self._close()
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self._reply(250, b"2.0.0 OK")
+
+    def do_HELP(self, rest: bytes) -> None:
+        self._reply(
+            214,
+            b"2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY"
+            b" STARTTLS",
+        )
+
+    def do_VRFY(self, rest: bytes) -> None:
+        self._reply(252, b"2.5.2 Cannot VRFY user, send mail to find out")
+
+    def do_EXPN(self, rest: bytes) -> None:
+        self._reply(502, b"5.5.1 EXPN not supported")
+
+    def do_AUTH(self, rest: bytes) -> None:
+        self._reply(502, b"5.5.1 Command not implemented")
+
+    do_BDAT = do_TURN = do_ETRN = do_AUTH
