@@ -2,11 +2,15 @@
 Assembly: one L{Config} in, one running bridge out.
 
 C{makeService} is the public way to run MailLaser inside another Twisted
-program or a C{.tac} file; C{twistd maillaser} calls it too.  It builds each
-stage with its collaborators injected and owns the order of shutdown, which
-C{MultiService}'s fan-out cannot express: stop accepting, let transactions
-in DATA and deliveries in flight finish (bounded by the grace period), then
-stop the payload process and close the HTTP pool and the spool.
+program or a C{.tac} file; C{twistd maillaser} calls it too.  The service it
+returns is the SMTP front: the SMTP listeners, C{/health} and C{/metrics},
+and the delivery worker, a child process it starts and supervises
+(L{maillaser.worker}), which owns the spool and everything after it.
+
+It owns the order of shutdown, which C{MultiService}'s fan-out cannot
+express: stop accepting, let transactions in DATA finish, let the worker
+finish its rounds in flight (both bounded by the grace period) and close
+the spool, and only then stop answering C{/health}.
 """
 
 from __future__ import annotations
@@ -14,60 +18,44 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import (
-    Deferred,
-    fail,
-    gatherResults,
-    maybeDeferred,
-)
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IStreamServerEndpoint,
 )
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from maillaser.breaker import CircuitBreaker
-from maillaser.child import ChildError, ChildProcess
 from maillaser.config import Config, describe
-from maillaser.delivery import INLINE_SIZE, Deliverer
-from maillaser.dispatch import Dispatcher
-from maillaser.interfaces import IMessageSink, ISpool
-from maillaser.message import Refusal
-from maillaser.metrics import Metrics
-from maillaser.sinks import QueueSink, SyncSink
-from maillaser.smtp import SMTPServerFactory
-from maillaser.spool import open_spool
-from maillaser.tls import tls_context
-from maillaser.web import Health, make_site
-from maillaser.webhook import make_webhook_client
+from maillaser.health import FrontMetrics, Health, make_site
+from maillaser.smtp import MailLaserDeliveryFactory, MailLaserSMTPFactory, tls_context
+from maillaser.spool import check_spool
+from maillaser.worker import DeliveryWorker
 
 
-def makeService(
-    config: Config, reactor: Any = None, *, spool: ISpool | None = None
-) -> MailLaserService:
+def makeService(config: Config, reactor: Any = None) -> MailLaserService:
     """
     Build the bridge described by C{config}.
 
     @param reactor: defaults to the global reactor, imported only here so
-        that a caller (or a test) can supply its own.
-    @param spool: an already open spool; by default the SQLite spool in
-        C{config.spool_dir} is opened when the service starts.
+        that a caller (or a test) can supply its own.  It must be able to
+        spawn processes (every POSIX reactor can): the delivery worker is a
+        child process.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return MailLaserService(config, reactor, spool)
+    return MailLaserService(config, reactor)
 
 
 class Listener(Service):
     """
     Listens on one endpoint; a bind failure at start-up is raised, not just
-    logged, so C{twistd} exits non-zero instead of running deaf.
+    logged, so C{twistd} exits non-zero instead of running deaf, and the
+    port is kept for C{/health} (and for tests listening on port 0).
     """
 
     _log = Logger()
@@ -111,48 +99,29 @@ class Listener(Service):
 
 
 class MailLaserService(MultiService):
-    """The running bridge: SMTP listeners, spool, dispatcher, and ``/health``."""
+    """The running bridge: SMTP listeners, ``/health``, and the delivery worker."""
 
     _log = Logger()
 
-    def __init__(
-        self, config: Config, reactor: Any, spool: ISpool | None = None
-    ) -> None:
+    def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
-        self.spool = spool
-        self.metrics = Metrics(reactor, self)
-        self.breaker = CircuitBreaker(
-            config.circuit_breaker_threshold, config.circuit_breaker_reset, reactor
+        self.worker = DeliveryWorker(config, reactor)
+        self.metrics = FrontMetrics(
+            smtp_connections=lambda: len(self.smtp_factory.sessions)
         )
-        self._webhook = make_webhook_client(
-            config.webhook_url,
-            reactor,
-            concurrency=config.delivery_concurrency,
-            timeout=config.webhook_timeout,
-        )
-        self._payloads = ChildProcess(
-            reactor, reactor, ["payload"], on_exit=self._payload_process_ended
-        )
-        self.deliverer = Deliverer(
-            client=self.metrics.timed(self._webhook),
-            clock=reactor,
-            breaker=self.breaker,
-            max_retries=config.webhook_max_retries,
-            secrets=config.webhook_secrets,
-            header_prefixes=config.header_prefixes,
-            offload=self._payloads.run,
-            inline_size=INLINE_SIZE if config.delivery_mode == "sync" else 0,
-        )
-        self.dispatcher: Dispatcher | None = None
-        self.smtp_factory = SMTPServerFactory(
-            sink=_NotReady(),
+        self.smtp_factory = MailLaserSMTPFactory(
+            delivery_factory=MailLaserDeliveryFactory(
+                sink=self.worker.sink,
+                targets=config.target_emails,
+                max_recipients=config.max_recipients,
+                hostname=config.hostname,
+                clock=reactor,
+            ),
             clock=reactor,
             hostname=config.hostname,
-            targets=config.target_emails,
             max_message_size=config.max_message_size,
-            max_recipients=config.max_recipients,
             timeout=config.smtp_timeout,
             tls_context=tls_context(config.tls_cert, config.tls_key, config.hostname),
             max_connections=config.max_connections,
@@ -165,62 +134,40 @@ class MailLaserService(MultiService):
         ]
         self.health_listener = Listener(
             serverFromString(reactor, config.health_endpoint),
-            make_site(self.health, self.metrics.registry),
+            make_site(
+                self.health, self.metrics.page, self.worker.metrics_text, clock=reactor
+            ),
             "health",
         )
+        self.worker.setServiceParent(self)
         for listener in [*self.smtp_listeners, self.health_listener]:
             listener.setServiceParent(self)
         self._started_at = reactor.seconds()
+        self._checked = False
         self._stopping = False
 
     def privilegedStartService(self) -> None:
-        """Open the spool before binding, so a broken spool stops start-up."""
-        self._prepare()
+        """Check the spool before binding, so a broken spool stops start-up."""
+        self._check()
         super().privilegedStartService()
 
     def startService(self) -> None:
-        self._prepare()  # when composed, a parent may only call startService
+        self._check()  # when composed, a parent may only call startService
         self._started_at = self._reactor.seconds()
         super().startService()
 
-    def _prepare(self) -> None:
-        if isinstance(self.smtp_factory.sink, _NotReady):
-            self._log.info(
-                "starting MailLaser with {config}", config=describe(self.config)
-            )
-            self.smtp_factory.sink = self._make_sink()
-
-    def _make_sink(self) -> IMessageSink:
-        if self.config.delivery_mode == "sync":
-            return SyncSink(
-                self.deliverer,
-                self.breaker,
-                self.config.delivery_concurrency,
-                self.metrics.settled,
-            )
-        if self.spool is None:
-            self.spool = open_spool(self.config.spool_dir, self._reactor)
-        self.dispatcher = Dispatcher(
-            spool=self.spool,
-            deliverer=self.deliverer,
-            breaker=self.breaker,
-            clock=self._reactor,
-            concurrency=self.config.delivery_concurrency,
-            schedule=self.config.retry_schedule,
-            grace=self.config.shutdown_grace,
-            on_settled=self.metrics.settled,
-        )
-        self.dispatcher.setServiceParent(self)
-        return QueueSink(
-            self.spool,
-            self.dispatcher,
-            self.config.spool_max_messages,
-            self.config.spool_max_bytes,
-        )
-
-    def _payload_process_ended(self, error: ChildError) -> None:
-        """Its rounds fail and go again later; a later payload starts a new one."""
-        self._log.failure("payload process ended", Failure(error), LogLevel.error)
+    def _check(self) -> None:
+        """
+        Once, before anything listens: log the configuration and check the
+        spool here, where a failure can still stop start-up with one line.
+        The worker opens it for real once it runs.
+        """
+        if self._checked:
+            return
+        self._checked = True
+        self._log.info("starting MailLaser with {config}", config=describe(self.config))
+        if self.config.delivery_mode == "queue":
+            check_spool(self.config.spool_dir)
 
     def health(self) -> Health:
         problems: list[str] = []
@@ -228,12 +175,13 @@ class MailLaserService(MultiService):
             problems.append("shutting down")
         if not all(listener.port is not None for listener in self.smtp_listeners):
             problems.append("SMTP listener is not listening")
-        details: dict[str, object] = {"breaker": self.breaker.state.value}
-        if self.spool is not None:
-            if not self.spool.writable():
-                problems.append("spool is not writable")
-            stats = self.spool.stats()
-            details.update(spool_depth=stats.pending, dead_letters=stats.dead)
+        problems.extend(self.worker.problems())
+        details: dict[str, object] = {}
+        status = self.worker.status
+        if status is not None:
+            details["breaker"] = status.breaker
+            if self.config.delivery_mode == "queue":
+                details.update(spool_depth=status.pending, dead_letters=status.dead)
         details["uptime"] = round(self._reactor.seconds() - self._started_at, 3)
         return Health(tuple(problems), details)
 
@@ -243,39 +191,18 @@ class MailLaserService(MultiService):
         return Deferred.fromCoroutine(self._shut_down())
 
     async def _shut_down(self) -> None:
-        """Stop accepting; drain SMTP and deliveries together; then close."""
+        """Stop accepting; drain SMTP; then the worker; then health."""
         grace = self.config.shutdown_grace
         self._log.info("shutting down; grace period {grace}s", grace=grace)
-        await gatherResults(
-            [maybeDeferred(listener.stopService) for listener in self.smtp_listeners],
-            consumeErrors=True,
-        )
-        draining: list[Deferred[Any]] = [self.smtp_factory.drain(grace)]
-        if self.dispatcher is not None:
-            draining.append(self.dispatcher.stopService())
-        await gatherResults(draining, consumeErrors=True)
-        await self._payloads.stop()
-        await self._webhook.pool.close()
-        left = 0
-        if self.spool is not None:
-            await self.spool.close()  # after the outcomes still being written
-            left = self.spool.stats().pending
+        for listener in self.smtp_listeners:
+            await maybeDeferred(listener.stopService)
+        await self.smtp_factory.drain(grace)
+        pending = await self.worker.stopService()
         await maybeDeferred(self.health_listener.stopService)
         self._log.info(
             "clean shutdown; {pending} message(s) stay spooled for the next start",
-            pending=left,
+            pending=pending,
         )
 
 
-@implementer(IMessageSink)
-class _NotReady:
-    """The sink until the service starts: nothing can be accepted yet."""
-
-    def check_capacity(self) -> None:
-        raise Refusal(451, "4.3.0", "Not ready, try again later")
-
-    def receive(self, message: object) -> Deferred[None]:
-        return fail(Refusal(451, "4.3.0", "Not ready, try again later"))
-
-
-__all__ = ["MailLaserService", "makeService"]
+__all__ = ["Listener", "MailLaserService", "makeService"]

@@ -16,15 +16,16 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from maillaser.health import QuietSite
 from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
-from maillaser.health import QuietSite
 
 
 @attrs.frozen
@@ -115,9 +116,9 @@ class WebhookReceiver(Resource):
         self, reactor: Any, description: str = "tcp:0:interface=127.0.0.1"
     ) -> Deferred[str]:
         """Start serving; fires with the URL to configure as the webhook."""
-        site = QuietSite(self)
+        self._connections = _Connections(QuietSite(self))
         d: Deferred[IListeningPort] = serverFromString(reactor, description).listen(
-            site
+            self._connections
         )
         return d.addCallback(self._listening)
 
@@ -131,17 +132,46 @@ class WebhookReceiver(Resource):
         address: Any = self._port.getHost()
         return f"http://{address.host}:{address.port}/hook"
 
-    def stop(self) -> Deferred[object]:
-        for request in self._hanging:
-            request.loseConnection()
+    def stop(self) -> Deferred[None]:
+        """
+        Stop listening and close every connection, kept-alive ones too: a
+        client's pool would otherwise keep one open past the end of a test.
+        """
         self._hanging = []
         if self._port is None:
             return succeed(None)
-        return Deferred.fromCoroutine(_stop(self._port))
+        return Deferred.fromCoroutine(self._stop(self._port))
+
+    async def _stop(self, port: IListeningPort) -> None:
+        await maybeDeferred(port.stopListening)
+        await self._connections.close()
 
 
-async def _stop(port: IListeningPort) -> None:
-    await maybeDeferred(port.stopListening)
+class _Connections(WrappingFactory):
+    """A factory that knows its open connections and can close them all."""
+
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        super().__init__(wrapped)
+        self._closed: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, protocol: ProtocolWrapper) -> None:
+        super().unregisterProtocol(protocol)
+        if not self.protocols:
+            waiters, self._closed = self._closed, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close(self) -> Deferred[None]:
+        """Fires once every connection is closed."""
+        if not self.protocols:
+            return succeed(None)
+        closed: Deferred[None] = Deferred()
+        self._closed.append(closed)
+        for protocol in list(self.protocols):
+            protocol.transport.loseConnection()
+        return closed
 
 
 class SpoolFailure(Exception):

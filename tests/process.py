@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from tests.helpers import poll
 
 _LISTENING = re.compile(r"(SMTP|health) listening on 127\.0\.0\.1:(\d+)")
+_READY = "delivery worker ready"
 
 
 def runner(name: str) -> list[str]:
@@ -95,11 +96,14 @@ class BridgeProcess(ProcessProtocol):
             )
 
     async def listening(self, timeout: float = 30.0) -> None:
-        await poll(
-            lambda: {"SMTP", "health"} <= set(self.ports) or self.ended.called, timeout
-        )
+        """Wait until both ports listen and the delivery worker is ready."""
+        await poll(lambda: self.ready or self.ended.called, timeout)
         if self.ended.called:
             raise AssertionError(f"the bridge exited early:\n{self.output}")
+
+    @property
+    def ready(self) -> bool:
+        return {"SMTP", "health"} <= set(self.ports) and _READY in self.output
 
     def signal(self, name: str) -> None:
         os.kill(self.pid, getattr(signal, name))

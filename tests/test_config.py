@@ -29,7 +29,7 @@ from maillaser.config import (
     load_config,
     mask_url,
 )
-from maillaser.smtp._tls import self_signed
+from maillaser.smtp import self_signed
 
 TARGET = "alerts@example.com"
 URL = "https://hooks.example.com/mail"

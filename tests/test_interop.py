@@ -23,18 +23,9 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from maillaser.tls import self_signed
-from tests.helpers import (
-    LOOPBACK,
-    TARGET,
-    Bridge,
-    count_admissions,
-    poll,
-    settled,
-    simple_message,
-    start_quiet_bridge,
-    wait,
-)
+from maillaser.smtp import self_signed
+from tests.bridge import Bridge, count_admissions, settled, start_bridge
+from tests.helpers import LOOPBACK, TARGET, poll, simple_message, wait
 
 SECOND = "second@example.com"
 EHLO_AFTER_TLS = (
@@ -125,7 +116,7 @@ class SwaksTests(TestCase):
     async def swaks(self, mode: str, *options: str, port: int | None = None) -> None:
         """Send with swaks in C{mode}; check its exit status and the payload."""
         program = need_swaks(tls=mode != "pipelined")
-        bridge = await start_quiet_bridge(self)
+        bridge = await start_bridge(self)
         data = Path(self.mktemp())
         data.write_text(SWAKS_MESSAGE.format(mode=mode))
         result = await run(
@@ -171,7 +162,7 @@ class SwaksTests(TestCase):
 class SmtpSourceTests(TestCase):
     async def burst(self, *options: str, messages: int) -> tuple[Bridge, list[Any]]:
         program = need_smtp_source()
-        bridge = await start_quiet_bridge(self)
+        bridge = await start_bridge(self)
         connections = count_admissions(bridge.service.smtp_factory)
         result = await run(
             program,
@@ -214,9 +205,7 @@ class ImplicitTLSTests(TestCase):
         self.cert_pem, cert, key = write_certificate(self)
         key, cert = quoteStringArgument(key), quoteStringArgument(cert)
         implicit = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-        self.bridge = await start_quiet_bridge(
-            self, smtp_endpoints=(LOOPBACK, implicit)
-        )
+        self.bridge = await start_bridge(self, smtp_endpoints=(LOOPBACK, implicit))
         port = self.bridge.service.smtp_listeners[1].port
         assert port is not None
         address = port.getHost()
@@ -293,7 +282,7 @@ class StartTLSTests(TestCase):
     """RFC 3207 with a real TLS client (Python's ssl) on loopback."""
 
     async def converse(self, conversation: Any, **overrides: Any) -> Any:
-        bridge = await start_quiet_bridge(self, **overrides)
+        bridge = await start_bridge(self, **overrides)
         self.bridge = bridge
 
         def run_it() -> Any:
@@ -356,7 +345,7 @@ class StartTLSTests(TestCase):
         CVE-2011-0411's attack: commands in the same packet as STARTTLS.
         The server must not answer them, in cleartext or after TLS.
         """
-        bridge = await start_quiet_bridge(self)
+        bridge = await start_bridge(self)
 
         def inject() -> tuple[bytes, bytes, bool]:
             with socket.create_connection(
@@ -384,7 +373,7 @@ class StartTLSTests(TestCase):
         (ITransport.loseConnection), so the session must unregister itself
         first, or the connection and its slot are held until a timer cuts it.
         """
-        bridge = await start_quiet_bridge(self)
+        bridge = await start_bridge(self)
 
         def quit_over_tls() -> tuple[bytes, bool]:
             with socket.create_connection(

@@ -13,7 +13,12 @@ from maillaser.smtp._delivery import MailLaserDelivery, MailLaserDeliveryFactory
 from maillaser.smtp._factory import MailLaserSMTPFactory
 from maillaser.smtp._message import AcceptedMessage
 from maillaser.smtp._protocol import MailLaserESMTP
-from maillaser.smtp._tls import UnusableCertificate, load_pem_pair, tls_context
+from maillaser.smtp._tls import (
+    UnusableCertificate,
+    load_pem_pair,
+    self_signed,
+    tls_context,
+)
 
 __all__ = [
     "AcceptedMessage",
@@ -23,5 +28,6 @@ __all__ = [
     "MailLaserSMTPFactory",
     "UnusableCertificate",
     "load_pem_pair",
+    "self_signed",
     "tls_context",
 ]

@@ -508,6 +508,7 @@ class LogRelay:
         self._name = name
         self._partial = b""
         self._tail = b""
+        self._loggers: dict[str, Logger] = {}
 
     def feed(self, data: bytes) -> None:
         *lines, self._partial = (self._partial + data).split(b"\n")
@@ -534,9 +535,22 @@ class LogRelay:
             self._log.warn("{child}: {text}", child=self._name, text=text)
             return
         fields.pop("timestamp", None)
-        fields.pop("namespace", None)
         fields.update(child=self._name, text=fields.get("text", ""))
-        self._log.emit(level, "{child}: {text}", **fields)
+        self._logger(fields.pop("namespace", None)).emit(
+            level, "{child}: {text}", **fields
+        )
+
+    def _logger(self, namespace: object) -> Logger:
+        """
+        The child's event keeps its namespace (a search for the class that
+        logged it finds it, whichever process it ran in).
+        """
+        if not isinstance(namespace, str):
+            return self._log
+        logger = self._loggers.get(namespace)
+        if logger is None:
+            logger = self._loggers[namespace] = Logger(namespace, self, observer)
+        return logger
 
 
 def _widen(process: Any) -> None:
