@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import amp
@@ -20,13 +21,14 @@ from maillaser.config import Config
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Envelope, Message, Refusal
 from maillaser.worker import (
+    BATCH_BYTES,
     ChildTimeout,
     QueueSink,
     SyncSink,
     WorkerStatus,
     sync_deadline,
 )
-from maillaser.worker._commands import Deliver, Store, message_arguments
+from maillaser.worker._commands import Deliver, Reply, Store
 
 
 def message(n: int = 0) -> Message:
@@ -86,8 +88,17 @@ class FakeWorker:
         self.breaker_states.append(state)
 
 
-def reply(code: int, status: str = "", text: str = "", **more: Any) -> dict[str, Any]:
-    return {"code": code, "status": status, "text": text, **more}
+def stored(*replies: Reply, pending: int, size: int) -> dict[str, Any]:
+    """A L{Store} answer."""
+    return {"replies": list(replies), "spool": (pending, size)}
+
+
+def delivered(reply: Reply, breaker: str) -> dict[str, Any]:
+    """A L{Deliver} answer."""
+    return {"reply": reply, "breaker": breaker}
+
+
+OK = Reply(250, "2.0.0", "Ok")
 
 
 class SinkTestCase(SynchronousTestCase):
@@ -115,33 +126,70 @@ class SinkTestCase(SynchronousTestCase):
 class QueueSinkTests(SinkTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.sink = QueueSink(self.worker, max_messages=2, max_bytes=100, timeout=3.0)
+        self.clock = Clock()
+        self.sink = QueueSink(
+            self.worker, self.clock, max_messages=2, max_bytes=100, timeout=3.0
+        )
+
+    def receive(self, *messages: Message) -> list[Deferred[None]]:
+        """Hand over C{messages} in one turn of the reactor, which then ends."""
+        received = [self.sink.receive(each) for each in messages]
+        self.clock.advance(0)
+        return received
 
     def test_an_imessagesink(self) -> None:
         self.assertTrue(verifyObject(IMessageSink, self.sink))
 
     def test_250_once_the_worker_committed(self) -> None:
-        d = self.sink.receive(message(1))
+        [d] = self.receive(message(1))
         [call] = self.worker.calls
         self.assertEqual(
             (call.command, call.timeout, call.slow, call.arguments),
-            (Store, 3.0, False, message_arguments(message(1))),
+            (Store, 3.0, False, {"messages": [message(1)]}),
         )
         self.assertNoResult(d)
-        call.answer.callback(reply(250, "2.0.0", "Ok", pending=1, bytes=20))
+        call.answer.callback(stored(OK, pending=1, size=20))
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.worker.spool_counts, [(1, 20)])
 
+    def test_one_request_per_turn(self) -> None:
+        """
+        The messages of one turn share a request, each with its own reply;
+        the next turn's go in the next request.
+        """
+        first, second = self.receive(message(1), message(2))
+        [third] = self.receive(message(3))
+        self.assertEqual(
+            [call.arguments for call in self.worker.calls],
+            [{"messages": [message(1), message(2)]}, {"messages": [message(3)]}],
+        )
+        full = Reply(452, "4.3.1", "Insufficient system storage")
+        self.worker.calls[0].answer.callback(stored(OK, full, pending=2, size=9))
+        self.assertIsNone(self.successResultOf(first))
+        self.assertEqual(self.refusal(second), "452 4.3.1 Insufficient system storage")
+        self.assertNoResult(third)
+
+    def test_a_large_batch_goes_at_once(self) -> None:
+        big = attrs.evolve(message(1), raw=b"x" * BATCH_BYTES)
+        self.sink.receive(big)
+        self.assertEqual(len(self.worker.calls), 1)
+        self.sink.receive(message(2))
+        self.assertEqual(len(self.worker.calls), 1)
+        self.clock.advance(0)
+        self.assertEqual(self.worker.calls[1].arguments, {"messages": [message(2)]})
+
     def test_the_workers_refusal(self) -> None:
-        d = self.sink.receive(message(1))
+        [d] = self.receive(message(1))
         self.worker.calls[0].answer.callback(
-            reply(452, "4.3.1", "Insufficient system storage", pending=2, bytes=9)
+            stored(
+                Reply(452, "4.3.1", "Insufficient system storage"), pending=2, size=9
+            )
         )
         self.assertEqual(self.refusal(d), "452 4.3.1 Insufficient system storage")
         self.assertEqual(self.worker.spool_counts, [(2, 9)])
 
     def test_no_answer_in_time_is_451(self) -> None:
-        d = self.sink.receive(message(1))
+        [d] = self.receive(message(1))
         self.worker.calls[0].answer.errback(ChildTimeout("no answer within 3s"))
         self.assertEqual(
             self.refusal(d), "451 4.3.0 Could not store the message, try again later"
@@ -191,22 +239,20 @@ class SyncSinkTests(SinkTestCase):
             [(Deliver, 40.0, True)] * 2,
         )
         self.assertNoResult(waiting[2])
-        self.worker.calls[0].answer.callback(
-            reply(250, "2.0.0", "Ok", breaker="closed")
-        )
+        self.worker.calls[0].answer.callback(delivered(OK, "closed"))
         self.assertIsNone(self.successResultOf(waiting[0]))
         self.assertEqual(len(self.worker.calls), 3)
-        self.assertEqual(self.worker.calls[2].arguments, message_arguments(message(2)))
+        self.assertEqual(self.worker.calls[2].arguments, {"message": message(2)})
 
     def test_the_webhooks_answer_is_the_reply(self) -> None:
         d = self.sink.receive(message(1))
         self.worker.calls[0].answer.callback(
-            reply(550, "5.6.0", "no such queue", breaker="closed")
+            delivered(Reply(550, "5.6.0", "no such queue"), "closed")
         )
         self.assertEqual(self.refusal(d), "550 5.6.0 no such queue")
         d = self.sink.receive(message(2))
         self.worker.calls[1].answer.callback(
-            reply(451, "4.4.1", "Webhook unavailable", breaker="open")
+            delivered(Reply(451, "4.4.1", "Webhook unavailable"), "open")
         )
         self.assertEqual(self.refusal(d), "451 4.4.1 Webhook unavailable")
         self.assertEqual(self.worker.breaker_states, ["closed", "open"])

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import maillaser
 from maillaser.config import Config
-from maillaser.message import Refusal
+from maillaser.message import Message, Refusal
 from maillaser.worker import (
     START_TIMEOUT,
     ChildError,
@@ -26,6 +26,7 @@ from maillaser.worker._commands import (
     PROTOCOL_VERSION,
     Hello,
     Metrics,
+    Reply,
     Status,
     Stop,
     Store,
@@ -57,7 +58,7 @@ class FakeWorkerChild(ChildProtocol):
             "problems": [],
         }
         self.statuses = 0
-        self.stores: list[tuple[dict[str, Any], Deferred[dict[str, Any]]]] = []
+        self.stores: list[tuple[list[Message], Deferred[dict[str, Any]]]] = []
         self.stops: list[tuple[float, Deferred[dict[str, Any]]]] = []
 
     @Hello.responder
@@ -78,8 +79,8 @@ class FakeWorkerChild(ChildProtocol):
         return dict(self.report)
 
     @Store.responder
-    def store(self, **message: Any) -> Deferred[dict[str, Any]]:
-        self.stores.append((message, Deferred()))
+    def store(self, messages: list[Message]) -> Deferred[dict[str, Any]]:
+        self.stores.append((messages, Deferred()))
         return self.stores[-1][1]
 
     @Metrics.responder
@@ -205,9 +206,9 @@ class DeliveryWorkerTests(SynchronousTestCase):
         worker = self.start()
         first = self.reactor.process
         refused = worker.sink.receive(message(1))
-        self.pump()
+        self.advance(0)
         [(stored, _)] = self.child.stores
-        self.assertEqual(stored["id"], "msg_1")
+        self.assertEqual(stored, [message(1)])
         self.advance(1.9)
         self.assertNoResult(refused)
         self.advance(0.1)
@@ -223,12 +224,10 @@ class DeliveryWorkerTests(SynchronousTestCase):
         self.advance(0)
         self.assertEqual(len(self.reactor.processes), 2)  # a second after the last
         accepted = worker.sink.receive(message(2))
-        self.pump()
+        self.advance(0)
         [(stored, answer)] = self.child.stores
-        self.assertEqual(stored["id"], "msg_2")
-        answer.callback(
-            {"code": 250, "status": "2.0.0", "text": "Ok", "pending": 4, "bytes": 9}
-        )
+        self.assertEqual(stored, [message(2)])
+        answer.callback({"replies": [Reply(250, "2.0.0", "Ok")], "spool": (4, 9)})
         self.pump()
         self.assertIsNone(self.successResultOf(accepted))
         assert worker.status is not None

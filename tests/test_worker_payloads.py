@@ -19,7 +19,7 @@ from maillaser.interfaces import IPayloadBuilder
 from maillaser.message import Envelope, Message
 from maillaser.webhook import encoded_payload, fallback_payload
 from maillaser.worker import PayloadBuilder, payload_program
-from maillaser.worker._commands import BuildPayload, message_arguments
+from maillaser.worker._commands import BuildPayload
 from maillaser.worker._payloads import INLINE_SIZE, is_cheap
 from maillaser.worker._stdio import ChildProtocol
 from tests.helpers import wait
@@ -102,9 +102,7 @@ class PayloadBuilderTests(SynchronousTestCase):
     def test_the_rest_in_a_payload_process(self) -> None:
         d = self.builder.build(html())
         [(arguments, answer)] = self.process().asked
-        self.assertEqual(
-            arguments, {**message_arguments(html()), "header_prefixes": ["X-"]}
-        )
+        self.assertEqual(arguments, {"message": html(), "header_prefixes": ["X-"]})
         answer.callback({"body": b'{"built":"there"}'})
         self.reactor.processes[-1].pump()
         self.assertEqual(self.successResultOf(d), b'{"built":"there"}')
@@ -131,7 +129,7 @@ class PayloadBuilderTests(SynchronousTestCase):
         self.reactor.processes[0].exit(ProcessTerminated(signal=9))
         self.reactor.advance(0)  # a second since the last start
         [(arguments, answer)] = self.process(1).asked
-        self.assertEqual(arguments["id"], "msg_2")
+        self.assertEqual(arguments["message"].id, "msg_2")
         answer.callback({"body": b"{}"})
         self.reactor.processes[1].pump()
         self.assertEqual(self.successResultOf(behind), b"{}")

@@ -19,7 +19,7 @@ import maillaser
 from maillaser.message import Refusal
 from maillaser.testing import Reply, WebhookReceiver
 from maillaser.webhook import encoded_payload
-from maillaser.worker import DeliveryWorker
+from maillaser.worker import PROTOCOL_VERSION, DeliveryWorker
 from tests.helpers import failure_of, poll, wait
 from tests.test_sinks import message
 from tests.test_worker_child import events_logged
@@ -116,7 +116,8 @@ class RealWorkerTests(TestCase):
             worker.problems(),
             [
                 "delivery worker refused: the front runs MailLaser 0.0.0-other"
-                f" (protocol 1), this worker {maillaser.__version__} (protocol 1)"
+                f" (protocol {PROTOCOL_VERSION}), this worker"
+                f" {maillaser.__version__} (protocol {PROTOCOL_VERSION})"
             ],
         )
         self.assertFalse(worker.ready)

@@ -30,7 +30,7 @@ from maillaser.worker import (
     payload_program,
     worker_program,
 )
-from maillaser.worker._commands import Status
+from maillaser.worker._commands import Reply, Status
 from tests.doubles import ScriptedPoster
 from tests.test_sinks import message
 from tests.test_worker_child import FakeReactor, events_logged
@@ -96,6 +96,7 @@ class WorkerTestCase(SynchronousTestCase):
 
     def receive(self, worker: DeliveryWorker, n: int) -> Deferred[None]:
         d = worker.sink.receive(message(n))
+        self.reactor.advance(0)  # the end of the turn, when Store goes
         self.pump()
         return d
 
@@ -208,15 +209,12 @@ class QueueModeTests(WorkerTestCase):
         self.reactor.process.exit(ProcessDone(0))
         self.assertEqual(self.successResultOf(stopped), 1)
         self.assertEqual(list(self.spool.pending), ["msg_1"])
-        late = Deferred.fromCoroutine(self.stacks[0].store(message(2)))
+        late = Deferred.fromCoroutine(self.stacks[0].store([message(2)]))
         self.assertEqual(
             self.successResultOf(late),
             {
-                "code": 451,
-                "status": "4.3.0",
-                "text": "Shutting down, try again later",
-                "pending": 1,
-                "bytes": len(message(1).raw),
+                "replies": [Reply(451, "4.3.0", "Shutting down, try again later")],
+                "spool": (1, len(message(1).raw)),
             },
         )
 
@@ -273,6 +271,6 @@ class SyncModeTests(WorkerTestCase):
         self.assertEqual(self.successResultOf(stopped), 0)
         late = self.stacks[0].deliver(message(2))
         self.assertEqual(
-            self.successResultOf(Deferred.fromCoroutine(late))["text"],
-            "Shutting down, try again later",
+            self.successResultOf(Deferred.fromCoroutine(late))["reply"],
+            Reply(451, "4.3.0", "Shutting down, try again later"),
         )

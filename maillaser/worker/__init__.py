@@ -23,6 +23,7 @@ from maillaser.worker._commands import (
     Deliver,
     Hello,
     Metrics,
+    Reply,
     StartFailed,
     Status,
     Stop,
@@ -38,10 +39,11 @@ from maillaser.worker._main import (
 )
 from maillaser.worker._payloads import PayloadBuilder, PayloadProtocol
 from maillaser.worker._server import DeliveryStack, WorkerProtocol, build_stack
-from maillaser.worker._sinks import QueueSink, SyncSink, sync_deadline
+from maillaser.worker._sinks import BATCH_BYTES, QueueSink, SyncSink, sync_deadline
 from maillaser.worker._stdio import ChildProtocol
 
 __all__ = [
+    "BATCH_BYTES",
     "PROTOCOL_VERSION",
     "START_TIMEOUT",
     "BuildPayload",
@@ -59,6 +61,7 @@ __all__ = [
     "PayloadBuilder",
     "PayloadProtocol",
     "QueueSink",
+    "Reply",
     "StartFailed",
     "Status",
     "Stop",

@@ -10,6 +10,11 @@ started again, so nothing here may block for long on the answering side.
 
 AMP caps a value at 64 KiB; message bytes and the configuration are
 longer, so they travel as L{BigBytes}, split over numbered keys of one box.
+A message, a list of them and a reply are each one such value
+(L{MessageList}, L{MessageArgument}, L{ReplyList}, L{ReplyArgument}),
+and L{Store} carries every message that ended in one turn of the front's
+reactor: AMP handles a box key by key in Python, so the fewer boxes and
+keys per message, the less both reactors spend on the pipe.
 
 Changing a command, its arguments or their meaning is a change of protocol:
 bump L{PROTOCOL_VERSION}.  The front checks it, and the package version, in
@@ -22,11 +27,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 from twisted.protocols import amp
 
 from maillaser.message import Envelope, Message
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 def _identifier(name: bytes) -> str:
@@ -68,8 +74,13 @@ class BigBytes(amp.Argument):
         objects[_identifier(name)] = b"".join(pieces)
 
 
-class JSONValue(BigBytes):
-    """Any JSON value, of any size."""
+class _Value(amp.Argument):
+    """
+    A value of any length, as one C{bytes} (a L{BigBytes}): each kind of
+    value below is one AMP value, not one per field, because AMP parses a
+    box one key and one value at a time, in Python, and a request that is
+    a few keys rather than a dozen costs both processes a third as much.
+    """
 
     def toBox(
         self,
@@ -79,8 +90,8 @@ class JSONValue(BigBytes):
         proto: amp.AMP,
     ) -> None:
         key = _identifier(name)
-        objects[key] = json.dumps(objects[key], separators=(",", ":")).encode()
-        super().toBox(name, strings, objects, proto)
+        objects[key] = self.encode(objects[key])
+        BigBytes().toBox(name, strings, objects, proto)
 
     def fromBox(
         self,
@@ -89,55 +100,107 @@ class JSONValue(BigBytes):
         objects: dict[str, Any],
         proto: amp.AMP,
     ) -> None:
-        super().fromBox(name, strings, objects, proto)
+        BigBytes().fromBox(name, strings, objects, proto)
         key = _identifier(name)
-        objects[key] = json.loads(objects[key])
+        objects[key] = self.decode(objects[key])
+
+    def encode(self, value: Any) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> Any:
+        raise NotImplementedError
 
 
-# A message, as Store, Deliver and BuildPayload carry it.  The envelope
-# goes as JSON: a list of 10,000 recipients would not fit one AMP value.
+class MessageList(_Value):
+    """
+    L{Message}s: for each, a line of JSON (id, sender, recipients, HELO,
+    peer, time received, size), then its bytes as received.  JSON never
+    holds a raw line break, so the line ends where the bytes start.
+    """
 
-MESSAGE_ARGUMENTS: list[tuple[bytes, amp.Argument]] = [
-    (b"id", amp.Unicode()),
-    (b"envelope", JSONValue()),
-    (b"received_at", amp.Float()),
-    (b"raw", BigBytes()),
-]
+    def encode(self, value: list[Message]) -> bytes:
+        pieces: list[bytes] = []
+        for message in value:
+            envelope = message.envelope
+            head = [
+                message.id,
+                envelope.sender,
+                envelope.recipients,
+                envelope.helo,
+                envelope.peer,
+                message.received_at,
+                len(message.raw),
+            ]
+            pieces += (_JSON.encode(head).encode("utf-8"), b"\n", message.raw)
+        return b"".join(pieces)
+
+    def decode(self, data: bytes) -> list[Message]:
+        messages = []
+        start = 0
+        while start < len(data):
+            end = data.index(b"\n", start)
+            id, sender, recipients, helo, peer, received_at, size = json.loads(
+                data[start:end]
+            )
+            start = end + 1 + size
+            envelope = Envelope(sender, tuple(recipients), helo, peer)
+            messages.append(Message(id, envelope, data[end + 1 : start], received_at))
+        return messages
 
 
-def message_arguments(message: Message) -> dict[str, object]:
-    """C{message} as the keyword arguments of L{MESSAGE_ARGUMENTS}."""
-    envelope = message.envelope
-    return {
-        "id": message.id,
-        "envelope": [
-            envelope.sender,
-            list(envelope.recipients),
-            envelope.helo,
-            envelope.peer,
-        ],
-        "received_at": message.received_at,
-        "raw": message.raw,
-    }
+class MessageArgument(_Value):
+    """One L{Message}, as in a L{MessageList}."""
+
+    def encode(self, value: Message) -> bytes:
+        return MessageList().encode([value])
+
+    def decode(self, data: bytes) -> Message:
+        [message] = MessageList().decode(data)
+        return message
 
 
-def message_from_arguments(
-    id: str, envelope: list[Any], received_at: float, raw: bytes
-) -> Message:
-    """The inverse of L{message_arguments}."""
-    sender, recipients, helo, peer = envelope
-    return Message(
-        id, Envelope(sender, tuple(recipients), helo, peer), raw, received_at
-    )
+@attrs.frozen
+class Reply:
+    """What the SMTP client is to be told at the end of DATA."""
+
+    code: int
+    status: str
+    text: str
 
 
-# What the SMTP client is to be told, in Store's and Deliver's answers.
+class ReplyList(_Value):
+    """L{Reply}s, as a JSON array of C{[code, status, text]}."""
 
-REPLY_RESPONSE: list[tuple[bytes, amp.Argument]] = [
-    (b"code", amp.Integer()),
-    (b"status", amp.Unicode()),
-    (b"text", amp.Unicode()),
-]
+    def encode(self, value: list[Reply]) -> bytes:
+        return _JSON.encode([attrs.astuple(reply) for reply in value]).encode()
+
+    def decode(self, data: bytes) -> list[Reply]:
+        return [Reply(*reply) for reply in json.loads(data)]
+
+
+class ReplyArgument(_Value):
+    """One L{Reply}, as in a L{ReplyList}."""
+
+    def encode(self, value: Reply) -> bytes:
+        return ReplyList().encode([value])
+
+    def decode(self, data: bytes) -> Reply:
+        [reply] = ReplyList().decode(data)
+        return reply
+
+
+class SpoolCounts(_Value):
+    """The spool's pending messages and their bytes: two numbers."""
+
+    def encode(self, value: tuple[int, int]) -> bytes:
+        return b"%d %d" % value
+
+    def decode(self, data: bytes) -> tuple[int, int]:
+        pending, size = data.split()
+        return int(pending), int(size)
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 class VersionMismatch(Exception):
@@ -167,18 +230,17 @@ class Hello(amp.Command):
 
 class Store(amp.Command):
     """
-    Queue mode: commit the message to the spool, then deliver it when it
-    can.  Answered once the commit is durable, with the reply for the SMTP
-    client (C{250}, or C{452} when the spool is full, C{451} when it cannot
-    commit) and the spool's size after it, for back-pressure at the front.
+    Queue mode: commit the messages to the spool, then deliver them when
+    they can be.  The front sends, in one request, every message whose
+    DATA ended in one turn of its reactor (they share the worker's commit
+    too).  Answered once the commit is durable, with one reply per message
+    for its SMTP client (C{250}, or C{452} when the spool is full, C{451}
+    when it cannot commit), in order, and the spool's counts after it, for
+    back-pressure at the front.
     """
 
-    arguments = MESSAGE_ARGUMENTS
-    response = [
-        *REPLY_RESPONSE,
-        (b"pending", amp.Integer()),
-        (b"bytes", amp.Integer()),
-    ]
+    arguments = [(b"messages", MessageList())]
+    response = [(b"replies", ReplyList()), (b"spool", SpoolCounts())]
 
 
 class Deliver(amp.Command):
@@ -188,8 +250,8 @@ class Deliver(amp.Command):
     C{550} with the receiver's reason when it refused the message for good.
     """
 
-    arguments = MESSAGE_ARGUMENTS
-    response = [*REPLY_RESPONSE, (b"breaker", amp.Unicode())]
+    arguments = [(b"message", MessageArgument())]
+    response = [(b"reply", ReplyArgument()), (b"breaker", amp.Unicode())]
 
 
 class Status(amp.Command):
@@ -234,25 +296,29 @@ class BuildPayload(amp.Command):
     The worker's deadline on it bounds what one message can cost.
     """
 
-    arguments = [*MESSAGE_ARGUMENTS, (b"header_prefixes", amp.ListOf(amp.Unicode()))]
+    arguments = [
+        (b"message", MessageArgument()),
+        (b"header_prefixes", amp.ListOf(amp.Unicode())),
+    ]
     response = [(b"body", BigBytes())]
 
 
 __all__ = [
-    "MESSAGE_ARGUMENTS",
     "PROTOCOL_VERSION",
-    "REPLY_RESPONSE",
     "BigBytes",
     "BuildPayload",
     "Deliver",
     "Hello",
-    "JSONValue",
+    "MessageArgument",
+    "MessageList",
     "Metrics",
+    "Reply",
+    "ReplyArgument",
+    "ReplyList",
+    "SpoolCounts",
     "StartFailed",
     "Status",
     "Stop",
     "Store",
     "VersionMismatch",
-    "message_arguments",
-    "message_from_arguments",
 ]

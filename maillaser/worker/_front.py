@@ -101,6 +101,7 @@ class DeliveryWorker(Service):
             if config.delivery_mode == "sync"
             else QueueSink(
                 self,
+                reactor,
                 config.spool_max_messages,
                 config.spool_max_bytes,
                 config.worker_timeout,

@@ -24,11 +24,7 @@ from maillaser.logs import observer
 from maillaser.message import Message
 from maillaser.webhook import encoded_payload, fallback_payload
 from maillaser.worker._child import ChildError, ChildProcess, ChildProgram, ChildTimeout
-from maillaser.worker._commands import (
-    BuildPayload,
-    message_arguments,
-    message_from_arguments,
-)
+from maillaser.worker._commands import BuildPayload
 from maillaser.worker._stdio import ChildProtocol
 
 INLINE_SIZE = 4096
@@ -99,7 +95,7 @@ class PayloadBuilder:
                     timeout=self.timeout,
                     slow=False,
                     header_prefixes=list(self.header_prefixes),
-                    **message_arguments(message),
+                    message=message,
                 )
             except CancelledError:
                 raise  # the round is cancelled, at shutdown
@@ -130,9 +126,8 @@ class PayloadProtocol(ChildProtocol):
     """The payload process's end: one payload at a time, as asked."""
 
     @BuildPayload.responder
-    def build(self, header_prefixes: list[str], **message: Any) -> dict[str, bytes]:
-        body = encoded_payload(message_from_arguments(**message), header_prefixes)
-        return {"body": body}
+    def build(self, message: Message, header_prefixes: list[str]) -> dict[str, bytes]:
+        return {"body": encoded_payload(message, header_prefixes)}
 
 
 __all__ = [

@@ -20,11 +20,14 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
+    gatherResults,
     maybeDeferred,
+    succeed,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 import maillaser
 from maillaser.config import Config
@@ -47,12 +50,12 @@ from maillaser.worker._commands import (
     Deliver,
     Hello,
     Metrics,
+    Reply,
     StartFailed,
     Status,
     Stop,
     Store,
     VersionMismatch,
-    message_from_arguments,
 )
 from maillaser.worker._main import payload_program
 from maillaser.worker._payloads import PayloadBuilder
@@ -61,22 +64,21 @@ from maillaser.worker._stdio import ChildProtocol
 Answer = dict[str, Any]
 
 
-def _reply(code: int, status: str, text: str) -> Answer:
-    return {"code": code, "status": status, "text": text}
+_OK = Reply(250, "2.0.0", "Ok")
+_SHUTTING_DOWN = Reply(451, "4.3.0", "Shutting down, try again later")
+_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+_NOT_STORED = Reply(451, "4.3.0", "Could not store the message, try again later")
 
 
-_SHUTTING_DOWN = _reply(451, "4.3.0", "Shutting down, try again later")
-
-
-def _reply_for(outcome: Outcome) -> Answer:
+def _reply_for(outcome: Outcome) -> Reply:
     """What a sync-mode round earns the SMTP client (SPEC section 5)."""
     if not isinstance(outcome, Failed):
-        return _reply(250, "2.0.0", "Ok")
+        return _OK
     if outcome.permanent:
         status = outcome.attempts[-1].status
         reason = outcome.reason or f"Rejected by the webhook (HTTP {status})"
-        return _reply(550, "5.6.0", reason)
-    return _reply(451, "4.4.1", "Webhook temporarily unavailable, try again later")
+        return Reply(550, "5.6.0", reason)
+    return Reply(451, "4.4.1", "Webhook temporarily unavailable, try again later")
 
 
 @attrs.define(eq=False)
@@ -164,43 +166,48 @@ class DeliveryStack:
         if self.dispatcher is not None:
             self.dispatcher.startService()
 
-    async def store(self, message: Message) -> Answer:
-        """Queue mode: commit, then let the dispatcher deliver it."""
+    async def store(self, messages: Sequence[Message]) -> Answer:
+        """
+        Queue mode: commit (the messages of one request share a commit),
+        then let the dispatcher deliver them.
+        """
         spool, dispatcher = self.spool, self.dispatcher
         if spool is None or dispatcher is None:  # a front in sync mode: a bug
             raise amp.RemoteAmpError(b"NOT_QUEUE_MODE", "Store in sync mode")
+        stored = [self._store(spool, message) for message in messages]
+        replies = await gatherResults(stored)
+        for message, reply in zip(messages, replies, strict=True):
+            if reply is _OK:
+                dispatcher.offer(message)
         stats = spool.stats()
+        return {"replies": replies, "spool": (stats.pending, stats.bytes)}
+
+    def _store(self, spool: ISpool, message: Message) -> Deferred[Reply]:
         if self._stopped is not None:
-            return {**_SHUTTING_DOWN, "pending": stats.pending, "bytes": stats.bytes}
-        config = self.config
+            return succeed(_SHUTTING_DOWN)
+        stats, config = spool.stats(), self.config
         if stats.pending >= config.spool_max_messages or (
             stats.bytes >= config.spool_max_bytes
         ):
-            reply = _reply(452, "4.3.1", "Insufficient system storage, try again later")
-        else:
-            try:
-                await spool.add(message)
-            except Exception as error:
-                self._log.error(
-                    "could not store {message_id}: {error}",
-                    message_id=message.id,
-                    error=str(error),
-                )
-                reply = _reply(
-                    451, "4.3.0", "Could not store the message, try again later"
-                )
-            else:
-                dispatcher.offer(message)
-                reply = _reply(250, "2.0.0", "Ok")
-        stats = spool.stats()
-        return {**reply, "pending": stats.pending, "bytes": stats.bytes}
+            return succeed(_FULL)
+        return spool.add(message).addCallbacks(
+            lambda _: _OK, self._not_stored, errbackArgs=(message,)
+        )
+
+    def _not_stored(self, failure: Failure, message: Message) -> Reply:
+        self._log.error(
+            "could not store {message_id}: {error}",
+            message_id=message.id,
+            error=failure.getErrorMessage(),
+        )
+        return _NOT_STORED
 
     async def deliver(self, message: Message) -> Answer:
         """Sync mode: one round now, answered with the reply it earns."""
         if self._stopped is not None:
             reply = _SHUTTING_DOWN
         elif not self.breaker.acquire():
-            reply = _reply(451, "4.4.1", "Webhook unavailable, try again later")
+            reply = Reply(451, "4.4.1", "Webhook unavailable, try again later")
         else:
             round_ = self.deliverer.deliver(message)
             self._rounds.add(round_)
@@ -213,7 +220,7 @@ class DeliveryStack:
                 reply = _reply_for(outcome)
             finally:
                 self._rounds.discard(round_)
-        return {**reply, "breaker": self.breaker.state.value}
+        return {"reply": reply, "breaker": self.breaker.state.value}
 
     def status(self) -> Answer:
         spool = self.spool
@@ -341,14 +348,12 @@ class WorkerProtocol(ChildProtocol):
         return self.stack
 
     @Store.responder
-    def store(self, **message: Any) -> Deferred[Answer]:
-        stack = self._started()
-        return Deferred.fromCoroutine(stack.store(message_from_arguments(**message)))
+    def store(self, messages: list[Message]) -> Deferred[Answer]:
+        return Deferred.fromCoroutine(self._started().store(messages))
 
     @Deliver.responder
-    def deliver(self, **message: Any) -> Deferred[Answer]:
-        stack = self._started()
-        return Deferred.fromCoroutine(stack.deliver(message_from_arguments(**message)))
+    def deliver(self, message: Message) -> Deferred[Answer]:
+        return Deferred.fromCoroutine(self._started().deliver(message))
 
     @Status.responder
     def status(self) -> Answer:

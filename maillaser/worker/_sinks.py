@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -29,7 +30,7 @@ from maillaser.interfaces import IMessageSink
 from maillaser.logs import observer
 from maillaser.message import Message, Refusal
 from maillaser.webhook import quick_backoff
-from maillaser.worker._commands import Deliver, Store, message_arguments
+from maillaser.worker._commands import Deliver, Reply, Store
 from maillaser.worker._payloads import payload_deadline
 
 if TYPE_CHECKING:
@@ -91,22 +92,37 @@ def _no_answer(log: Logger, what: str, message: Message, failure: Failure) -> No
     )
 
 
-def _reply(answer: dict[str, Any]) -> None:
+def _refusal(reply: Reply) -> Refusal | None:
     """The worker's reply, unless it is C{250}, as the L{Refusal} it is."""
-    if answer["code"] != 250:
-        raise Refusal(answer["code"], answer["status"], answer["text"])
+    if reply.code == 250:
+        return None
+    return Refusal(reply.code, reply.status, reply.text)
+
+
+BATCH_BYTES = 4 * 1024 * 1024
+"""Message bytes past which a L{Store} goes at once, not at the end of the turn."""
 
 
 @implementer(IMessageSink)
 @attrs.define
 class QueueSink:
-    """C{250} only once the worker has committed the message to its spool."""
+    """
+    C{250} only once the worker has committed the message to its spool.
+
+    The messages whose DATA ends in one turn of the reactor go to the
+    worker in one L{Store} (as the worker commits them in one
+    transaction): a request costs both processes more than its messages.
+    """
 
     worker: Worker
+    clock: IReactorTime
     max_messages: int
     max_bytes: int
     timeout: float
     """Seconds the worker has to answer L{Store}."""
+    _batch: list[tuple[Message, Deferred[None]]] = attrs.field(factory=list)
+    _batch_bytes: int = 0
+    _sending: IDelayedCall | None = None
     _log = Logger(observer=observer)
 
     def check_capacity(self) -> None:
@@ -117,17 +133,43 @@ class QueueSink:
             raise _store_failed()
 
     def receive(self, message: Message) -> Deferred[None]:
-        arguments = message_arguments(message)
-        d = self.worker.call(Store, timeout=self.timeout, slow=False, **arguments)
-        return d.addCallbacks(self._stored, self._not_stored, errbackArgs=(message,))
+        stored: Deferred[None] = Deferred()
+        self._batch.append((message, stored))
+        self._batch_bytes += len(message.raw)
+        if self._batch_bytes >= BATCH_BYTES:
+            self._send()
+        elif self._sending is None:
+            self._sending = self.clock.callLater(0, self._send)
+        return stored
 
-    def _stored(self, answer: dict[str, Any]) -> None:
-        self.worker.spool_changed(answer["pending"], answer["bytes"])
-        _reply(answer)
+    def _send(self) -> None:
+        if self._sending is not None and self._sending.active():
+            self._sending.cancel()
+        self._sending = None
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        messages = [message for message, _ in batch]
+        d = self.worker.call(Store, timeout=self.timeout, messages=messages)
+        d.addCallbacks(
+            self._stored, self._not_stored, callbackArgs=(batch,), errbackArgs=(batch,)
+        )
 
-    def _not_stored(self, failure: Failure, message: Message) -> None:
-        _no_answer(self._log, "store", message, failure)
-        raise _store_failed()
+    def _stored(
+        self, answer: dict[str, Any], batch: list[tuple[Message, Deferred[None]]]
+    ) -> None:
+        self.worker.spool_changed(*answer["spool"])
+        for (_, stored), reply in zip(batch, answer["replies"], strict=True):
+            refusal = _refusal(reply)
+            if refusal is None:
+                stored.callback(None)
+            else:
+                stored.errback(refusal)
+
+    def _not_stored(
+        self, failure: Failure, batch: list[tuple[Message, Deferred[None]]]
+    ) -> None:
+        for message, stored in batch:
+            _no_answer(self._log, "store", message, failure)
+            stored.errback(_store_failed())
 
 
 def _store_failed() -> Refusal:
@@ -163,20 +205,20 @@ class SyncSink:
         return self._slots.run(self._deliver, message)
 
     def _deliver(self, message: Message) -> Deferred[None]:
-        d = self.worker.call(
-            Deliver, timeout=self.timeout, slow=True, **message_arguments(message)
-        )
+        d = self.worker.call(Deliver, timeout=self.timeout, slow=True, message=message)
         return d.addCallbacks(
             self._delivered, self._not_delivered, errbackArgs=(message,)
         )
 
     def _delivered(self, answer: dict[str, Any]) -> None:
         self.worker.breaker_changed(answer["breaker"])
-        _reply(answer)
+        refusal = _refusal(answer["reply"])
+        if refusal is not None:
+            raise refusal
 
     def _not_delivered(self, failure: Failure, message: Message) -> None:
         _no_answer(self._log, "deliver", message, failure)
         raise Refusal(451, "4.3.0", "Temporary failure, try again later")
 
 
-__all__ = ["QueueSink", "SyncSink", "Worker", "sync_deadline"]
+__all__ = ["BATCH_BYTES", "QueueSink", "SyncSink", "Worker", "sync_deadline"]
