@@ -206,6 +206,28 @@ class SqliteSpoolTests(SpoolCase):
         self.assertEqual(spool.commits, 1)
         self.assertEqual(spool.stats(), SpoolStats(pending=20, bytes=20 * len(RAW)))
 
+    def test_only_commits_that_store_wait_for_the_disk(self) -> None:
+        """
+        A commit that stores a message is synchronous (C{FULL}: an fsync
+        before the answer); one that only settles messages is not
+        (C{NORMAL}), and the next one that stores makes it durable too.
+        """
+        spool = self.open()
+        modes: list[int] = []
+
+        def mode(_: object) -> None:
+            [(synchronous,)] = connection(spool).execute("PRAGMA synchronous")
+            modes.append(synchronous)
+
+        self.done(spool.add(message("msg_1")).addCallback(mode))
+        self.done(spool.add(message("msg_2")).addCallback(mode))
+        [queued, _] = self.done(spool.due(1000.0, 10))
+        self.done(spool.delivered(queued.message.id, []).addCallback(mode))
+        stored = spool.add(message("msg_3")).addCallback(mode)
+        settled = spool.reschedule("msg_2", 2000.0, []).addCallback(mode)
+        self.done(gatherResults([stored, settled]))
+        self.assertEqual(modes, [2, 2, 1, 2, 2])
+
     def test_a_write_asked_for_by_a_commit_goes_in_the_next(self) -> None:
         """
         The callbacks of a commit run after it: what they write is not lost

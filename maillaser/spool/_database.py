@@ -148,6 +148,8 @@ class SpoolDatabase:
 
     path: str
     _connection: sqlite3.Connection
+    _durable: bool = True
+    """Whether commits wait for the disk (C{synchronous = FULL}, as set)."""
 
     @classmethod
     def open(cls, directory: str, *, create: bool) -> SpoolDatabase:
@@ -256,7 +258,10 @@ class SpoolDatabase:
             raise SpoolError(f"spool database {self.path} {failed}: {e}") from e
 
     def apply(
-        self, operations: Sequence[Callable[[SpoolDatabase], _T]]
+        self,
+        operations: Sequence[Callable[[SpoolDatabase], _T]],
+        *,
+        durable: bool = True,
     ) -> list[_T | Failure]:
         """
         Run C{operations} in one transaction (a group commit).
@@ -264,7 +269,15 @@ class SpoolDatabase:
         An operation that finds its message missing or already there gets its
         own L{Failure} in the result and the others still commit; any other
         error rolls back the whole group.
+
+        @param durable: the commit returns only once it is on disk (an
+            fsync of the log).  Without it the commit survives the process
+            (a crash, C{kill -9}) but not a power loss, until the next
+            durable commit or checkpoint writes it out too: for writes whose
+            loss costs a repeat, never a message (a delivered message
+            deleted, a round's outcome recorded).
         """
+        self._set_durable(durable)
         results: list[_T | Failure] = []
         with self.transaction():
             for operation in operations:
@@ -273,6 +286,13 @@ class SpoolDatabase:
                 except (DuplicateMessage, MessageNotFound):
                     results.append(Failure())
         return results
+
+    def _set_durable(self, durable: bool) -> None:
+        if durable != self._durable:
+            mode = "FULL" if durable else "NORMAL"
+            with self._errors("cannot be set up"):
+                self._connection.execute(f"PRAGMA synchronous = {mode}")
+            self._durable = durable
 
     def insert(self, message: Message) -> int:
         """Spool C{message} as pending and due at once; returns its size."""

@@ -7,7 +7,12 @@ right here, with no thread and no other process.  What costs is the commit
 of the reactor shares one transaction committed at the end of that turn (a
 group commit), and each write's Deferred fires only after the C{COMMIT}:
 a C{Store} is answered, and the SMTP client hears C{250}, only once its
-message is on disk.  Reads run at once and see what is committed.
+message is on disk.  Only a commit that stores a message waits for the
+disk: one that only settles messages (deleted once delivered, rescheduled,
+buried) is written without the fsync, and reaches the disk with the next
+one that stores; what a power loss could undo then is a settlement, which
+costs a repeated delivery or round, never a message.  Reads run at once
+and see what is committed.
 
 Each write returns what its commit changes in memory (counts, a claim
 released); all of a commit's changes are made before any of its writes is
@@ -66,6 +71,8 @@ class SqliteSpool:
     _claimed: set[str] = attrs.Factory(set)
     _writes: list[tuple[_Operation, Deferred[None]]] = attrs.Factory(list)
     """Asked for in this turn, committed at its end."""
+    _durable: bool = False
+    """Whether one of this turn's writes must be on disk before it is answered."""
     _flush_call: IDelayedCall | None = None
     _closed: bool = False
     _writable: bool = True
@@ -89,12 +96,20 @@ class SqliteSpool:
         except Exception:
             return fail()
 
-    def _write(self, operation: _Operation) -> Deferred[None]:
-        """Queue a write for this turn's transaction."""
+    def _write(self, operation: _Operation, *, durable: bool = False) -> Deferred[None]:
+        """
+        Queue a write for this turn's transaction.
+
+        @param durable: the write must be on disk before it is answered (a
+            message stored); without it, it is in the database, safe from a
+            crash but not from a power loss until the next durable commit
+            (a settlement: losing one costs a repeat, never a message).
+        """
         if self._closed:
             return fail(self._closed_error())
         written: Deferred[None] = Deferred()
         self._writes.append((operation, written))
+        self._durable = self._durable or durable
         if self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self._flush)
         return written
@@ -110,10 +125,13 @@ class SqliteSpool:
         """
         self._flush_call = None
         writes, self._writes = self._writes, []
+        durable, self._durable = self._durable, False
         if not writes:
             return
         try:
-            results = self._database.apply([operation for operation, _ in writes])
+            results = self._database.apply(
+                [operation for operation, _ in writes], durable=durable
+            )
         except Exception:
             failure = Failure()
             self._failed(failure, len(writes))
@@ -161,7 +179,7 @@ class SqliteSpool:
             size = database.insert(message)
             return lambda: self._count(pending=1, size=size)
 
-        return self._write(insert)
+        return self._write(insert, durable=True)
 
     def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
         found = self._read(lambda database: database.due(now, limit, self._claimed))
@@ -222,7 +240,7 @@ class SqliteSpool:
         """
         if self._writable:
             return self._recount()
-        probed = self._write(_probe)
+        probed = self._write(_probe, durable=True)
         return probed.addBoth(lambda ignored: self._recount())
 
     def _recount(self) -> Deferred[SpoolStats]:
