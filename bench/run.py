@@ -84,7 +84,7 @@ STOP_TIMEOUT = 30.0
 PROBE_INTERVAL = 0.01
 
 QUEUE_RATIO = 0.5
-SYNC_RATIO = 0.4
+SYNC_RATIO = 0.5
 HALF_LOAD_P99_MS = 20.0
 RSS_LIMIT_MB = 150.0
 STALL_LIMIT_MS = 50.0
@@ -1161,7 +1161,7 @@ def _first_value(path: str, key: str) -> str | None:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue 5, with the measured value and whether it is met."""
+    """Each target of issue 12, with the measured value and whether it is met."""
     checks: list[dict[str, Any]] = []
 
     def check(name: str, value: float | None, limit: float, at_least: bool) -> None:

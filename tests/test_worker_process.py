@@ -12,14 +12,19 @@ import signal
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, formatEvent
+from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 import maillaser
 from maillaser.message import Refusal
+from maillaser.spool import DATABASE_NAME
 from maillaser.testing import Reply, WebhookReceiver
 from maillaser.webhook import encoded_payload
-from maillaser.worker import PROTOCOL_VERSION, DeliveryWorker
+from maillaser.worker import PROTOCOL_VERSION, DeliveryWorker, worker_program
 from tests.helpers import failure_of, poll, wait
 from tests.test_sinks import message
 from tests.test_worker_child import events_logged
@@ -96,6 +101,36 @@ class RealWorkerTests(TestCase):
         await wait(worker.sink.receive(message(2)))
         [request] = await wait(self.receiver.wait_for(1))
         self.assertEqual(request.headers["webhook-id"], "msg_2")
+
+    async def test_a_worker_whose_front_died_ends(self) -> None:
+        """
+        A front killed (SIGKILL) closes both ends of the worker's pipes at
+        once, and the worker may see either first.  Nobody reading its
+        answers is enough: it closes its spool and ends, it does not linger
+        with its input still open.
+        """
+        ended: Deferred[None] = Deferred()
+
+        class Orphaned(ProcessProtocol):
+            def processEnded(self, reason: Failure) -> None:
+                ended.callback(None)
+
+        argv = worker_program("info").argv()
+        process = reactor.spawnProcess(Orphaned(), argv[0], argv, env=os.environ)
+        self.addCleanup(_kill, process.pid)
+        spool = self.mktemp()
+        hello = amp.AmpBox(
+            _ask=b"1",
+            _command=b"Hello",
+            version=maillaser.__version__.encode(),
+            protocol=b"%d" % PROTOCOL_VERSION,
+            config=config(spool_dir=spool).to_json(),
+        )
+        process.write(hello.serialize())
+        database = os.path.join(spool, DATABASE_NAME)
+        await poll(lambda: os.path.exists(database), timeout=30)
+        process.closeChildFD(1)  # its input stays open
+        await wait(ended, 20)
 
     async def test_a_worker_that_exits_is_restarted(self) -> None:
         worker = await self.start()

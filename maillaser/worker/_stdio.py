@@ -10,6 +10,7 @@ closing its input.  It then answers what it was asked, and ends.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from typing import Any
@@ -49,6 +50,7 @@ class ChildProtocol(amp.AMP):
         self.finished: Deferred[None] = Deferred()
         self._unanswered = 0
         self._input_ended = False
+        self._ending = False
 
     def dispatchCommand(self, box: amp.AmpBox) -> Deferred[Any]:
         if amp.ASK in box:
@@ -78,9 +80,14 @@ class ChildProtocol(amp.AMP):
         self._end_if_done()
 
     def writeConnectionLost(self) -> None:
-        """Nobody reads the answers any more: the parent is gone."""
-        if self.transport is not None:
-            self.transport.loseConnection()
+        """
+        Nobody reads the answers any more: the parent is gone, so end now.
+
+        Not with C{transport.loseConnection()}: standard I/O's only stops
+        reading its input then, so the end of the input is never seen, the
+        connection never ends, and the child would outlive its parent.
+        """
+        self._end()
 
     def _end_if_done(self) -> None:
         if self._input_ended and not self._unanswered and self.transport:
@@ -88,6 +95,13 @@ class ChildProtocol(amp.AMP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self._end()
+
+    def _end(self) -> None:
+        """Release what the child holds, then L{finished} fires; once."""
+        if self._ending:
+            return
+        self._ending = True
         closing = maybeDeferred(self.closed)
         closing.addErrback(lambda failure: self._log.failure("while closing", failure))
         closing.addBoth(lambda ignored: self.finished.callback(None))
@@ -110,7 +124,18 @@ def run_child(protocol: ChildProtocol, level: str, reactor: Any) -> None:
     # The reactor's own handlers (SIGCHLD is needed: a worker has children)
     # include SIGTERM's, which would stop it: ignored again once installed.
     reactor.callWhenRunning(signal.signal, signal.SIGTERM, signal.SIG_IGN)
+    reactor.callWhenRunning(freeze_start_up)
     reactor.run()
+
+
+def freeze_start_up() -> None:
+    """
+    Move everything start-up made (modules, Twisted) out of the garbage
+    collector's sight, as C{twistd maillaser} does in the front: a full
+    collection would otherwise walk all of it again, pausing the reactor.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def log_to_stderr(level: str) -> None:
@@ -128,4 +153,4 @@ def log_to_stderr(level: str) -> None:
     globalLogBeginner.beginLoggingTo([at_level(destination)], redirectStandardIO=True)
 
 
-__all__ = ["ChildProtocol", "log_to_stderr", "run_child"]
+__all__ = ["ChildProtocol", "freeze_start_up", "log_to_stderr", "run_child"]
