@@ -377,8 +377,10 @@ class Bridge:
         tree: Path = ROOT,
     ) -> Bridge:
         """
-        A fresh bridge with its own spool, run as C{twist} would run it,
-        with the C{maillaser} package of C{tree} first on C{sys.path}.  The
+        A fresh bridge with its own spool, run as a container would run it
+        with JSON lines (C{twistd -n --pidfile=
+        --logger=maillaser.logs.json_observer}), with the C{maillaser}
+        package of C{tree} first on C{sys.path}.  The
         working directory is the bench's own, so no stray C{.env} and no
         C{MAIL_LASER_*} variable of the caller changes what is measured.
         """
@@ -387,8 +389,11 @@ class Bridge:
         stderr_path = workdir / f"{name}.stderr"
         argv = [
             sys.executable,
-            "-m",
-            "twisted",
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "--logger=maillaser.logs.json_observer",
             "maillaser",
             "--smtp",
             f"tcp:{smtp_port}:interface=127.0.0.1",
@@ -838,7 +843,7 @@ def running_bridge(
         yield bridge
     finally:
         status = children.stop(bridge.process)
-        if status not in (0, -signal.SIGTERM):  # twist re-raises the signal
+        if status not in (0, -signal.SIGTERM):  # twistd re-raises the signal
             print(f"(bridge {name} exited with status {status})", file=sys.stderr)
 
 
