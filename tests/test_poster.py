@@ -390,6 +390,17 @@ class LoopbackTests(TestCase):
         self.assertEqual(len(recorder.ports), 3)
         self.assertEqual(len(set(recorder.ports)), 1)
 
+    async def test_cookies_are_not_kept(self) -> None:
+        """A receiver's cookie is not sent back: every request stands alone."""
+        receiver = await self.receiver(Reply(200, {"set-cookie": "session=abc"}))
+        poster = self.poster(receiver.url)
+        for _ in range(2):
+            await wait(poster.post(b"{}", HEADERS))
+        self.assertEqual(
+            [request.headers.get("cookie") for request in receiver.requests],
+            [None, None],
+        )
+
     async def test_redirect_is_not_followed(self) -> None:
         receiver = await self.receiver(Reply(307, {"location": "http://127.0.0.1:1/x"}))
         response = await wait(self.poster(receiver.url).post(b"{}", HEADERS))

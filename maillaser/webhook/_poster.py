@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import re
 from email.utils import parsedate_to_datetime
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any, NoReturn, Protocol, cast
 from urllib.parse import unquote_to_bytes
 
 import attrs
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import protocol
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, succeed
@@ -123,7 +125,10 @@ class WebhookPoster:
         trust = None if ca_file is None else trust_root(ca_file)
         endpoints = _CachedEndpoints(reactor, BrowserLikePolicyForHTTPS(trust), timeout)
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
-        client = HTTPClient(agent, data_to_body_producer=_BodyNow)
+        # A jar that keeps no cookie (treq's own keeps them all): a receiver's
+        # cookie is never sent back, every request stands alone.
+        no_cookies = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=()))
+        client = HTTPClient(agent, cookiejar=no_cookies, data_to_body_producer=_BodyNow)
         self._setup(url, client, reactor, timeout, pool)
 
     @classmethod
