@@ -20,7 +20,12 @@ from maillaser.message import Envelope, Message
 from maillaser.webhook import encoded_payload, fallback_payload
 from maillaser.worker import PayloadBuilder, payload_program
 from maillaser.worker._commands import BuildPayload
-from maillaser.worker._payloads import INLINE_SIZE, is_cheap
+from maillaser.worker._payloads import (
+    INLINE_BOUNDARIES,
+    INLINE_LINES,
+    INLINE_SIZE,
+    is_cheap,
+)
 from maillaser.worker._stdio import ChildProtocol
 from tests.helpers import wait
 from tests.test_worker_child import FakeReactor
@@ -91,7 +96,13 @@ class PayloadBuilderTests(SynchronousTestCase):
     def test_what_is_cheap(self) -> None:
         self.assertTrue(is_cheap(b"x" * INLINE_SIZE))
         self.assertFalse(is_cheap(b"x" * (INLINE_SIZE + 1)))
+        self.assertTrue(is_cheap(b"x\n" * INLINE_LINES))
+        self.assertFalse(is_cheap(b"x\n" * (INLINE_LINES + 1)))
+        self.assertTrue(is_cheap(b"boundary=x\n" * INLINE_BOUNDARIES))
+        self.assertFalse(is_cheap(b"Boundary=x\n" * (INLINE_BOUNDARIES + 1)))
         self.assertFalse(is_cheap(b"Content-Type: TEXT/HTML\r\n\r\n"))
+        alternative = b"Content-Type: text/plain\r\n...Content-Type: text/html\r\n"
+        self.assertTrue(is_cheap(alternative))
 
     def test_cheap_ones_at_once(self) -> None:
         plain = message(b"Subject: hi\r\nX-Tag: t\r\n\r\nhello\r\n")

@@ -99,7 +99,7 @@ def _refusal(reply: Reply) -> Refusal | None:
     return Refusal(reply.code, reply.status, reply.text)
 
 
-BATCH_BYTES = 4 * 1024 * 1024
+BATCH_BYTES = 1024 * 1024
 """Message bytes past which a L{Store} goes at once, not at the end of the turn."""
 
 
