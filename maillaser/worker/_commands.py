@@ -10,8 +10,8 @@ started again, so nothing here may block for long on the answering side.
 
 AMP caps a value at 64 KiB; message bytes and the configuration are
 longer, so they travel as L{BigBytes}, split over numbered keys of one box.
-A message, a list of them and a reply are each one such value
-(L{MessageList}, L{MessageArgument}, L{ReplyList}, L{ReplyArgument}),
+A list of messages or of replies, and one of either, are each one such
+value (L{MessageList}, L{ReplyList}, L{One}),
 and L{Store} carries every message that ended in one turn of the front's
 reactor: AMP handles a box key by key in Python, so the fewer boxes and
 keys per message, the less both reactors spend on the pipe.
@@ -148,17 +148,6 @@ class MessageList(_Value):
         return messages
 
 
-class MessageArgument(_Value):
-    """One L{Message}, as in a L{MessageList}."""
-
-    def encode(self, value: Message) -> bytes:
-        return MessageList().encode([value])
-
-    def decode(self, data: bytes) -> Message:
-        [message] = MessageList().decode(data)
-        return message
-
-
 @attrs.frozen
 class Reply:
     """What the SMTP client is to be told at the end of DATA."""
@@ -178,15 +167,23 @@ class ReplyList(_Value):
         return [Reply(*reply) for reply in json.loads(data)]
 
 
-class ReplyArgument(_Value):
-    """One L{Reply}, as in a L{ReplyList}."""
+class One(_Value):
+    """
+    One value of a list argument, encoded as a list of one:
+    C{One(MessageList())} is one L{Message}, C{One(ReplyList())} one
+    L{Reply}.
+    """
 
-    def encode(self, value: Reply) -> bytes:
-        return ReplyList().encode([value])
+    def __init__(self, of: _Value) -> None:
+        super().__init__()
+        self._of = of
 
-    def decode(self, data: bytes) -> Reply:
-        [reply] = ReplyList().decode(data)
-        return reply
+    def encode(self, value: Any) -> bytes:
+        return self._of.encode([value])
+
+    def decode(self, data: bytes) -> Any:
+        [value] = self._of.decode(data)
+        return value
 
 
 class SpoolCounts(_Value):
@@ -250,8 +247,8 @@ class Deliver(amp.Command):
     C{550} with the receiver's reason when it refused the message for good.
     """
 
-    arguments = [(b"message", MessageArgument())]
-    response = [(b"reply", ReplyArgument()), (b"breaker", amp.Unicode())]
+    arguments = [(b"message", One(MessageList()))]
+    response = [(b"reply", One(ReplyList())), (b"breaker", amp.Unicode())]
 
 
 class Status(amp.Command):
@@ -297,7 +294,7 @@ class BuildPayload(amp.Command):
     """
 
     arguments = [
-        (b"message", MessageArgument()),
+        (b"message", One(MessageList())),
         (b"header_prefixes", amp.ListOf(amp.Unicode())),
     ]
     response = [(b"body", BigBytes())]
@@ -309,11 +306,10 @@ __all__ = [
     "BuildPayload",
     "Deliver",
     "Hello",
-    "MessageArgument",
     "MessageList",
     "Metrics",
+    "One",
     "Reply",
-    "ReplyArgument",
     "ReplyList",
     "SpoolCounts",
     "StartFailed",
