@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from maillaser.config import Config, describe
 from maillaser.health import FrontMetrics, Health, make_site
+from maillaser.logs import observer
 from maillaser.smtp import MailLaserDeliveryFactory, MailLaserSMTPFactory, tls_context
 from maillaser.spool import check_spool
 from maillaser.worker import DeliveryWorker
@@ -58,7 +59,7 @@ class Listener(Service):
     port is kept for C{/health} (and for tests listening on port 0).
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(
         self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, label: str
@@ -101,7 +102,7 @@ class Listener(Service):
 class MailLaserService(MultiService):
     """The running bridge: SMTP listeners, ``/health``, and the delivery worker."""
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()

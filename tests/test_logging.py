@@ -10,9 +10,11 @@ bridge's tests, not these.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -33,6 +35,7 @@ from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+import maillaser
 from maillaser import logs
 from tests.test_tap import run_plugin
 
@@ -247,6 +250,46 @@ def probe_lines(text: str) -> list[str]:
     return [
         line.split(" [", 1)[1] for line in text.splitlines() if f"[{PROBE}#" in line
     ]
+
+
+def loggers() -> dict[str, Logger]:
+    """Every L{Logger} of the package, at module level or on a class."""
+    found: dict[str, Logger] = {}
+    for module_info in pkgutil.walk_packages(maillaser.__path__, "maillaser."):
+        module = importlib.import_module(module_info.name)
+        for name, value in vars(module).items():
+            owner = getattr(value, "__module__", None)
+            if isinstance(value, Logger):
+                found[f"{module.__name__}.{name}"] = value
+            elif isinstance(value, type) and owner == module.__name__:
+                for attribute, member in vars(value).items():
+                    if isinstance(member, Logger):
+                        found[f"{owner}.{value.__name__}.{attribute}"] = member
+    return found
+
+
+class EveryLoggerTests(SynchronousTestCase):
+    def test_every_logger_is_filtered_at_the_source(self) -> None:
+        """
+        The level holds for every event MailLaser makes only if each of its
+        loggers sends to L{logs.observer}; one made with C{Logger()} would
+        go to the global publisher whatever the level.
+        """
+        found = loggers()
+        self.assertLessEqual(
+            {
+                "maillaser.smtp._message.AcceptedMessage._log",
+                "maillaser.webhook._delivery.Deliverer._log",
+                "maillaser.spool._sqlite.SqliteSpool._log",
+            },
+            set(found),
+        )
+        unfiltered = [
+            name
+            for name, logger in found.items()
+            if logger.observer is not logs.observer
+        ]
+        self.assertEqual(unfiltered, [])
 
 
 class RunnerTests(SynchronousTestCase):

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 
+from maillaser.logs import observer
 from maillaser.smtp._protocol import MailLaserESMTP
 from maillaser.timers import cancel_timer
 
@@ -35,7 +36,7 @@ class MailLaserSMTPFactory(smtp.SMTPFactory):
     protocol = MailLaserESMTP
     noisy = False
     timeout: float  # type: ignore[assignment]  # seconds, not only whole ones
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(
         self,

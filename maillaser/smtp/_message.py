@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from maillaser.interfaces import IMessageSink
+from maillaser.logs import observer
 from maillaser.message import Envelope, Message, Refusal
 from maillaser.smtp._replies import printable
 
@@ -37,7 +38,7 @@ class AcceptedMessage:
     for anything else (sender keeps the mail and retries).
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ from twisted.mail.interfaces import IMessageSMTP
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 
+from maillaser.logs import observer
 from maillaser.smtp._address import Mailbox, Recipient, parse_path, valid_address
 from maillaser.smtp._data import TOO_BIG, BulkData
 from maillaser.smtp._delivery import MailLaserDelivery
@@ -85,7 +86,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     smtputf8 = False
     """The client asked for SMTPUTF8 (RFC 6531) in this transaction."""
 
-    _log = Logger()
+    _log = Logger(observer=observer)
     factory: MailLaserSMTPFactory
     timeout: float  # type: ignore[assignment]  # seconds, not only whole ones
     _helo: tuple[Any, Any]

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maillaser.interfaces import ISpool
+from maillaser.logs import observer
 from maillaser.message import Message, QueuedMessage
 from maillaser.spool._throttle import LogThrottle
 from maillaser.timers import cancel_timer
@@ -133,7 +134,7 @@ class Dispatcher(Service):
     _unrecorded: dict[str, int] = attrs.Factory(dict)
     """How many rounds in a row of each message could not be recorded."""
     _throttle: LogThrottle = attrs.field(init=False)
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def __attrs_post_init__(self) -> None:
         self._throttle = LogThrottle(self.clock)

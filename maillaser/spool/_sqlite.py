@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from maillaser.interfaces import ISpool
+from maillaser.logs import observer
 from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
 from maillaser.spool._database import SpoolDatabase, SpoolError
 from maillaser.spool._throttle import LogThrottle
@@ -62,7 +63,7 @@ class SqliteSpool:
     may go again (the dispatcher: after its next backoff step).
     """
 
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     _database: SpoolDatabase
     _clock: IReactorTime

@@ -16,6 +16,8 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from maillaser.logs import observer
+
 
 class BreakerState(Enum):
     closed = "closed"
@@ -38,7 +40,7 @@ class CircuitBreaker:
     _failures: int = 0
     _opened_at: float | None = None
     _probing: bool = False
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     @property
     def state(self) -> BreakerState:

@@ -28,6 +28,7 @@ from twisted.web.client import (
 )
 
 from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
+from maillaser.logs import observer
 from maillaser.message import Attempt, Message, WebhookResponse
 from maillaser.webhook._breaker import CircuitBreaker
 from maillaser.webhook._signing import request_headers
@@ -84,7 +85,7 @@ class Deliverer:
     breaker: CircuitBreaker
     max_retries: int
     secrets: Sequence[str] = attrs.field(default=(), repr=False)
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
         """Run one round; the caller must have acquired the breaker."""

@@ -37,6 +37,7 @@ import attrs
 import html2text
 from twisted.logger import Logger, LogLevel
 
+from maillaser.logs import observer
 from maillaser.message import Envelope, Message
 
 FALLBACK_HEADER_LIMIT = 64 * 1024
@@ -154,7 +155,7 @@ class _Reading:
     html: str | None = None
     rendered: str | None = None
     """html2text's rendering of L{html}, for a body when there is no text."""
-    _log = Logger()
+    _log = Logger(observer=observer)
 
     def attempt(
         self, what: str, step: Callable[..., _T], *arguments: object
