@@ -14,7 +14,7 @@ an L{IPayloadBuilder}.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
@@ -56,9 +56,11 @@ class ISpool(Interface):
     A durable queue of accepted messages.
 
     Messages handed out by L{due} are claimed by this process until one of
-    L{delivered}, L{reschedule} or L{bury} settles them; claims are not
-    persistent, so after a restart every pending message is due again
-    (at-least-once delivery).
+    L{delivered}, L{reschedule} or L{bury} settles them or L{release} gives
+    them back.  A claim lasts no longer than its process: in memory for the
+    SQLite spool, where after a restart every pending message is due again;
+    a lease in the database for a shared spool, renewed while held and
+    taken over by another bridge once it expired (at-least-once delivery).
     """
 
     def add(message: Message) -> Deferred[None]:
@@ -89,7 +91,17 @@ class ISpool(Interface):
         """
 
     def release(message_id: str) -> None:
-        """Give back a claim without settling the message (it was not started)."""
+        """
+        Give back a claim without settling the message (it was not started);
+        for a shared spool, the lease is given back with the next commit.
+        """
+
+    def watch(wake: Callable[[], object]) -> None:
+        """
+        Call C{wake} (on the reactor thread) whenever another process made
+        messages free to take: another bridge gave them back, an operator
+        requeued them.  A spool that cannot tell is polled instead.
+        """
 
     def stats() -> SpoolStats:
         """A cheap, synchronous snapshot for health, metrics and back-pressure."""
@@ -100,6 +112,9 @@ class ISpool(Interface):
     def writable() -> bool:
         """Whether the last write succeeded: a spool that cannot commit must
         not be offered mail (health reports it)."""
+
+    def problem() -> str | None:
+        """Why the spool cannot take mail now, for health; C{None} if it can."""
 
     def close() -> Deferred[None]:
         """Release the storage."""

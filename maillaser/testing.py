@@ -10,7 +10,7 @@ the test uses.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -262,6 +262,12 @@ class MemorySpool:
 
     def writable(self) -> bool:
         return not self.broken
+
+    def problem(self) -> str | None:
+        return "spool is not writable" if self.broken else None
+
+    def watch(self, wake: Callable[[], object]) -> None:
+        """Nothing else writes here."""
 
     def close(self) -> Deferred[None]:
         return succeed(None)

@@ -291,13 +291,15 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_WEBHOOK_CA_FILE", "--webhook-ca-file"),
                 ("MAIL_LASER_WORKER_TIMEOUT", "--worker-timeout"),
                 ("MAIL_LASER_PAYLOAD_TIMEOUT", "--payload-timeout"),
+                ("MAIL_LASER_SPOOL_URL", "--spool-url"),
+                ("MAIL_LASER_SPOOL_LEASE", "--spool-lease"),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 23)
+        self.assertEqual(len(literal), 24)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -590,6 +592,22 @@ class NumberSettingsTests(SettingTestCase):
             for text in ["", "abc", "-1", "+5", " 5", "5 ", "1.5", "1e3", "1_000", "٣"]:
                 self.assertRejected(option, text, f"{text!r} is not a whole number")
 
+    def test_spool_url(self) -> None:
+        url = "postgresql://ml:pa55@db/ml?sslmode=require&connect_timeout=3"
+        self.assertAccepted("spool-url", url, "spool_url", url)
+        self.assertAccepted(
+            "spool-url", "postgres:///ml", "spool_url", "postgres:///ml"
+        )
+        self.assertEqual(load().spool_url, "")
+        self.assertNotIn("pa55", repr(load({"MAIL_LASER_SPOOL_URL": url})))
+
+    def test_spool_url_rejected_without_its_password(self) -> None:
+        self.assertRejected(
+            "spool-url",
+            "mysql://ml:pa55@db/ml",
+            "'mysql://***@db/ml' is not a postgresql:// URL",
+        )
+
     def test_seconds(self) -> None:
         for option, field, default, zero_allowed in [
             ("webhook-timeout", "webhook_timeout", 30.0, False),
@@ -598,6 +616,7 @@ class NumberSettingsTests(SettingTestCase):
             ("shutdown-grace", "shutdown_grace", 10.0, True),
             ("worker-timeout", "worker_timeout", 10.0, False),
             ("payload-timeout", "payload_timeout", 10.0, False),
+            ("spool-lease", "spool_lease", 60.0, False),
         ]:
             self.assertEqual((option, getattr(load(), field)), (option, default))
             self.assertAccepted(option, "2.5", field, 2.5)
@@ -1213,6 +1232,7 @@ class DescribeTests(SynchronousTestCase):
             {
                 "MAIL_LASER_WEBHOOK_URL": "https://bob:hunter2@hooks.example.com/m?token=s3cret",
                 "MAIL_LASER_WEBHOOK_SECRET": f"{SECRET} {OTHER_SECRET}",
+                "MAIL_LASER_SPOOL_URL": "postgresql://ml:pa55@db:5432/ml?sslmode=verify-full",
             }
         )
         self.assertEqual(
@@ -1247,10 +1267,12 @@ class DescribeTests(SynchronousTestCase):
                 "webhook_ca_file": None,
                 "worker_timeout": 10.0,
                 "payload_timeout": 10.0,
+                "spool_url": "postgresql://***@db:5432/ml?sslmode=***",
+                "spool_lease": 60.0,
             },
         )
         text = repr(describe(config))
-        for secret in ["hunter2", "s3cret", SECRET[6:], OTHER_SECRET[6:]]:
+        for secret in ["hunter2", "s3cret", "pa55", SECRET[6:], OTHER_SECRET[6:]]:
             self.assertNotIn(secret, text)
 
     def test_secrets_not_in_config_repr(self) -> None:

@@ -18,20 +18,25 @@ import textwrap
 from functools import partial
 from typing import Any
 
+import psycopg
+import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from maillaser.config import mask_url
 from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import (
     DATABASE_NAME,
     DuplicateMessage,
     MessageNotFound,
+    PostgresDatabase,
+    PostgresSpool,
     SpoolDatabase,
     SpoolEntry,
     SpoolError,
@@ -39,6 +44,7 @@ from maillaser.spool import (
     open_spool,
 )
 from maillaser.spool._database import DUE_BYTES
+from maillaser.spool._shared import lease_owner
 from maillaser.spool._throttle import REPEAT_INTERVAL, LogThrottle, Report
 
 RAW = (
@@ -68,7 +74,8 @@ def message(
 
 def connection(spool: SqliteSpool) -> sqlite3.Connection:
     """The spool's own connection, for settings only it can show or change."""
-    return spool._database._connection
+    sqlite: sqlite3.Connection = spool._database._connection
+    return sqlite
 
 
 def limit_pages(spool: SqliteSpool, pages: int) -> None:
@@ -99,6 +106,13 @@ def formats(events: EventLoggingObserver, level: LogLevel) -> list[str]:
 
 
 class SpoolCase(SynchronousTestCase):
+    database_class: Any = SpoolDatabase
+    full = "database or disk is full"
+    """What the error of a full disk says."""
+
+    def failing(self, operation: str) -> Any:
+        return failing(operation)
+
     def setUp(self) -> None:
         self.directory = os.path.join(self.mktemp(), "spool")
         self.path = os.path.join(self.directory, DATABASE_NAME)
@@ -125,7 +139,7 @@ class SpoolCase(SynchronousTestCase):
         assert isinstance(error, Exception)
         return error
 
-    def database(self) -> SpoolDatabase:
+    def database(self) -> Any:
         """A second connection, as the admin tool would open it."""
         database = SpoolDatabase.open(self.directory, create=False)
         self.addCleanup(database.close)
@@ -135,7 +149,49 @@ class SpoolCase(SynchronousTestCase):
         return [queued.message.id for queued in self.done(d)]
 
 
-class SqliteSpoolTests(SpoolCase):
+class PostgresCase(SpoolCase):
+    """The same, on a shared spool in an empty schema of a test server."""
+
+    database_class = PostgresDatabase
+    full = "could not extend file"
+    postgres_url: str
+    """Set by the C{postgres_url} fixture."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.path = mask_url(self.postgres_url)
+
+    def failing(self, operation: str) -> Any:
+        def fail(database: PostgresDatabase, *args: object) -> int:
+            raise psycopg.errors.DiskFull(f"{self.full}: No space left on device")
+
+        fail.__name__ = operation
+        return fail
+
+    def open(self, owner: str | None = None, lease: float = 60.0) -> Any:
+        database = PostgresDatabase.open(
+            self.postgres_url, create=True, owner=owner or lease_owner(), lease=lease
+        )
+        spool = PostgresSpool(
+            database, self.clock, database.counts(), run=partial(maybeDeferred)
+        )
+        self.addCleanup(spool.close)
+        return spool
+
+    def database(self) -> Any:
+        database = PostgresDatabase.open(self.postgres_url, create=False)
+        self.addCleanup(database.close)
+        return database
+
+
+class SpoolContract(SpoolCase):
+    """
+    What every spool backend does: run once per backend, by the classes
+    below that set C{__test__}.
+    """
+
+    __test__ = False
+
     def test_interface(self) -> None:
         self.assertTrue(verifyObject(ISpool, self.open()))
 
@@ -144,23 +200,6 @@ class SqliteSpoolTests(SpoolCase):
         spool = self.open()
         self.done(spool.add(message()))
         self.assertEqual(self.done(spool.due(1000.0, 10)), [QueuedMessage(message())])
-
-    def test_creates_private_directory(self) -> None:
-        self.open()
-        mode = os.stat(self.directory).st_mode
-        self.assertEqual(stat.S_IMODE(mode), 0o700)
-        self.assertTrue(os.path.isfile(self.path))
-
-    def test_database_settings(self) -> None:
-        """WAL with synchronous commits: durable at commit, readable alongside."""
-        spool = self.open()
-        self.assertEqual(
-            tuple(
-                connection(spool).execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "busy_timeout")
-            ),
-            ("wal", 2, 10000),
-        )
 
     def test_survives_reopen_and_forgets_claims(self) -> None:
         """
@@ -206,28 +245,6 @@ class SqliteSpoolTests(SpoolCase):
         self.assertEqual(spool.commits, 1)
         self.assertEqual(spool.stats(), SpoolStats(pending=20, bytes=20 * len(RAW)))
 
-    def test_only_commits_that_store_wait_for_the_disk(self) -> None:
-        """
-        A commit that stores a message is synchronous (C{FULL}: an fsync
-        before the answer); one that only settles messages is not
-        (C{NORMAL}), and the next one that stores makes it durable too.
-        """
-        spool = self.open()
-        modes: list[int] = []
-
-        def mode(_: object) -> None:
-            [(synchronous,)] = connection(spool).execute("PRAGMA synchronous")
-            modes.append(synchronous)
-
-        self.done(spool.add(message("msg_1")).addCallback(mode))
-        self.done(spool.add(message("msg_2")).addCallback(mode))
-        [queued, _] = self.done(spool.due(1000.0, 10))
-        self.done(spool.delivered(queued.message.id, []).addCallback(mode))
-        stored = spool.add(message("msg_3")).addCallback(mode)
-        settled = spool.reschedule("msg_2", 2000.0, []).addCallback(mode)
-        self.done(gatherResults([stored, settled]))
-        self.assertEqual(modes, [2, 2, 1, 2, 2])
-
     def test_a_write_asked_for_by_a_commit_goes_in_the_next(self) -> None:
         """
         The callbacks of a commit run after it: what they write is not lost
@@ -270,6 +287,7 @@ class SqliteSpoolTests(SpoolCase):
         self.assertEqual(self.done(spool.due(1000.0, 10)), [])
         self.assertIsNone(self.done(spool.next_due()))
         spool.release("msg_1")
+        self.turn()  # a shared spool gives the lease back with a commit
         self.assertEqual(self.ids(spool.due(1000.0, 10)), ["msg_1"])
 
     def test_due_only_when_due(self) -> None:
@@ -360,20 +378,20 @@ class SqliteSpoolTests(SpoolCase):
         spool = self.open()
         self.done(spool.add(message()))
         self.done(spool.due(1000.0, 1))
-        self.patch(SpoolDatabase, "delete", failing("delete"))
-        self.patch(SpoolDatabase, "reschedule", failing("reschedule"))
-        self.patch(SpoolDatabase, "bury", failing("bury"))
+        for name in ("delete", "reschedule", "bury"):
+            self.patch(self.database_class, name, self.failing(name))
         for settle in (
             spool.delivered("msg_1", [Attempt(1001.0, 200)]),
             spool.reschedule("msg_1", 2000.0, []),
             spool.bury("msg_1", []),
         ):
             error = self.failed(settle, SpoolError)
-            self.assertIn("database or disk is full", str(error))
+            self.assertIn(self.full, str(error))
             self.assertEqual(self.done(spool.due(1000.0, 10)), [])
         self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 1)
         self.assertEqual(spool.stats(), SpoolStats(pending=1, bytes=len(RAW)))
         spool.release("msg_1")
+        self.turn()  # a shared spool gives the lease back with a commit
         self.assertEqual(self.done(spool.due(1000.0, 10)), [QueuedMessage(message())])
 
     def test_attempts_kept_are_bounded(self) -> None:
@@ -452,10 +470,10 @@ class SqliteSpoolTests(SpoolCase):
         """Every write of the group gets the error; the next turn commits."""
         spool = self.open()
 
-        def broken(database: SpoolDatabase, message: Message) -> int:
+        def broken(database: object, message: Message) -> int:
             raise ZeroDivisionError("a bug")
 
-        patched = self.patch(SpoolDatabase, "insert", broken)
+        patched = self.patch(self.database_class, "insert", broken)
         adds = [spool.add(message(f"msg_{n}")) for n in range(2)]
         for added in adds:
             self.failed(added, ZeroDivisionError)
@@ -480,6 +498,87 @@ class SqliteSpoolTests(SpoolCase):
         self.assertEqual(self.done(spool.refresh()), expected)
         self.assertEqual(spool.stats(), expected)
         self.assertEqual(self.done(spool.due(2000.0, 1)), [QueuedMessage(message())])
+
+    def test_close_finishes_writes(self) -> None:
+        """
+        Writes asked for before close() are committed by it; later ones
+        fail, and so do reads.
+        """
+        spool = self.open()
+        adds = [spool.add(message(f"msg_{i}")) for i in range(3)]
+        self.successResultOf(spool.close())
+        for d in adds:
+            self.successResultOf(d)
+        late = spool.add(message("msg_late"))
+        self.assertEqual(
+            str(self.failed(late, SpoolError)), f"spool {self.path} is closed"
+        )
+        self.assertFalse(spool.writable())
+        self.failed(spool.due(1000.0, 1), SpoolError)
+        self.assertEqual(
+            [entry.id for entry in self.database().entries()],
+            ["msg_0", "msg_1", "msg_2"],
+        )
+        self.successResultOf(spool.close())
+
+    def test_open_spool(self) -> None:
+        """The blocking open, for start-up: a ready spool, or the error."""
+        spool = self.open()
+        self.done(spool.add(message()))
+        self.done(spool.close())
+
+        reopened = self.open()
+        self.assertEqual(reopened.stats(), SpoolStats(pending=1, bytes=len(RAW)))
+        self.done(reopened.close())
+
+
+class SqliteSpoolTests(SpoolContract):
+    __test__ = True
+
+    def test_open_garbage(self) -> None:
+        self.done(self.open().close())
+        with open(self.path, "wb") as f:
+            f.write(b"garbage" * 1000)
+        self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
+
+    def test_creates_private_directory(self) -> None:
+        self.open()
+        mode = os.stat(self.directory).st_mode
+        self.assertEqual(stat.S_IMODE(mode), 0o700)
+        self.assertTrue(os.path.isfile(self.path))
+
+    def test_database_settings(self) -> None:
+        """WAL with synchronous commits: durable at commit, readable alongside."""
+        spool = self.open()
+        self.assertEqual(
+            tuple(
+                connection(spool).execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "busy_timeout")
+            ),
+            ("wal", 2, 10000),
+        )
+
+    def test_only_commits_that_store_wait_for_the_disk(self) -> None:
+        """
+        A commit that stores a message is synchronous (C{FULL}: an fsync
+        before the answer); one that only settles messages is not
+        (C{NORMAL}), and the next one that stores makes it durable too.
+        """
+        spool = self.open()
+        modes: list[int] = []
+
+        def mode(_: object) -> None:
+            [(synchronous,)] = connection(spool).execute("PRAGMA synchronous")
+            modes.append(synchronous)
+
+        self.done(spool.add(message("msg_1")).addCallback(mode))
+        self.done(spool.add(message("msg_2")).addCallback(mode))
+        [queued, _] = self.done(spool.due(1000.0, 10))
+        self.done(spool.delivered(queued.message.id, []).addCallback(mode))
+        stored = spool.add(message("msg_3")).addCallback(mode)
+        settled = spool.reschedule("msg_2", 2000.0, []).addCallback(mode)
+        self.done(gatherResults([stored, settled]))
+        self.assertEqual(modes, [2, 2, 1, 2, 2])
 
     def test_disk_full(self) -> None:
         """
@@ -567,42 +666,6 @@ class SqliteSpoolTests(SpoolCase):
         for added in adds:
             self.successResultOf(added)
         self.assertEqual(spool.stats(), SpoolStats(pending=3, bytes=3 * len(RAW)))
-
-    def test_close_finishes_writes(self) -> None:
-        """
-        Writes asked for before close() are committed by it; later ones
-        fail, and so do reads.
-        """
-        spool = self.open()
-        adds = [spool.add(message(f"msg_{i}")) for i in range(3)]
-        self.successResultOf(spool.close())
-        for d in adds:
-            self.successResultOf(d)
-        late = spool.add(message("msg_late"))
-        self.assertEqual(
-            str(self.failed(late, SpoolError)), f"spool {self.path} is closed"
-        )
-        self.assertFalse(spool.writable())
-        self.failed(spool.due(1000.0, 1), SpoolError)
-        self.assertEqual(
-            [entry.id for entry in self.database().entries()],
-            ["msg_0", "msg_1", "msg_2"],
-        )
-        self.successResultOf(spool.close())
-
-    def test_open_spool(self) -> None:
-        """The blocking open, for start-up: a ready spool, or the error."""
-        spool = self.open()
-        self.done(spool.add(message()))
-        self.done(spool.close())
-
-        reopened = self.open()
-        self.assertEqual(reopened.stats(), SpoolStats(pending=1, bytes=len(RAW)))
-        self.done(reopened.close())
-
-        with open(self.path, "wb") as f:
-            f.write(b"garbage" * 1000)
-        self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
 
 
 class DamagedSpoolTests(SpoolCase):
@@ -837,3 +900,8 @@ class LogThrottleTests(SynchronousTestCase):
             self.throttle.report(n)
             self.clock.advance(1.0)
         self.assertLessEqual(len(self.throttle._reported), 61)
+
+
+@pytest.mark.usefixtures("postgres_url")
+class PostgresSpoolTests(PostgresCase, SpoolContract):
+    __test__ = True

@@ -75,6 +75,11 @@ class Config:
     payload_timeout: float = 10.0
     """Seconds building one payload may take before the message is
     delivered with what could be read and a C{parse_error}."""
+    spool_url: str = attrs.field(default="", repr=False)
+    """A libpq URL: the spool lives in PostgreSQL, shared by every bridge
+    given the same URL; empty for the SQLite spool in L{spool_dir}."""
+    spool_lease: float = 60.0
+    """Seconds a bridge's claim on a shared message lasts unless renewed."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""

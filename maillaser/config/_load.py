@@ -105,6 +105,8 @@ def load_config(
         webhook_ca_file=value("webhook-ca-file", parsers.certificate_bundle),
         worker_timeout=value("worker-timeout", positive_seconds),
         payload_timeout=value("payload-timeout", positive_seconds),
+        spool_url=value("spool-url", parsers.spool_url),
+        spool_lease=value("spool-lease", parsers.seconds(allow_zero=False)),
     )
     _check_tls_pair(config)
     return config
@@ -121,6 +123,7 @@ def describe(config: Config) -> dict[str, object]:
     fields = attrs.asdict(config)
     fields["webhook_url"] = parsers.mask_url(config.webhook_url)
     fields["webhook_secrets"] = len(config.webhook_secrets)
+    fields["spool_url"] = parsers.mask_url(config.spool_url)
     return fields
 
 

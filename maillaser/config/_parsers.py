@@ -159,6 +159,14 @@ def webhook_url(text: str) -> str:
     return text
 
 
+def spool_url(text: str) -> str:
+    """A libpq URL; psycopg reads the rest (host, sslmode...) when it connects."""
+    if urlsplit(text).scheme not in ("postgresql", "postgres"):
+        # Masked: the text may hold a password even when it is mistyped.
+        raise Invalid(f"{show(mask_url(text))} is not a postgresql:// URL")
+    return text
+
+
 def mask_url(url: str) -> str:
     """
     C{url} with its userinfo, query values and fragment replaced by C{***}.

@@ -83,6 +83,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("worker-timeout", "Seconds to wait for the delivery worker.", "10"),
     Setting("payload-timeout", "Seconds to build one payload.", "10"),
+    Setting(
+        "spool-url",
+        "postgresql:// URL of a spool shared by several bridges (libpq).",
+        "none: SQLite in --spool-dir",
+        False,
+    ),
+    Setting("spool-lease", "Seconds a bridge holds a shared message.", "60"),
 )
 
 BY_OPTION: dict[str, Setting] = {setting.option: setting for setting in SETTINGS}

@@ -19,9 +19,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import attrs
@@ -413,9 +420,7 @@ class SpoolDatabase:
         row = self._connection.execute(
             "SELECT state FROM messages WHERE id = ?", (message_id,)
         ).fetchone()
-        if row is None:
-            return MessageNotFound(f"no message {message_id} in the spool")
-        return MessageNotFound(f"message {message_id} is {row[0]}, not {wanted}")
+        return _not_found(message_id, None if row is None else row[0], wanted)
 
     def due(
         self, now: float, limit: int, claimed: Collection[str]
@@ -524,13 +529,20 @@ def _within(budget: int, sizes: Iterable[tuple[str, int]]) -> Iterator[str]:
         yield message_id
 
 
-def _envelope(row: sqlite3.Row) -> Envelope:
+def _not_found(message_id: str, state: str | None, wanted: State) -> MessageNotFound:
+    """Why a change that needed a message in C{wanted} found it in C{state}."""
+    if state is None:
+        return MessageNotFound(f"no message {message_id} in the spool")
+    return MessageNotFound(f"message {message_id} is {state}, not {wanted}")
+
+
+def _envelope(row: Mapping[str, Any]) -> Envelope:
     return Envelope(
         row["sender"], tuple(json.loads(row["recipients"])), row["helo"], row["peer"]
     )
 
 
-def _entry(row: sqlite3.Row) -> SpoolEntry:
+def _entry(row: Mapping[str, Any]) -> SpoolEntry:
     state = row["state"]
     return SpoolEntry(
         id=row["id"],

@@ -22,8 +22,8 @@ through L{SqliteSpool.refresh}) agrees with what is committed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -43,7 +43,8 @@ _T = TypeVar("_T")
 _Committed = Callable[[], object]
 """What a write changes in memory once it is committed."""
 
-_Operation = Callable[[SpoolDatabase], _Committed]
+_Operation = Callable[[Any], _Committed]
+"""Run on the spool's database: a L{SpoolDatabase} or a PostgreSQL one."""
 
 
 @implementer(ISpool)
@@ -65,7 +66,9 @@ class SqliteSpool:
 
     _log = Logger(observer=observer)
 
-    _database: SpoolDatabase
+    _database: Any
+    """A L{SpoolDatabase}, or a L{maillaser.spool.PostgresDatabase} (the
+    same methods) for the shared spool."""
     _clock: IReactorTime
     """Ends the reactor turn (C{callLater(0)}) and dates the dead letters."""
     _stats: SpoolStats
@@ -75,6 +78,8 @@ class SqliteSpool:
     _durable: bool = False
     """Whether one of this turn's writes must be on disk before it is answered."""
     _flush_call: IDelayedCall | None = None
+    _committing: Deferred[None] | None = None
+    """The commit under way, while it runs on another thread."""
     _closed: bool = False
     _writable: bool = True
     _throttle: LogThrottle = attrs.field(init=False)
@@ -86,14 +91,22 @@ class SqliteSpool:
 
     @property
     def path(self) -> str:
-        return self._database.path
+        path: str = self._database.path
+        return path
 
-    def _read(self, operation: Callable[[SpoolDatabase], _T]) -> Deferred[_T]:
-        """Run a read now, on what is committed."""
+    def _read(self, operation: Callable[[Any], _T]) -> Deferred[_T]:
+        """Run a read, on what is committed."""
         if self._closed:
             return fail(self._closed_error())
+        return self._call(lambda: operation(self._database))
+
+    def _call(self, work: Callable[[], _T]) -> Deferred[_T]:
+        """
+        Run database work: here at once, since SQLite is local and quick; a
+        shared spool runs it on a thread of its own.
+        """
         try:
-            return succeed(operation(self._database))
+            return succeed(work())
         except Exception:
             return fail()
 
@@ -122,23 +135,38 @@ class SqliteSpool:
         """
         Commit this turn's writes, then answer them: each alone if only it
         could not be done (a message already there, or gone), all with the
-        error if the transaction failed.
+        error if the transaction failed.  While a commit runs (on another
+        thread, for a shared spool), later writes wait and share the next.
         """
         self._flush_call = None
+        if self._committing is not None or not self._writes:
+            return
         writes, self._writes = self._writes, []
         durable, self._durable = self._durable, False
-        if not writes:
-            return
-        try:
-            results = self._database.apply(
-                [operation for operation, _ in writes], durable=durable
-            )
-        except Exception:
-            failure = Failure()
-            self._failed(failure, len(writes))
-            for _, written in writes:
-                written.errback(failure)
-            return
+        operations = [operation for operation, _ in writes]
+        committing = self._call(
+            lambda: self._database.apply(operations, durable=durable)
+        )
+        committing.addCallbacks(
+            self._committed,
+            self._not_committed,
+            callbackArgs=(writes,),
+            errbackArgs=(writes,),
+        )
+        if not committing.called:
+            self._committing = committing
+            committing.addBoth(self._commit_ended)
+
+    def _commit_ended(self, ignored: None) -> None:
+        self._committing = None
+        if self._writes and self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
+
+    def _committed(
+        self,
+        results: list[_Committed | Failure],
+        writes: list[tuple[_Operation, Deferred[None]]],
+    ) -> None:
         self.commits += 1
         self._succeeded()
         for result in results:
@@ -149,6 +177,13 @@ class SqliteSpool:
                 written.errback(result)
             else:
                 written.callback(None)
+
+    def _not_committed(
+        self, failure: Failure, writes: list[tuple[_Operation, Deferred[None]]]
+    ) -> None:
+        self._failed(failure, len(writes))
+        for _, written in writes:
+            written.errback(failure)
 
     def _succeeded(self) -> None:
         if not self._writable and self._throttle.report("recovered"):
@@ -183,7 +218,8 @@ class SqliteSpool:
         return self._write(insert, durable=True)
 
     def due(self, now: float, limit: int) -> Deferred[list[QueuedMessage]]:
-        found = self._read(lambda database: database.due(now, limit, self._claimed))
+        unavailable = self._unavailable()
+        found = self._read(lambda database: database.due(now, limit, unavailable))
         return found.addCallback(self._claim)
 
     def _claim(self, found: list[QueuedMessage]) -> list[QueuedMessage]:
@@ -200,7 +236,12 @@ class SqliteSpool:
         self._claimed.discard(message_id)
 
     def next_due(self) -> Deferred[float | None]:
-        return self._read(lambda database: database.next_due(self._claimed))
+        unavailable = self._unavailable()
+        return self._read(lambda database: database.next_due(unavailable))
+
+    def _unavailable(self) -> Collection[str]:
+        """What L{due} must not hand out: what is claimed already."""
+        return frozenset(self._claimed)
 
     def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
         def delete(database: SpoolDatabase) -> _Committed:
@@ -245,7 +286,9 @@ class SqliteSpool:
         return probed.addBoth(lambda ignored: self._recount())
 
     def _recount(self) -> Deferred[SpoolStats]:
-        return self._read(SpoolDatabase.counts).addCallback(self._recounted)
+        return self._read(lambda database: database.counts()).addCallback(
+            self._recounted
+        )
 
     def _recounted(self, stats: SpoolStats) -> SpoolStats:
         self._stats = stats
@@ -254,6 +297,12 @@ class SqliteSpool:
     def writable(self) -> bool:
         """For health: whether the last commit succeeded (and we are open)."""
         return not self._closed and self._writable
+
+    def problem(self) -> str | None:
+        return None if self.writable() else "spool is not writable"
+
+    def watch(self, wake: Callable[[], object]) -> None:
+        """Nobody else writes a SQLite spool but the admin tool: polled for."""
 
     def close(self) -> Deferred[None]:
         """Commit the writes already asked for, then release the database."""
