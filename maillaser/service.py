@@ -32,7 +32,7 @@ from maillaser.config import Config, describe
 from maillaser.health import FrontMetrics, Health, make_site
 from maillaser.logs import observer
 from maillaser.smtp import MailLaserDeliveryFactory, MailLaserSMTPFactory, tls_context
-from maillaser.spool import check_spool
+from maillaser.spool import check_shared_spool, check_spool
 from maillaser.worker import DeliveryWorker
 
 
@@ -167,7 +167,9 @@ class MailLaserService(MultiService):
             return
         self._checked = True
         self._log.info("starting MailLaser with {config}", config=describe(self.config))
-        if self.config.delivery_mode == "queue":
+        if self.config.delivery_mode == "queue" and self.config.spool_url:
+            check_shared_spool(self.config.spool_url)
+        elif self.config.delivery_mode == "queue":
             check_spool(self.config.spool_dir)
 
     def health(self) -> Health:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
@@ -25,7 +26,13 @@ from maillaser.message import (
     QueuedMessage,
     WebhookResponse,
 )
-from maillaser.spool import Dispatcher, SpoolDatabase, SpoolError, open_spool
+from maillaser.spool import (
+    Dispatcher,
+    MessageNotFound,
+    SpoolDatabase,
+    SpoolError,
+    open_spool,
+)
 from maillaser.spool._dispatch import (
     READY_BYTES,
     READY_PER_SLOT,
@@ -487,6 +494,42 @@ class UnrecordedOutcomeTests(DispatcherCase):
         self.successResultOf(dispatcher.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.flushLoggedErrors(SpoolFailure)
+
+
+class TakenOverSpool(MemorySpool):
+    """
+    A shared spool whose lease on a message expired while its round ran:
+    another bridge holds the message now, and this one cannot settle it.
+    """
+
+    def reschedule(
+        self, message_id: str, at: float, attempts: Sequence[Attempt]
+    ) -> Deferred[None]:
+        del self.pending[message_id], self.due_at[message_id]  # the other's now
+        return fail(MessageNotFound(f"message {message_id} is held by another bridge"))
+
+
+class SettledElsewhereTests(DispatcherCase):
+    def test_the_round_is_dropped_not_held(self) -> None:
+        """
+        Nothing to record here, nor to try again: the other bridge's round
+        settles the message.  Not held for a backoff step, not an error.
+        """
+        self.spool = TakenOverSpool()
+        [mid] = self.add(1)
+        events = log_events(self)
+        settled: list[str] = []
+        deliverer = self.deliverer(503)
+        dispatcher = self.dispatcher(deliverer, on_settled=settled.append)
+        self.clock.advance(1000)
+        self.assertEqual(deliverer.posts, [(mid, 0.0)])
+        self.assertEqual(
+            (settled, self.memory.claimed, dispatcher._held), ([], set(), {})
+        )
+        self.assertEqual(
+            [e["why"] for e in events if "settled elsewhere" in e["log_format"]],
+            [f"message {mid} is held by another bridge"],
+        )
 
 
 class FullDiskTests(DispatcherCase):

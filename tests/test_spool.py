@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from functools import partial
 from typing import Any
 
@@ -41,10 +42,12 @@ from maillaser.spool import (
     SpoolEntry,
     SpoolError,
     SqliteSpool,
+    _postgres,
     open_spool,
 )
 from maillaser.spool._database import DUE_BYTES
-from maillaser.spool._shared import lease_owner
+from maillaser.spool._postgres import SCHEMA_VERSION, Listener
+from maillaser.spool._shared import check_shared_spool, lease_owner
 from maillaser.spool._throttle import REPEAT_INTERVAL, LogThrottle, Report
 
 RAW = (
@@ -905,3 +908,199 @@ class LogThrottleTests(SynchronousTestCase):
 @pytest.mark.usefixtures("postgres_url")
 class PostgresSpoolTests(PostgresCase, SpoolContract):
     __test__ = True
+
+
+def lease_of(url: str, message_id: str) -> tuple[str | None, float | None]:
+    with psycopg.connect(url, autocommit=True) as other:
+        row = other.execute(
+            "SELECT lease_owner, lease_expires FROM messages WHERE id = %s",
+            (message_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def expire_leases(url: str) -> None:
+    """As if their owner had died long enough ago."""
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute(
+            "UPDATE messages SET lease_expires = 0 WHERE lease_owner IS NOT NULL"
+        )
+
+
+@pytest.mark.usefixtures("postgres_url")
+class SharedSpoolTests(PostgresCase):
+    """What only a spool shared by several bridges does: leases."""
+
+    def test_a_message_stored_is_held_by_its_bridge(self) -> None:
+        """It delivers it from memory; the others do not take it meanwhile."""
+        one, two = self.open("one"), self.open("two")
+        self.done(one.add(message()))
+        self.assertTrue(one.claim("msg_1"))
+        self.assertEqual(self.done(two.due(5000.0, 10)), [])
+        self.assertIsNone(self.done(two.next_due()))
+        self.assertEqual(lease_of(self.postgres_url, "msg_1")[0], "one")
+
+    def test_two_bridges_never_hold_the_same_message(self) -> None:
+        accepting = self.open("accepting")
+        for n in range(4):
+            accepting.add(message(f"msg_{n}", 1000.0 + n))
+        self.done(accepting.close())  # its leases given back
+        one, two = self.open("one"), self.open("two")
+        self.assertEqual(self.ids(one.due(5000.0, 2)), ["msg_0", "msg_1"])
+        self.assertEqual(self.ids(two.due(5000.0, 10)), ["msg_2", "msg_3"])
+        self.assertEqual(self.ids(one.due(5000.0, 10)), [])
+
+    def test_skip_locked(self) -> None:
+        """A row another bridge is leasing right now is skipped, not waited for."""
+        spool = self.open()
+        spool.add(message("msg_a", 1.0))
+        spool.add(message("msg_b", 2.0))
+        self.turn()
+        self.done(spool.close())
+        with psycopg.connect(self.postgres_url) as locker:
+            locker.execute("SELECT 1 FROM messages WHERE id = 'msg_a' FOR UPDATE")
+            self.assertEqual(self.ids(self.open("two").due(5000.0, 10)), ["msg_b"])
+
+    def test_expired_lease_is_taken_over(self) -> None:
+        """
+        A bridge killed mid-round: once its leases expire another bridge
+        takes its messages; the dead one's late settlement is refused.
+        """
+        one, two = self.open("one"), self.open("two")
+        self.done(one.add(message()))
+        self.assertEqual(self.ids(one.due(5000.0, 10)), ["msg_1"])
+        self.assertEqual(self.done(two.due(5000.0, 10)), [])
+        expire_leases(self.postgres_url)
+        self.assertEqual(self.ids(two.due(5000.0, 10)), ["msg_1"])
+        error = self.failed(one.reschedule("msg_1", 9000.0, []), MessageNotFound)
+        self.assertEqual(str(error), "message msg_1 is held by another bridge (two)")
+        self.done(two.delivered("msg_1", [Attempt(5001.0, 200)]))
+        self.assertEqual(self.database().entries(), [])
+
+    def test_leases_are_renewed_while_held(self) -> None:
+        spool = self.open(lease=30.0)
+        self.done(spool.add(message()))
+        spool.claim("msg_1")
+        expire_leases(self.postgres_url)
+        self.clock.advance(9.9)
+        self.turn()
+        self.assertEqual(lease_of(self.postgres_url, "msg_1")[1], 0)
+        self.clock.advance(0.1)
+        self.turn()
+        owner, expires = lease_of(self.postgres_url, "msg_1")
+        self.assertEqual(owner, spool._database.owner)
+        assert expires is not None
+        self.assertGreater(expires, self.clock.seconds())  # the database's clock
+
+    def test_renewal_recounts_what_the_others_stored(self) -> None:
+        """Back-pressure and health count the shared spool."""
+        one, two = self.open("one", lease=3.0), self.open("two", lease=3.0)
+        self.done(two.add(message()))
+        self.assertEqual(one.stats(), SpoolStats())
+        self.clock.advance(1.0)
+        self.assertEqual(one.stats(), SpoolStats(pending=1, bytes=len(RAW)))
+
+    def test_release_and_close_give_leases_back(self) -> None:
+        one, two = self.open("one"), self.open("two")
+        for n in range(3):
+            one.add(message(f"msg_{n}"))
+        self.turn()
+        for n in range(3):
+            one.claim(f"msg_{n}")
+        one.release("msg_0")
+        self.assertEqual(self.done(two.due(5000.0, 10)), [])  # not yet committed
+        self.assertEqual(self.ids(two.due(5000.0, 10)), ["msg_0"])
+        self.done(one.close())
+        self.assertEqual(self.ids(two.due(5000.0, 10)), ["msg_1", "msg_2"])
+
+    def test_a_release_wakes_the_other_bridges(self) -> None:
+        """LISTEN/NOTIFY: the other bridge looks at once, not at its next poll."""
+        woken = threading.Event()
+        listener = Listener(self.postgres_url, woken.set, lambda f: f(), 0.05)
+        self.addCleanup(listener.stop)
+        listener.start()
+        self.assertTrue(woken.wait(10))  # it looks once when it connects
+        woken.clear()
+        spool = self.open()
+        self.done(spool.add(message()))
+        spool.claim("msg_1")
+        self.assertFalse(woken.is_set())
+        spool.release("msg_1")
+        self.turn()
+        self.assertTrue(woken.wait(10))
+
+    def test_schema_created_once_by_bridges_starting_together(self) -> None:
+        results: list[object] = []
+
+        def start() -> None:
+            try:
+                PostgresDatabase.open(self.postgres_url, create=True).close()
+                results.append("ok")
+            except Exception as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(results, ["ok"] * 4)
+        with psycopg.connect(self.postgres_url) as other:
+            rows = other.execute("SELECT version FROM maillaser_schema").fetchall()
+        self.assertEqual(rows, [(SCHEMA_VERSION,)])
+
+    def test_no_spool_and_newer_schema(self) -> None:
+        error = self.assertRaises(
+            SpoolError, PostgresDatabase.open, self.postgres_url, create=False
+        )
+        self.assertEqual(str(error), f"no spool at {self.path}")
+        self.open()
+        with psycopg.connect(self.postgres_url, autocommit=True) as other:
+            other.execute("UPDATE maillaser_schema SET version = 99")
+        error = self.assertRaises(
+            SpoolError, PostgresDatabase.open, self.postgres_url, create=True
+        )
+        self.assertEqual(
+            str(error),
+            f"{self.path} has spool schema version 99;"
+            f" this MailLaser reads version {SCHEMA_VERSION}",
+        )
+
+    def test_unreachable_then_back_without_restart(self) -> None:
+        """
+        Writes fail (the SMTP front answers 451), health gets the reason
+        (without the password), and all recovers once the database is back.
+        """
+        spool = self.open()
+        database = spool._database
+        url = database.url
+        database.url = "postgresql://ml:pa55@127.0.0.1:1/nowhere"
+        database._connection.close()
+        error = self.failed(spool.add(message()), SpoolError)
+        self.flushLoggedErrors(SpoolError)
+        self.assertFalse(spool.writable())
+        problem = spool.problem()
+        assert problem is not None
+        self.assertTrue(
+            problem.startswith(
+                "spool database unreachable: spool database"
+                " postgresql://***@127.0.0.1:1/nowhere is unreachable: "
+            ),
+            problem,
+        )
+        self.assertNotIn("pa55", problem + str(error))
+        self.failed(spool.refresh(), SpoolError)
+        self.assertFalse(spool.writable())
+        database.url = url
+        self.assertEqual(self.done(spool.refresh()), SpoolStats())
+        self.assertTrue(spool.writable())
+        self.assertIsNone(spool.problem())
+        self.done(spool.add(message()))
+
+    def test_without_psycopg_one_line_says_what_to_install(self) -> None:
+        self.patch(_postgres, "psycopg", None)
+        error = self.assertRaises(SpoolError, check_shared_spool, self.postgres_url)
+        self.assertEqual(
+            str(error), "a spool URL needs psycopg: pip install 'maillaser[postgresql]'"
+        )

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from maillaser.interfaces import ISpool
 from maillaser.logs import observer
 from maillaser.message import Message, QueuedMessage
+from maillaser.spool._database import MessageNotFound
 from maillaser.spool._throttle import LogThrottle
 from maillaser.timers import cancel_timer
 from maillaser.webhook import (
@@ -286,6 +287,17 @@ class Dispatcher(Service):
     async def _record(self, outcome: Outcome, queued: QueuedMessage) -> None:
         try:
             how = await self._settle(outcome, queued)
+        except MessageNotFound as gone:
+            # Settled elsewhere: another bridge took the message over once
+            # this one's lease had expired, or delivered it already.
+            self._log.info(
+                "{message_id} was settled elsewhere: {why}",
+                message_id=queued.message.id,
+                why=str(gone),
+            )
+            self._unrecorded.pop(queued.message.id, None)
+            self.spool.release(queued.message.id)
+            return
         except Exception:
             self._hold(outcome, queued, Failure())
             return

@@ -35,7 +35,7 @@ from maillaser.health import DeliveryMetrics
 from maillaser.interfaces import ISpool, IWebhookPoster
 from maillaser.logs import observer
 from maillaser.message import Message
-from maillaser.spool import Dispatcher, open_spool
+from maillaser.spool import Dispatcher, open_shared_spool, open_spool
 from maillaser.timers import cancel_timer
 from maillaser.webhook import (
     CircuitBreaker,
@@ -165,6 +165,8 @@ class DeliveryStack:
     def start(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.startService()
+            if self.spool is not None:
+                self.spool.watch(self.dispatcher.wake)
 
     async def store(self, messages: Sequence[Message]) -> Answer:
         """
@@ -232,7 +234,7 @@ class DeliveryStack:
             "dead": 0 if stats is None else stats.dead,
             "bytes": 0 if stats is None else stats.bytes,
             "writable": writable,
-            "problems": [] if writable else ["spool is not writable"],
+            "problems": [] if spool is None or writable else [_problem(spool)],
         }
 
     def stop(self, grace: float) -> Deferred[int]:
@@ -262,6 +264,10 @@ class DeliveryStack:
         return self.spool.stats().pending
 
 
+def _problem(spool: ISpool) -> str:
+    return spool.problem() or "spool is not writable"
+
+
 def _cancel_all(pending: list[Deferred[Outcome]]) -> None:
     for d in pending:
         d.cancel()
@@ -272,11 +278,11 @@ def build_stack(config: Config, reactor: Any) -> DeliveryStack:
     The worker's parts, as C{config} says.  The spool is opened (and
     checked) here, so a spool that cannot be used fails L{Hello}.
     """
-    spool = (
-        open_spool(config.spool_dir, reactor)
-        if config.delivery_mode == "queue"
-        else None
-    )
+    spool: ISpool | None = None
+    if config.delivery_mode == "queue" and config.spool_url:
+        spool = open_shared_spool(config.spool_url, reactor, config.spool_lease)
+    elif config.delivery_mode == "queue":
+        spool = open_spool(config.spool_dir, reactor)
     poster = WebhookPoster(
         config.webhook_url,
         reactor=reactor,
