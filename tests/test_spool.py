@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -1104,3 +1105,23 @@ class SharedSpoolTests(PostgresCase):
         self.assertEqual(
             str(error), "a spool URL needs psycopg: pip install 'maillaser[postgresql]'"
         )
+
+    def test_a_message_claimed_while_due_ran_is_not_handed_out_twice(self) -> None:
+        """
+        The read runs on the spool's thread: a message stored and claimed
+        (to go from memory) while it ran is left to the claim's round.
+        """
+        spool = self.open()
+        self.done(spool.add(message()))
+        later: list[Callable[[], Any]] = []
+
+        def run_later(work: Callable[[], Any]) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            later.append(lambda: d.callback(work()))
+            return d
+
+        spool.run = run_later
+        found = spool.due(1000.0, 10)
+        self.assertTrue(spool.claim("msg_1"))
+        later.pop()()
+        self.assertEqual(self.successResultOf(found), [])

@@ -223,8 +223,14 @@ class SqliteSpool:
         return found.addCallback(self._claim)
 
     def _claim(self, found: list[QueuedMessage]) -> list[QueuedMessage]:
-        self._claimed.update(queued.message.id for queued in found)
-        return found
+        """
+        Claim what was found, but for what was claimed meanwhile: a read
+        that runs on another thread (a shared spool) can find a message
+        stored and then claimed (L{claim}) while it ran.
+        """
+        fresh = [queued for queued in found if queued.message.id not in self._claimed]
+        self._claimed.update(queued.message.id for queued in fresh)
+        return fresh
 
     def claim(self, message_id: str) -> bool:
         if message_id in self._claimed:
