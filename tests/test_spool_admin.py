@@ -12,14 +12,17 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import maillaser
+from maillaser.config import mask_url
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
-from maillaser.spool import DATABASE_NAME, SpoolDatabase, open_spool
+from maillaser.spool import DATABASE_NAME, PostgresDatabase, SpoolDatabase, open_spool
 from maillaser.spool.admin import format_duration, format_size, main, run
 from tests.helpers import wait
 from tests.process import clean_environment
@@ -65,12 +68,20 @@ class SpoolAdminTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.directory = os.path.join(self.mktemp(), "spool")
 
+    @property
+    def location(self) -> tuple[str, ...]:
+        """The options that name the spool."""
+        return ("--spool-dir", self.directory)
+
+    def open_database(self, create: bool) -> Any:
+        return SpoolDatabase.open(self.directory, create=create)
+
     def make_spool(self) -> None:
         """
         msg_a: pending, failed one round, next try in 5 minutes;
         msg_b: pending, never tried; msg_c: dead after two attempts.
         """
-        database = SpoolDatabase.open(self.directory, create=True)
+        database = self.open_database(create=True)
         try:
             with database.transaction():
                 database.insert(message("msg_a", NOW - 192))
@@ -100,12 +111,12 @@ class SpoolAdminTests(SynchronousTestCase):
     ) -> tuple[int, str, str]:
         out, err = Output(), io.StringIO()
         if environ is None:
-            argv = ("--spool-dir", self.directory, *argv)
+            argv = (*self.location, *argv)
         code = run(argv, out=out.text, err=err, now=NOW, environ=environ or {})
         return code, out.value().decode("utf-8"), err.getvalue()
 
     def entry_state(self, id: str) -> tuple[str, int, float | None]:
-        database = SpoolDatabase.open(self.directory, create=False)
+        database = self.open_database(create=False)
         self.addCleanup(database.close)
         entry = database.entry(id)
         return entry.state, entry.rounds, entry.next_attempt_at
@@ -174,7 +185,7 @@ class SpoolAdminTests(SynchronousTestCase):
         )
 
     def test_list_empty(self) -> None:
-        SpoolDatabase.open(self.directory, create=True).close()
+        self.open_database(create=True).close()
         self.assertEqual(self.admin("list"), (0, "no messages in the spool\n", ""))
         self.assertEqual(
             self.admin("list", "--dead"), (0, "no dead messages in the spool\n", "")
@@ -270,7 +281,7 @@ class SpoolAdminTests(SynchronousTestCase):
         self.make_spool()
         out, err = Output(), io.StringIO()
         code = run(
-            ["--spool-dir", self.directory, "show", "msg_a", "--raw"],
+            [*self.location, "show", "msg_a", "--raw"],
             out=out.text,
             err=err,
             now=NOW,
@@ -326,7 +337,7 @@ class SpoolAdminTests(SynchronousTestCase):
             self.admin("show", "msg_c"),
             (3, "", "maillaser-spool: no message msg_c in the spool\n"),
         )
-        database = SpoolDatabase.open(self.directory, create=False)
+        database = self.open_database(create=False)
         self.addCleanup(database.close)
         self.assertEqual(database.attempts("msg_c"), [])
         self.assertEqual([e.id for e in database.entries()], ["msg_b", "msg_a"])
@@ -356,7 +367,7 @@ class SpoolAdminTests(SynchronousTestCase):
         out, err = Output(), io.StringIO()
         self.patch(sys, "stdout", out.text)
         self.patch(sys, "stderr", err)
-        self.assertEqual(main(["--spool-dir", self.directory, "requeue", "msg_zzz"]), 3)
+        self.assertEqual(main([*self.location, "requeue", "msg_zzz"]), 3)
         self.assertEqual(
             (out.value(), err.getvalue()),
             (b"", "maillaser-spool: no message msg_zzz in the spool\n"),
@@ -388,6 +399,43 @@ class SpoolAdminTests(SynchronousTestCase):
             [format_size(n) for n in (0, 1023, 1024, 2560, 1024 * 1024, 15_000_000)],
             ["0B", "1023B", "1.0K", "2.5K", "1.0M", "14.3M"],
         )
+
+
+@pytest.mark.usefixtures("postgres_url")
+class SharedSpoolAdminTests(SpoolAdminTests):
+    """The same commands on a shared spool, named by C{--spool-url}."""
+
+    postgres_url: str
+
+    @property
+    def location(self) -> tuple[str, ...]:
+        return ("--spool-url", self.postgres_url)
+
+    def open_database(self, create: bool) -> Any:
+        return PostgresDatabase.open(self.postgres_url, create=create)
+
+    def test_no_spool(self) -> None:
+        """An empty database is an error, and the password is never shown."""
+        url = self.postgres_url.replace("maillaser@", "maillaser:pa55@")
+        code, out, err = self.admin("--spool-url", url, "list", environ={"X": ""})
+        self.assertEqual(
+            (code, out, err),
+            (1, "", f"maillaser-spool: error: no spool at {mask_url(url)}\n"),
+        )
+        self.assertNotIn("pa55", err)
+
+    def test_spool_dir_from_environment(self) -> None:
+        self.make_spool()
+        code, out, _ = self.admin(
+            "list", "--dead", environ={"MAIL_LASER_SPOOL_URL": self.postgres_url}
+        )
+        self.assertEqual((code, out.splitlines()[1].split()[0]), (0, "msg_c"))
+
+    def test_default_spool_dir(self) -> None:
+        raise SkipTest("a SQLite spool's directory")
+
+    def test_corrupt_database(self) -> None:
+        raise SkipTest("a SQLite spool's file")
 
 
 class SpoolAdminProcessTests(TestCase):

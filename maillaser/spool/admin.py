@@ -23,13 +23,14 @@ from contextlib import redirect_stderr, redirect_stdout
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 import attrs
 
 from maillaser.config import Config
 from maillaser.spool import (
     MessageNotFound,
+    PostgresDatabase,
     SpoolDatabase,
     SpoolEntry,
     SpoolError,
@@ -68,6 +69,7 @@ def run(
 ) -> int:
     """Run one command; everything it depends on is passed in, for tests."""
     parser = _parser(environ.get("MAIL_LASER_SPOOL_DIR") or DEFAULT_SPOOL_DIR)
+    parser.set_defaults(spool_url=environ.get("MAIL_LASER_SPOOL_URL") or None)
     try:
         with redirect_stdout(out), redirect_stderr(err):
             arguments = parser.parse_args(argv)
@@ -76,7 +78,7 @@ def run(
     command: Callable[[SpoolDatabase, argparse.Namespace, TextIO, float], int]
     command = arguments.command
     try:
-        database = SpoolDatabase.open(arguments.spool_dir, create=False)
+        database = _open(arguments)
         try:
             return command(database, arguments, out, now)
         finally:
@@ -89,6 +91,17 @@ def run(
         return EXIT_NOT_FOUND
 
 
+def _open(arguments: argparse.Namespace) -> SpoolDatabase:
+    """
+    The shared spool if a URL is given, else the SQLite one: the commands
+    call the same methods on either.
+    """
+    if arguments.spool_url:
+        shared: Any = PostgresDatabase.open(arguments.spool_url, create=False)
+        return cast(SpoolDatabase, shared)
+    return SpoolDatabase.open(arguments.spool_dir, create=False)
+
+
 def _parser(default_spool_dir: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect and replay the MailLaser spool."
@@ -97,6 +110,11 @@ def _parser(default_spool_dir: str) -> argparse.ArgumentParser:
         "--spool-dir",
         default=default_spool_dir,
         help="the spool directory (default: $MAIL_LASER_SPOOL_DIR or %(default)s)",
+    )
+    parser.add_argument(
+        "--spool-url",
+        help="the shared spool's postgresql:// URL instead"
+        " (default: $MAIL_LASER_SPOOL_URL)",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
