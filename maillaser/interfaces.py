@@ -120,6 +120,31 @@ class ISpool(Interface):
         """Release the storage."""
 
 
+class IBreakerStore(Interface):
+    """
+    Where bridges sharing a webhook keep one circuit breaker state, so that
+    N bridges probe a webhook that is down once per reset period, not N
+    times.  Times are the bridges' own clocks (kept by NTP: a skew of a
+    second moves a probe by a second).
+    """
+
+    def opened_at(webhook: str) -> Deferred[float | None]:
+        """When the shared breaker of C{webhook} (a key) opened; C{None}: closed."""
+
+    def record_open(webhook: str, now: float) -> Deferred[None]:
+        """Record that the breaker opened (again) at C{now}."""
+
+    def record_closed(webhook: str) -> Deferred[None]:
+        """Record that a probe succeeded: the breaker is closed for everyone."""
+
+    def claim_probe(webhook: str, now: float, reset: float) -> Deferred[bool]:
+        """
+        Take the one probe of this reset period: C{True} for the bridge
+        that may send it, C{False} while the breaker is open for another
+        C{reset} or another bridge's probe is out.
+        """
+
+
 class IWebhookPoster(Interface):
     """Sends one request to the webhook."""
 
@@ -147,6 +172,7 @@ class IPayloadBuilder(Interface):
 
 
 __all__ = [
+    "IBreakerStore",
     "IMessageSink",
     "IPayloadBuilder",
     "ISpool",

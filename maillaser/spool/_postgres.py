@@ -467,6 +467,55 @@ class PostgresDatabase:
         renewed: int = cursor.rowcount
         return renewed
 
+    def breaker_opened_at(self, webhook: str) -> float | None:
+        row = self._execute(
+            "SELECT opened_at FROM breakers WHERE webhook = %s", (webhook,)
+        ).fetchone()
+        return None if row is None else row["opened_at"]
+
+    def open_breaker(self, webhook: str, now: float) -> None:
+        self._execute(
+            "INSERT INTO breakers (webhook, opened_at) VALUES (%(webhook)s, %(now)s)"
+            " ON CONFLICT (webhook) DO UPDATE SET opened_at = %(now)s,"
+            " probe_owner = NULL, probe_expires = NULL",
+            {"webhook": webhook, "now": now},
+        )
+
+    def close_breaker(self, webhook: str) -> None:
+        self._execute(
+            "UPDATE breakers SET opened_at = NULL, probe_owner = NULL,"
+            " probe_expires = NULL WHERE webhook = %s",
+            (webhook,),
+        )
+
+    def claim_probe(self, webhook: str, now: float, reset: float) -> bool:
+        """
+        The probe goes to one bridge: the row's update is atomic, and the
+        claim lasts C{reset} seconds (a bridge that died with it loses it).
+        """
+        parameters = {
+            "webhook": webhook,
+            "now": now,
+            "reset": reset,
+            "owner": self.owner,
+        }
+        with self.transaction():
+            self._execute(
+                "INSERT INTO breakers (webhook) VALUES (%(webhook)s)"
+                " ON CONFLICT (webhook) DO NOTHING",
+                parameters,
+            )
+            row = self._execute(
+                "UPDATE breakers SET probe_owner = %(owner)s,"
+                " probe_expires = %(now)s + %(reset)s"
+                " WHERE webhook = %(webhook)s"
+                " AND (opened_at IS NULL OR opened_at + %(reset)s <= %(now)s)"
+                " AND (probe_owner IS NULL OR probe_expires <= %(now)s)"
+                " RETURNING webhook",
+                parameters,
+            ).fetchone()
+        return row is not None
+
     def _notify(self) -> None:
         self._execute(f"NOTIFY {CHANNEL}")
 

@@ -35,7 +35,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
+from maillaser.interfaces import IBreakerStore
 from maillaser.message import SpoolStats
 from maillaser.spool._database import SpoolError
 from maillaser.spool._postgres import Listener, PostgresDatabase
@@ -44,6 +46,7 @@ from maillaser.spool._sqlite import SqliteSpool, _Committed
 _T = TypeVar("_T")
 
 
+@implementer(IBreakerStore)
 @attrs.define(eq=False)
 class PostgresSpool(SqliteSpool):
     """
@@ -125,6 +128,21 @@ class PostgresSpool(SqliteSpool):
 
     def _unavailable(self) -> Collection[str]:
         return frozenset(self._claimed | self._releasing)
+
+    # IBreakerStore: the breaker's few statements go straight to the
+    # spool's thread, outside the group commits.
+
+    def opened_at(self, webhook: str) -> Deferred[float | None]:
+        return self._read(lambda database: database.breaker_opened_at(webhook))
+
+    def record_open(self, webhook: str, now: float) -> Deferred[None]:
+        return self._read(lambda database: database.open_breaker(webhook, now))
+
+    def record_closed(self, webhook: str) -> Deferred[None]:
+        return self._read(lambda database: database.close_breaker(webhook))
+
+    def claim_probe(self, webhook: str, now: float, reset: float) -> Deferred[bool]:
+        return self._read(lambda database: database.claim_probe(webhook, now, reset))
 
     def watch(self, wake: Callable[[], object]) -> None:
         if self.listener is not None:

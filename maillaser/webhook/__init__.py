@@ -4,7 +4,12 @@ breaker, delivery rounds and the treq poster.
 """
 
 from maillaser.message import WebhookResponse
-from maillaser.webhook._breaker import BreakerState, CircuitBreaker
+from maillaser.webhook._breaker import (
+    BreakerState,
+    CircuitBreaker,
+    SharedBreaker,
+    webhook_key,
+)
 from maillaser.webhook._delivery import (
     Delivered,
     Deliverer,
@@ -37,6 +42,7 @@ __all__ = [
     "Deliverer",
     "Failed",
     "Outcome",
+    "SharedBreaker",
     "VerificationError",
     "WebhookPoster",
     "WebhookResponse",
@@ -53,4 +59,5 @@ __all__ = [
     "sign",
     "trust_root",
     "verify",
+    "webhook_key",
 ]

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 import maillaser
 from maillaser.config import Config
 from maillaser.health import DeliveryMetrics
-from maillaser.interfaces import ISpool, IWebhookPoster
+from maillaser.interfaces import IBreakerStore, ISpool, IWebhookPoster
 from maillaser.logs import observer
 from maillaser.message import Message
 from maillaser.spool import Dispatcher, open_shared_spool, open_spool
@@ -42,8 +42,10 @@ from maillaser.webhook import (
     Deliverer,
     Failed,
     Outcome,
+    SharedBreaker,
     WebhookPoster,
     settlement,
+    webhook_key,
 )
 from maillaser.worker._commands import (
     PROTOCOL_VERSION,
@@ -125,6 +127,9 @@ class DeliveryStack:
         breaker = CircuitBreaker(
             config.circuit_breaker_threshold, config.circuit_breaker_reset, clock
         )
+        if IBreakerStore.providedBy(spool):
+            # Bridges sharing the spool share the webhook's breaker too.
+            breaker.shared = SharedBreaker(spool, webhook_key(config.webhook_url))
         metrics = DeliveryMetrics(
             clock=clock,
             breaker_state=lambda: breaker.state,
@@ -163,10 +168,15 @@ class DeliveryStack:
         )
 
     def start(self) -> None:
+        shared = self.breaker.shared
         if self.dispatcher is not None:
             self.dispatcher.startService()
             if self.spool is not None:
                 self.spool.watch(self.dispatcher.wake)
+            if shared is not None:
+                shared.wake = self.dispatcher.wake
+        if shared is not None:
+            shared.start(self.breaker)
 
     async def store(self, messages: Sequence[Message]) -> Answer:
         """
@@ -248,6 +258,8 @@ class DeliveryStack:
         return self._stopped
 
     async def _stop(self, grace: float) -> int:
+        if self.breaker.shared is not None:
+            self.breaker.shared.stop()
         if self.dispatcher is not None:
             self.dispatcher.grace = grace
             await self.dispatcher.stopService()
