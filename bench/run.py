@@ -918,6 +918,126 @@ def measure_corpus(
     ]
 
 
+def shared_round(
+    children: Children,
+    bridges: Sequence[Bridge],
+    receiver: Receiver,
+    message: Path,
+    messages: int,
+    sessions: int,
+) -> dict[str, Any]:
+    """
+    One run against bridges on one spool: the messages and sessions split
+    evenly across them, one smtp-source each, all at once; the rate is
+    messages delivered per second, from the first send to the last arrival.
+    """
+    receiver.reset()
+    share, spread = messages // len(bridges), max(1, sessions // len(bridges))
+    sources: list[SourceRun] = []
+    threads = [
+        threading.Thread(
+            target=lambda port=bridge.smtp_port: sources.append(
+                send(children, message, port, share, spread)
+            )
+        )
+        for bridge in bridges
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(STEP_TIMEOUT)
+    sent = sum(source.accepted for source in sources)
+    wait_received(receiver, sent)
+    records = receiver.records()
+    arrivals: dict[str, float] = {}
+    for message_id, at in records:
+        arrivals.setdefault(message_id, at)
+    started = min(source.started for source in sources)
+    elapsed = max(arrivals.values(), default=time.time()) - started
+    return {
+        "bridges": len(bridges),
+        "messages": share * len(bridges),
+        "sent": sent,
+        "received": len(arrivals),
+        "duplicates": len(records) - len(arrivals),
+        "lost": max(0, sent - len(arrivals)),
+        "failed": share * len(bridges) - sent,
+        "elapsed_s": round(elapsed, 3),
+        "rate": round(len(arrivals) / elapsed, 1) if elapsed > 0 else None,
+    }
+
+
+def measure_shared(
+    children: Children,
+    workdir: Path,
+    receiver: Receiver,
+    load: tuple[int, int],
+    options: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """
+    Queue mode on the shared spool at C{options.spool_url}: one SQLite
+    bridge (the reference), then 1, 2, ... C{options.bridges} bridges on
+    PostgreSQL, in C{options.repeat} interleaved rounds; the fastest round
+    of each is kept.
+    """
+    message = prepared_message("small-plain", workdir)
+    counts = ["sqlite", *range(1, options.bridges + 1)]
+    rounds: dict[str | int, list[dict[str, Any]]] = {count: [] for count in counts}
+    with ExitStack() as stack:
+        groups: dict[str | int, list[Bridge]] = {}
+        for count in counts:
+            extra = () if count == "sqlite" else ("--spool-url", options.spool_url)
+            groups[count] = [
+                stack.enter_context(
+                    running_bridge(
+                        children,
+                        workdir,
+                        f"shared-{count}-{n}",
+                        receiver.url,
+                        "queue",
+                        extra,
+                    )
+                )
+                for n in range(1 if count == "sqlite" else int(count))
+            ]
+            shared_round(children, groups[count], receiver, message, *load)
+        for _ in range(options.repeat):
+            for count in counts:
+                wait_for_quiet(options.quiet_wait)
+                run = shared_round(children, groups[count], receiver, message, *load)
+                rounds[count].append(run)
+    results = []
+    for count in counts:
+        best = max(rounds[count], key=lambda run: run["rate"] or 0.0)
+        results.append(
+            dict(
+                best,
+                spool="sqlite" if count == "sqlite" else "postgresql",
+                rates=[run["rate"] for run in rounds[count]],
+                lost=sum(run["lost"] for run in rounds[count]),
+                failed=sum(run["failed"] for run in rounds[count]),
+                duplicates=sum(run["duplicates"] for run in rounds[count]),
+            )
+        )
+    return results
+
+
+def shared_targets(runs: list[dict[str, Any]]) -> list[str]:
+    """Issue 14's targets, as lines."""
+    sqlite = runs[0]["rate"] or 0.0
+    by_count = {run["bridges"]: run["rate"] or 0.0 for run in runs[1:]}
+    lines = [
+        f"one bridge on PostgreSQL / on SQLite: {by_count[1] / sqlite:.2f}"
+        f" (target >= 0.70): {'met' if by_count[1] >= 0.7 * sqlite else 'MISSED'}"
+    ]
+    if 2 in by_count:
+        lines.append(
+            f"two bridges / one: {by_count[2] / by_count[1]:.2f} (target > 1):"
+            f" {'met' if by_count[2] > by_count[1] else 'MISSED'}"
+        )
+    return lines
+
+
 def wait_for_quiet(timeout: float, threshold: float = 0.3) -> dict[str, Any]:
     """
     Wait (at most C{timeout} seconds) for half a second in which the machine is
@@ -1340,6 +1460,19 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the work directory (logs, spools)"
     )
     parser.add_argument(
+        "--spool-url",
+        metavar="URL",
+        help="measure instead queue mode on this shared PostgreSQL spool (an"
+        " empty database or schema), against one SQLite bridge",
+    )
+    parser.add_argument(
+        "--bridges",
+        type=int,
+        default=3,
+        metavar="N",
+        help="with --spool-url: measure 1 to N bridges on it (default 3)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -1364,6 +1497,8 @@ def run(arguments: argparse.Namespace, workdir: Path, out: IO[str]) -> dict[str,
     results: dict[str, Any] = {"machine": machine(), "runs": []}
     print(f"machine: {results['machine']}", file=out, flush=True)
     children = Children()
+    if arguments.spool_url:
+        return run_shared(arguments, workdir, out, children, results)
     try:
         receiver = Receiver.start(children)
         bare = BareServer.start(children)
@@ -1402,6 +1537,36 @@ def run(arguments: argparse.Namespace, workdir: Path, out: IO[str]) -> dict[str,
     return results
 
 
+def run_shared(
+    arguments: argparse.Namespace,
+    workdir: Path,
+    out: IO[str],
+    children: Children,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """C{--spool-url}: throughput of 1..N bridges on one PostgreSQL spool."""
+    messages, sessions = QUICK_LOAD if arguments.quick else LOADS["small-plain"]
+    load = (arguments.messages or messages, arguments.sessions or sessions)
+    try:
+        receiver = Receiver.start(children)
+        results["shared"] = measure_shared(children, workdir, receiver, load, arguments)
+    finally:
+        children.stop_all()
+    for each in results["shared"]:
+        print(
+            f"{each['spool']} x{each['bridges']}: {each['rate']} msg/s"
+            f" (rounds {each['rates']}), lost {each['lost']},"
+            f" duplicates {each['duplicates']}",
+            file=out,
+            flush=True,
+        )
+    results["targets"] = []
+    results["shared_targets"] = shared_targets(results["shared"])
+    for line in results["shared_targets"]:
+        print(line, file=out, flush=True)
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     # Even when started with SIGINT ignored (in the background), Ctrl-C and
@@ -1420,14 +1585,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not arguments.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(table(results))
+    if "shared" not in results:
+        print(table(results))
     output = arguments.output or RESULTS_DIR / time.strftime(
         "%Y%m%d-%H%M%S.json", time.gmtime()
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {output}")
-    troubles = sum(run["lost"] + run["failed"] for run in results["runs"])
+    runs = results.get("shared", results["runs"])
+    troubles = sum(run["lost"] + run["failed"] for run in runs)
     return 1 if troubles else 0
 
 
