@@ -352,14 +352,15 @@ class PostgresDatabase:
         delivered message is forgotten whoever holds it now: the webhook
         has it.
         """
-        size = self._change(
-            "DELETE FROM messages WHERE id = %s AND state = %s RETURNING size",
+        return self._change(
+            "WITH gone AS (DELETE FROM messages WHERE id = %s AND state = %s"
+            " RETURNING id, size), attempts AS (DELETE FROM attempts"
+            " WHERE message_id IN (SELECT id FROM gone))"
+            " SELECT size FROM gone",
             (message_id, state),
             message_id,
             state,
         )
-        self._execute("DELETE FROM attempts WHERE message_id = %s", (message_id,))
-        return size
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
