@@ -9,10 +9,12 @@ import os
 import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+import pytest
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
@@ -29,11 +31,14 @@ from maillaser.message import (
 from maillaser.spool import (
     Dispatcher,
     MessageNotFound,
+    PostgresDatabase,
+    PostgresSpool,
     SpoolDatabase,
     SpoolError,
     open_spool,
 )
 from maillaser.spool._dispatch import (
+    POLL_INTERVAL,
     READY_BYTES,
     READY_PER_SLOT,
     backoff_step,
@@ -48,6 +53,7 @@ from maillaser.webhook import (
     Failed,
     Outcome,
 )
+from tests.test_spool import expire_leases
 
 SCHEDULE = (5.0, 300.0, 1800.0)
 
@@ -627,3 +633,49 @@ class FullDiskTests(DispatcherCase):
         self.assertNotIn(True, commits[1:])
         self.assertLessEqual(len(commits), 1 + 600 / REPEAT_INTERVAL)
         self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 2)
+
+
+@pytest.mark.usefixtures("postgres_url")
+class SharedSpoolDispatchTests(DispatcherCase):
+    """Two dispatchers over one shared spool, as two bridges run them."""
+
+    postgres_url: str
+
+    def shared(self, owner: str) -> PostgresSpool:
+        database = PostgresDatabase.open(self.postgres_url, create=True, owner=owner)
+        spool = PostgresSpool(
+            database, self.clock, database.counts(), run=partial(maybeDeferred)
+        )
+        self.addCleanup(spool.close)
+        return spool
+
+    def test_a_lost_bridges_rounds_are_taken_over(self) -> None:
+        """
+        Bridge one stores three messages and starts their rounds, then is
+        lost; once its leases expire bridge two delivers them; one's late
+        answers find them settled elsewhere.
+        """
+        one, two = self.shared("one"), self.shared("two")
+        self.spool = one
+        ids = self.add(3)
+        self.clock.advance(0)
+        lost = self.deliverer(default=None)
+        self.dispatcher(lost)
+        self.assertEqual(sorted(lost.posted), ids)
+
+        self.spool = two
+        survivor = self.deliverer()
+        self.dispatcher(survivor)
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual(survivor.posted, [])  # one's leases hold
+        expire_leases(self.postgres_url)
+        self.clock.advance(POLL_INTERVAL)
+        self.assertEqual(sorted(survivor.posted), ids)
+        self.clock.advance(0)
+        self.assertEqual(two.stats().pending, 0)
+
+        for answer in lost.hanging:
+            answer.callback(WebhookResponse(200))
+        self.clock.advance(0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.successResultOf(one.refresh()).pending, 0)

@@ -793,8 +793,11 @@ class ReactorTests(TestCase):
 
 class SpoolDatabaseTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.database = SpoolDatabase.open(self.mktemp(), create=True)
+        self.database = self.open_database()
         self.addCleanup(self.database.close)
+
+    def open_database(self) -> Any:
+        return SpoolDatabase.open(self.mktemp(), create=True)
 
     def test_apply_is_one_transaction(self) -> None:
         """In order; a write that cannot be done fails alone."""
@@ -1125,3 +1128,23 @@ class SharedSpoolTests(PostgresCase):
         self.assertTrue(spool.claim("msg_1"))
         later.pop()()
         self.assertEqual(self.successResultOf(found), [])
+
+
+@pytest.mark.usefixtures("postgres_url")
+class PostgresDatabaseTests(SpoolDatabaseTests):
+    postgres_url: str
+
+    def open_database(self) -> Any:
+        return PostgresDatabase.open(self.postgres_url, create=True)
+
+    def test_a_failed_transaction_stores_nothing(self) -> None:
+        inserted: list[str] = []
+
+        def insert_then_fail(database: PostgresDatabase) -> None:
+            database.insert(message("msg_1"))
+            inserted.append("msg_1")
+            database._execute("SELECT 1 / 0")
+
+        error = self.assertRaises(SpoolError, self.database.apply, [insert_then_fail])
+        self.assertIn("division by zero", str(error))
+        self.assertEqual((inserted, self.database.counts()), (["msg_1"], SpoolStats()))

@@ -224,6 +224,14 @@ def open_shared_spool(url: str, reactor: Any, lease: float) -> PostgresSpool:
         raise
     pool = ThreadPool(minthreads=1, maxthreads=1, name="maillaser-spool")
     pool.start()
+    # Its thread must not keep the process alive if the reactor stops
+    # before the spool is closed.
+    shutdown = reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def stop_threads() -> None:
+        reactor.removeSystemEventTrigger(shutdown)
+        pool.stop()
+
     PostgresSpool._log.info(
         "spool {path} opened: {pending} pending, {dead} dead (shared, lease {lease}s)",
         path=database.path,
@@ -236,7 +244,7 @@ def open_shared_spool(url: str, reactor: Any, lease: float) -> PostgresSpool:
         reactor,
         stats,
         run=lambda work: deferToThreadPool(reactor, pool, work),
-        stop_threads=pool.stop,
+        stop_threads=stop_threads,
         listener=Listener(url, lambda: None, reactor.callFromThread),
     )
 
