@@ -105,7 +105,10 @@ class PostgresSpool(SqliteSpool):
         self._schedule_renewal()
 
     def _renew_failed(self, failure: Failure) -> None:
-        """Already logged, once per interval, by the commit or the read."""
+        """
+        A failed commit is logged by the commit, once per interval; a
+        database that cannot be read shows in L{problem}, for health.
+        """
 
     def release(self, message_id: str) -> None:
         """
