@@ -145,6 +145,11 @@ class HelloTests(WorkerTestCase):
         self.assertEqual(self.successResultOf(d)["pending"], 0)
 
 
+class UnreachableSpool(MemorySpool):
+    def problem(self) -> str | None:
+        return "spool database unreachable: connection refused" if self.broken else None
+
+
 class QueueModeTests(WorkerTestCase):
     def test_stored_then_delivered(self) -> None:
         worker = self.front()
@@ -193,6 +198,16 @@ class QueueModeTests(WorkerTestCase):
         self.assertEqual(worker.problems(), ["spool is not writable"])
         [event] = [e for e in self.events if e.get("message_id") == "msg_1"]
         self.assertEqual(formatEvent(event), "could not store msg_1: spool is broken")
+
+    def test_health_gets_the_spools_reason(self) -> None:
+        """A shared spool says why it cannot take mail: health shows that."""
+        self.spool = UnreachableSpool(broken=True)
+        worker = self.front()
+        self.reactor.advance(1.0)
+        self.pump()
+        self.assertEqual(
+            worker.problems(), ["spool database unreachable: connection refused"]
+        )
 
     def test_stop(self) -> None:
         """Rounds in flight get the grace period; the spool says what stays."""
