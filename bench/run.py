@@ -932,6 +932,10 @@ def shared_round(
     messages delivered per second, from the first send to the last arrival.
     """
     receiver.reset()
+    load = MachineLoad(
+        *(pid for bridge in bridges for pid in bridge.processes()),
+        receiver.process.pid,
+    )
     share, spread = messages // len(bridges), max(1, sessions // len(bridges))
     sources: list[SourceRun] = []
     threads = [
@@ -964,6 +968,7 @@ def shared_round(
         "failed": share * len(bridges) - sent,
         "elapsed_s": round(elapsed, 3),
         "rate": round(len(arrivals) / elapsed, 1) if elapsed > 0 else None,
+        "machine": load.cores(),
     }
 
 
@@ -1556,7 +1561,9 @@ def run_shared(
         print(
             f"{each['spool']} x{each['bridges']}: {each['rate']} msg/s"
             f" (rounds {each['rates']}), lost {each['lost']},"
-            f" duplicates {each['duplicates']}",
+            f" duplicates {each['duplicates']}, busy cores"
+            f" {each['machine']['busy_cores']} (others"
+            f" {each['machine']['other_cores']})",
             file=out,
             flush=True,
         )
