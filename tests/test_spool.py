@@ -1148,3 +1148,23 @@ class PostgresDatabaseTests(SpoolDatabaseTests):
         error = self.assertRaises(SpoolError, self.database.apply, [insert_then_fail])
         self.assertIn("division by zero", str(error))
         self.assertEqual((inserted, self.database.counts()), (["msg_1"], SpoolStats()))
+
+    def test_retained_bytes_of_delivered_messages(self) -> None:
+        """
+        The SQL the attachment links need (SCHEMA.md): the bytes move to
+        C{retained} in the statement that deletes the delivered message.
+        """
+        database = self.database
+        with database.transaction():
+            database.insert(message("msg_1"))
+            database.insert(message("msg_2"))
+        with database.transaction():
+            self.assertEqual(database.delete("msg_1", "pending", 2000.0), len(RAW))
+            database.delete("msg_2", "pending")
+        self.assertEqual(database.retained_raw("msg_1", 1999.0), RAW)
+        self.assertIsNone(database.retained_raw("msg_1", 2000.0))
+        self.assertIsNone(database.retained_raw("msg_2", 0.0))
+        self.assertEqual(database.retained_counts(), (1, len(RAW)))
+        self.assertEqual(database.expire_retained(1999.0), 0)
+        self.assertEqual(database.expire_retained(2000.0), 1)
+        self.assertEqual(database.retained_counts(), (0, 0))

@@ -346,21 +346,58 @@ class PostgresDatabase:
             raise DuplicateMessage(f"message {message.id} is already spooled")
         return len(message.raw)
 
-    def delete(self, message_id: str, state: State) -> int:
+    def delete(
+        self, message_id: str, state: State, keep_until: float | None = None
+    ) -> int:
         """
         Forget a message in C{state} and its attempts; returns its size.  A
         delivered message is forgotten whoever holds it now: the webhook
         has it.
+
+        @param keep_until: keep the raw bytes in C{retained} until then, in
+            the same statement (for attachment links).
         """
         return self._change(
-            "WITH gone AS (DELETE FROM messages WHERE id = %s AND state = %s"
-            " RETURNING id, size), attempts AS (DELETE FROM attempts"
-            " WHERE message_id IN (SELECT id FROM gone))"
+            "WITH gone AS (DELETE FROM messages WHERE id = %(id)s"
+            " AND state = %(state)s RETURNING id, size, raw),"
+            " attempts AS (DELETE FROM attempts"
+            " WHERE message_id IN (SELECT id FROM gone)),"
+            " kept AS (INSERT INTO retained (message_id, expires_at, raw)"
+            " SELECT id, %(until)s::float8, raw FROM gone"
+            " WHERE %(until)s::float8 IS NOT NULL"
+            " ON CONFLICT (message_id) DO UPDATE"
+            " SET expires_at = excluded.expires_at, raw = excluded.raw)"
             " SELECT size FROM gone",
-            (message_id, state),
+            {"id": message_id, "state": state, "until": keep_until},
             message_id,
             state,
         )
+
+    def retained_raw(self, message_id: str, now: float) -> bytes | None:
+        """The bytes of a delivered message kept until after C{now}, if any."""
+        with self.transaction(write=False):
+            row = self._execute(
+                "SELECT raw FROM retained WHERE message_id = %s AND expires_at > %s",
+                (message_id, now),
+            ).fetchone()
+        return None if row is None else bytes(row["raw"])
+
+    def expire_retained(self, now: float) -> int:
+        """Forget the kept bytes whose time is over; how many."""
+        with self.transaction():
+            expired: int = self._execute(
+                "DELETE FROM retained WHERE expires_at <= %s", (now,)
+            ).rowcount
+        return expired
+
+    def retained_counts(self) -> tuple[int, int]:
+        """How many messages' bytes are kept, and how many bytes."""
+        with self.transaction(write=False):
+            row = self._execute(
+                "SELECT count(*) AS count, coalesce(sum(length(raw)), 0) AS size"
+                " FROM retained"
+            ).fetchone()
+        return int(row["count"]), int(row["size"])
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
@@ -523,7 +560,7 @@ class PostgresDatabase:
     def _change(
         self,
         statement: str,
-        parameters: tuple[object, ...],
+        parameters: Sequence[object] | Mapping[str, object],
         message_id: str,
         state: State,
     ) -> int:
