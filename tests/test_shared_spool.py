@@ -22,11 +22,11 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from maillaser.testing import Reply, WebhookReceiver
+from maillaser.testing import HANG, Reply, WebhookReceiver
 from tests.helpers import TARGET, poll, simple_message
 from tests.postgres import Cluster
 from tests.process import BridgeProcess
-from tests.test_process import ProcessTestCase
+from tests.test_process import CLEAN_SIGTERM, ProcessTestCase
 
 QUEUED = re.compile(rb"queued as (msg_[0-9a-f]{28})")
 CONCURRENCY = 16
@@ -69,12 +69,14 @@ def accepted(results: list[tuple[int, str | None]]) -> list[str]:
 class SharedSpoolProcessTests(ProcessTestCase):
     postgres_url: str
 
-    def shared(self, receiver: WebhookReceiver, *extra: str) -> list[str]:
+    def shared(
+        self, receiver: WebhookReceiver, *extra: str, concurrency: int = CONCURRENCY
+    ) -> list[str]:
         return self.arguments(
             receiver,
             "spool",
             f"--spool-url={self.postgres_url}",
-            f"--delivery-concurrency={CONCURRENCY}",
+            f"--delivery-concurrency={concurrency}",
             *extra,
         )
 
@@ -118,6 +120,37 @@ class SharedSpoolProcessTests(ProcessTestCase):
         await poll(lambda: set(delivered()) >= set(ids), timeout=60)
         self.assertEqual(set(delivered()), set(ids))
         self.assertEqual(max(delivered().values()), 1, delivered().most_common(3))
+
+    async def test_a_bridge_stopped_cleanly_gives_its_messages_back(self) -> None:
+        """
+        Messages a bridge holds when it stops (here: waiting for its one
+        delivery slot) are given back: the other bridge delivers them at
+        once, long before their leases would expire.
+        """
+        receiver = await self.receiver(HANG)
+        one, _ = await self.bridges(
+            2,
+            self.shared(
+                receiver,
+                "--spool-lease=60",
+                "--retry-schedule=1h",
+                concurrency=1,
+            ),
+        )
+        results = await deferToThread(send_many, one.ports["SMTP"], 5, "stopped")
+        ids = accepted(results)
+        self.assertEqual(len(ids), 5)
+        await poll(lambda: len(receiver.requests) >= 1, timeout=20)
+        waiting = set(ids) - {receiver.requests[0].headers["webhook-id"]}
+        receiver.default = Reply(200)
+        one.signal("SIGTERM")
+        self.assertEqual(await one.ended, CLEAN_SIGTERM)
+        stopped = reactor.seconds()
+        await poll(
+            lambda: waiting <= {r.headers["webhook-id"] for r in receiver.requests},
+            timeout=20,
+        )
+        self.assertLess(reactor.seconds() - stopped, 20)
 
     async def test_two_bridges_never_deliver_a_message_twice(self) -> None:
         receiver = await self.receiver()
