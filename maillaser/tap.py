@@ -76,6 +76,17 @@ class Options(usage.Options):
 
     opt_smtp.__doc__ = SMTP_ENDPOINT_HELP
 
+    def opt_version(self) -> None:
+        """
+        Display MailLaser's version and Twisted's, and exit.
+        """
+        from maillaser import __version__
+        from twisted import copyright
+
+        print(f"MailLaser version: {__version__}")
+        print(f"Twisted version: {copyright.version}")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         """
         Load the configuration, or stop with one line and status 1.
@@ -149,13 +160,42 @@ class _OwnProcess(MultiService):
         gc.freeze()
 
 
+class _StartUpFailed(SystemExit, Exception):
+    """
+    A start-up error that ends the process with one line, however it runs.
+
+    Python prints a L{SystemExit}'s code (C{"maillaser: reason"}) to stderr
+    and exits with status 1: that is all the foreground runners (C{twistd
+    -n}, C{twist}) do with it.  A daemonising C{twistd} needs an
+    L{Exception}: only one makes its C{postApplication} remove the pidfile
+    and write the reason to the status pipe, on which the parent waits
+    before it prints it and exits 1 (a bare L{SystemExit} skips both, and
+    the parent waited forever).  The parent prints at most 98 bytes of the
+    child's C{traceback.format_exception_only} line, C{"module.Class:
+    str"}, so the class passes for a built-in named C{maillaser} and its
+    C{str} is the bare reason: the line reads C{maillaser: reason}, as in
+    the foreground.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"maillaser: {reason}")
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+_StartUpFailed.__module__ = "builtins"
+_StartUpFailed.__qualname__ = "maillaser"
+
+
 @contextmanager
 def _start_up_errors_in_one_line() -> Iterator[None]:
     try:
         yield
     except Exception as error:
         if _is_start_up_error(error):
-            raise SystemExit(f"maillaser: {error}") from None
+            raise _StartUpFailed(str(error)) from None
         raise
 
 

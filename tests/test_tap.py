@@ -10,6 +10,7 @@ import gc
 import os
 import subprocess
 import sys
+import traceback
 import types
 from collections.abc import Mapping, Sequence
 from unittest import mock
@@ -404,6 +405,22 @@ class StartUpErrorTests(ParsingTestCase):
                 stopped.code, "maillaser: spool.sqlite3 is not a MailLaser spool"
             )
 
+    def test_reason_for_the_daemon_parent(self) -> None:
+        """
+        An L{Exception} too, which twistd's daemon child reports on its
+        status pipe as its one C{format_exception_only} line: that line is
+        the same as the foreground's.
+        """
+        error = CannotListenError("127.0.0.1", 25, OSError(98, "Address in use"))
+        stopped = self.assertRaises(
+            SystemExit, self.start, self.runner(error, True), True
+        )
+        self.assertIsInstance(stopped, Exception)
+        self.assertEqual(
+            traceback.format_exception_only(type(stopped), stopped),
+            [f"maillaser: {error}\n"],
+        )
+
     def test_other_errors_unchanged(self) -> None:
         """A bug is not a start-up error: its traceback is worth having."""
         for privileged in (True, False):
@@ -459,6 +476,24 @@ class RunnerTests(SynchronousTestCase):
                     1,
                     "maillaser: MAIL_LASER_PORT / --port: 'abc' is not a valid port"
                     " number (0-65535)\n",
+                    "",
+                ),
+                runner,
+            )
+
+    def test_version(self) -> None:
+        """MailLaser's version, then Twisted's, under both runners."""
+        from maillaser import __version__
+        from twisted import copyright
+
+        for runner in (["twistd"], ["twist"]):
+            result = run_plugin(runner, ["--version"], environ={})
+            self.assertEqual(
+                (result.returncode, result.stdout, result.stderr),
+                (
+                    0,
+                    f"MailLaser version: {__version__}\n"
+                    f"Twisted version: {copyright.version}\n",
                     "",
                 ),
                 runner,
