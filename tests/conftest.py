@@ -10,7 +10,6 @@ tree has gained such a folder anyway.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,8 @@ def litter() -> set[Path]:
 
 
 @pytest.fixture(autouse=True)
-def _in_own_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _in_own_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    yield
 
 
 _BEFORE: set[Path] = set()
