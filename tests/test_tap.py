@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from maillaser import logs
 from maillaser.config import SETTINGS, Config, load_config
 from maillaser.tap import Options, makeService
+from tests.process import clean_environment
 
 TARGET = "alerts@example.com"
 URL = "https://hooks.example.com/mail"
@@ -480,6 +481,32 @@ class RunnerTests(SynchronousTestCase):
                 ),
                 runner,
             )
+
+    def test_readme_configuration_error(self) -> None:
+        """
+        The example in README's Configuration section, run as shown, prints
+        what it shows, with status 1.
+        """
+        with open(os.path.join(ROOT, "README.rst")) as readme:
+            text = readme.read()
+        example = text.split("and the exit status is 1::\n\n", 1)[1]
+        command, output = example.splitlines()[:2]
+        self.assertTrue(command.startswith("    $ "), command)
+        environment = clean_environment()
+        bin_directory = os.path.dirname(sys.executable)
+        environment["PATH"] = bin_directory + os.pathsep + environment["PATH"]
+        result = subprocess.run(
+            ["sh", "-c", command.removeprefix("    $ ")],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr),
+            (1, "", output.removeprefix("    ") + "\n"),
+        )
 
     def test_version(self) -> None:
         """MailLaser's version, then Twisted's, under both runners."""
