@@ -52,6 +52,22 @@ def makeService(config: Config, reactor: Any = None) -> MailLaserService:
     return MailLaserService(config, reactor)
 
 
+_TAKE_A_BACKLOG = frozenset({"tcp", "tcp6", "ssl"})
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=} added if it listens on a socket of its
+    own and names none: Twisted's default of 50 makes a burst of connects
+    wait for the client's SYN retries.  A C{systemd:} socket was set up by
+    systemd (its C{Backlog=}); other endpoint types are left as they are.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind not in _TAKE_A_BACKLOG or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 class Listener(Service):
     """
     Listens on one endpoint; a bind failure at start-up is raised, not just
@@ -130,7 +146,13 @@ class MailLaserService(MultiService):
             on_reply=self.metrics.smtp_reply,
         )
         self.smtp_listeners = [
-            Listener(serverFromString(reactor, description), self.smtp_factory, "SMTP")
+            Listener(
+                serverFromString(
+                    reactor, with_backlog(description, config.smtp_backlog)
+                ),
+                self.smtp_factory,
+                "SMTP",
+            )
             for description in config.smtp_endpoints
         ]
         self.health_listener = Listener(
@@ -206,4 +228,4 @@ class MailLaserService(MultiService):
         )
 
 
-__all__ = ["Listener", "MailLaserService", "makeService"]
+__all__ = ["Listener", "MailLaserService", "makeService", "with_backlog"]

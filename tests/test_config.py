@@ -291,13 +291,14 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_WEBHOOK_CA_FILE", "--webhook-ca-file"),
                 ("MAIL_LASER_WORKER_TIMEOUT", "--worker-timeout"),
                 ("MAIL_LASER_PAYLOAD_TIMEOUT", "--payload-timeout"),
+                ("MAIL_LASER_SMTP_BACKLOG", "--smtp-backlog"),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 23)
+        self.assertEqual(len(literal), 24)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -572,6 +573,7 @@ class NumberSettingsTests(SettingTestCase):
             ("spool-max-messages", "spool_max_messages", 100000, 1, None),
             ("spool-max-bytes", "spool_max_bytes", 1073741824, 1, None),
             ("max-connections", "max_connections", 1000, 1, None),
+            ("smtp-backlog", "smtp_backlog", 1024, 1, 65535),
         ]:
             self.assertEqual((option, getattr(load(), field)), (option, default))
             self.assertAccepted(option, str(low), field, low)
@@ -1247,6 +1249,7 @@ class DescribeTests(SynchronousTestCase):
                 "webhook_ca_file": None,
                 "worker_timeout": 10.0,
                 "payload_timeout": 10.0,
+                "smtp_backlog": 1024,
             },
         )
         text = repr(describe(config))

@@ -75,6 +75,11 @@ class Config:
     payload_timeout: float = 10.0
     """Seconds building one payload may take before the message is
     delivered with what could be read and a C{parse_error}."""
+    smtp_backlog: int = 1024
+    """Connections the kernel queues for an SMTP listener before it accepts
+    them (Twisted's default is 50: a burst of connects waited for SYN
+    retries); given to every C{tcp}, C{tcp6} and C{ssl} SMTP endpoint that
+    names no C{backlog=} of its own."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""

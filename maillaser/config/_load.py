@@ -105,6 +105,7 @@ def load_config(
         webhook_ca_file=value("webhook-ca-file", parsers.certificate_bundle),
         worker_timeout=value("worker-timeout", positive_seconds),
         payload_timeout=value("payload-timeout", positive_seconds),
+        smtp_backlog=value("smtp-backlog", parsers.integer(1, 65535)),
     )
     _check_tls_pair(config)
     return config

@@ -83,6 +83,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("worker-timeout", "Seconds to wait for the delivery worker.", "10"),
     Setting("payload-timeout", "Seconds to build one payload.", "10"),
+    Setting("smtp-backlog", "Listen backlog of tcp and ssl SMTP endpoints.", "1024"),
 )
 
 BY_OPTION: dict[str, Setting] = {setting.option: setting for setting in SETTINGS}
