@@ -132,7 +132,7 @@ class BacklogTests(SynchronousTestCase):
         for description in (
             "tcp:2525:interface=0.0.0.0",
             "tcp6:25:interface=\\:\\:",
-            "TCP:25",
+            "TCP6:25",
             "ssl:465:privateKey=key.pem:certKey=cert.pem",
         ):
             self.assertEqual(
