@@ -124,6 +124,15 @@ class OptionsTests(ParsingTestCase):
         self.assertEqual(names, [setting.option for setting in SETTINGS] + ["health"])
         self.assertEqual({parameter[2] for parameter in Options.optParameters}, {None})
 
+    def test_readme_lists_every_setting(self) -> None:
+        """README's configuration table: each variable and its option."""
+        with open(os.path.join(ROOT, "README.rst")) as readme:
+            text = readme.read()
+        table = text.split("   * - Environment variable\n", 1)[1].split("\n\n", 1)[0]
+        for setting in SETTINGS:
+            self.assertIn(f"``{setting.env}``", table)
+            self.assertIn(f"``--{setting.option}``", table)
+
     def test_help_names_environment_and_default(self) -> None:
         text = Options(environ={}).getUsage(width=1000)
         for setting in SETTINGS:
