@@ -271,4 +271,4 @@ class PluginCacheTests(SynchronousTestCase):
             self.install_step(), env=self.environment, check=True, timeout=60
         )
         self.assertTrue(cache.exists())
-        self.assertNotIn("Unable to write", self.start_as_service_user())
+        self.assertNotIn(unable, self.start_as_service_user())
