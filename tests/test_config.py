@@ -169,7 +169,8 @@ class UpstreamConfigTests(SettingTestCase):
     def test_missing_required(self) -> None:
         self.assertEqual(
             str(self.assertRaises(ConfigError, load_config, {}, {}, None)),
-            "MAIL_LASER_TARGET_EMAILS / --target-emails: must be set",
+            "MAIL_LASER_TARGET_EMAILS / --target-emails: must be set"
+            " (or MAIL_LASER_TARGET_DOMAINS / --target-domains)",
         )
         self.assertEqual(
             str(
@@ -291,13 +292,19 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_WEBHOOK_CA_FILE", "--webhook-ca-file"),
                 ("MAIL_LASER_WORKER_TIMEOUT", "--worker-timeout"),
                 ("MAIL_LASER_PAYLOAD_TIMEOUT", "--payload-timeout"),
+                ("MAIL_LASER_TARGET_DOMAINS", "--target-domains"),
+                ("MAIL_LASER_PAYLOAD_HEADERS", "--payload-headers"),
+                (
+                    "MAIL_LASER_WEBHOOK_MAILLASER3_SIGNATURE",
+                    "--webhook-maillaser3-signature",
+                ),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 23)
+        self.assertEqual(len(literal), 25)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -1247,6 +1254,9 @@ class DescribeTests(SynchronousTestCase):
                 "webhook_ca_file": None,
                 "worker_timeout": 10.0,
                 "payload_timeout": 10.0,
+                "target_domains": (),
+                "payload_headers": "prefix",
+                "webhook_maillaser3_signature": False,
             },
         )
         text = repr(describe(config))

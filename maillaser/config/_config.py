@@ -14,6 +14,7 @@ from typing import Any, Literal
 import attrs
 
 DeliveryMode = Literal["queue", "sync"]
+PayloadHeaders = Literal["prefix", "all"]
 LogLevel = Literal["debug", "info", "warn", "error"]
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
@@ -75,6 +76,12 @@ class Config:
     payload_timeout: float = 10.0
     """Seconds building one payload may take before the message is
     delivered with what could be read and a C{parse_error}."""
+    target_domains: tuple[str, ...] = ()
+    """Domains every recipient at which is accepted, besides L{target_emails}."""
+    payload_headers: PayloadHeaders = "prefix"
+    """C{"all"} adds C{header_list}, every top-level field, to the payload."""
+    webhook_maillaser3_signature: bool = False
+    """Also sign as MailLaser 3 does, for receivers written for it."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""
@@ -97,4 +104,5 @@ __all__ = [
     "ConfigError",
     "DeliveryMode",
     "LogLevel",
+    "PayloadHeaders",
 ]
