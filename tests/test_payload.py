@@ -23,34 +23,15 @@ from maillaser.webhook import (
     encoded_payload,
     fallback_payload,
 )
+from tests.helpers import spec_keys
 
 CORPUS = Path(__file__).parent / "corpus"
 
 ENVELOPE = Envelope(sender="sender@example.com", recipients=("alerts@example.com",))
 
 
-SPEC_KEYS = (
-    "sender",
-    "sender_name",
-    "recipient",
-    "recipients",
-    "subject",
-    "body",
-    "html_body",
-    "headers",
-    "message_id",
-    "parse_error",
-)
-"""
-The keys of SPEC §4 (and C{parse_error}): the tests written before issue
-13 assert these, so they see the payload without its newer keys, which
-L{tests.test_payload_v2} covers.
-"""
-
-
 def parse(raw: bytes, prefixes: tuple[str, ...] = ()) -> dict[str, object]:
-    payload = build_payload(Message("msg_test", ENVELOPE, raw), prefixes)
-    return {key: value for key, value in payload.items() if key in SPEC_KEYS}
+    return spec_keys(build_payload(Message("msg_test", ENVELOPE, raw), prefixes))
 
 
 def crlf(text: str) -> bytes:
@@ -810,8 +791,9 @@ class FallbackTests(SynchronousTestCase):
 
     def fallback(self, raw: bytes, prefixes: tuple[str, ...] = ()) -> object:
         message = Message("msg_test", ENVELOPE, raw)
-        payload = json.loads(fallback_payload(message, prefixes, "took too long"))
-        return {key: value for key, value in payload.items() if key in SPEC_KEYS}
+        return spec_keys(
+            json.loads(fallback_payload(message, prefixes, "took too long"))
+        )
 
     def test_header_only(self) -> None:
         self.assertEqual(

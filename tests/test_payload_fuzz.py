@@ -181,7 +181,9 @@ def assert_newer_keys(case: SynchronousTestCase, result: dict[str, object]) -> N
             for entry in entries:
                 assert_address(case, entry)
     if "date" in result:
-        case.assertRegex(result["date"], RFC3339_UTC)
+        date = result["date"]
+        assert isinstance(date, str)
+        case.assertRegex(date, RFC3339_UTC)
     if "in_reply_to" in result:
         case.assertIsInstance(result["in_reply_to"], str)
         case.assertTrue(result["in_reply_to"])
