@@ -324,15 +324,20 @@ def _hostname(source: _Source, getfqdn: Callable[[], str]) -> str:
 
 def _target_emails(source: _Source) -> tuple[str, ...]:
     """
-    The target addresses: required unless target domains are set, so that
-    a bridge always serves somebody.
+    The target addresses: required unless target domains are set (then
+    they may be empty), so that a bridge always serves somebody.
     """
-    if source.raw("target-emails") is None and source.raw("target-domains") is None:
+    emails = source.raw("target-emails")
+    no_domains: tuple[str, ...] = ()
+    domains = source.value("target-domains", parsers.target_domains, no_domains)
+    if domains and not (emails or "").strip():
+        return ()  # MailLaser 3 forks leave the addresses empty beside domains
+    if emails is None:
         raise ConfigError(
             f"{BY_OPTION['target-emails'].label}: must be set"
             f" (or {BY_OPTION['target-domains'].label})"
         )
-    return source.value("target-emails", parsers.targets, ())
+    return source.parse("target-emails", parsers.targets, emails)
 
 
 def _per_ip_limit(source: _Source, max_connections: int) -> int:

@@ -88,7 +88,7 @@ class MailLaserDeliveryFactory:
         """
         self.sink = sink
         self.targets = frozenset(address_key(target) for target in targets)
-        self.domains = frozenset(domain_key("@" + domain) for domain in domains)
+        self.domains = frozenset(domain.translate(_ASCII_LOWER) for domain in domains)
         self.max_recipients = max_recipients
         self.hostname = hostname
         self.clock = clock
