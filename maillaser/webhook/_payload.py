@@ -332,7 +332,7 @@ def _addresses(values: Iterable[str]) -> list[dict[str, str]]:
     if not text:
         return []
     try:
-        pairs = getaddresses([text[:_ADDRESS_LIST_LIMIT]])
+        pairs = _address_pairs(text[:_ADDRESS_LIST_LIMIT])
     except RecursionError:  # deeply nested comments or groups
         return []
     found: list[dict[str, str]] = []
@@ -474,8 +474,17 @@ def _display_name(value: str) -> str:
     The display name of the first From address, decoded after the address is
     parsed (decoding first would let an encoded comma split the name).
     """
-    addresses = getaddresses([_unfolded_text(value)[:_ADDRESS_LIMIT]])
+    addresses = _address_pairs(_unfolded_text(value)[:_ADDRESS_LIMIT])
     return _decode_words(addresses[0][0]).strip() if addresses else ""
+
+
+@functools.lru_cache(maxsize=16)
+def _address_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """
+    C{getaddresses} of C{text}, kept for the next caller: the From field
+    is read for C{sender_name} and again for C{from}.
+    """
+    return tuple(getaddresses([text]))
 
 
 def _decode_words(text: str) -> str:
