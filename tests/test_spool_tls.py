@@ -6,6 +6,7 @@ keeps its mail and migrates once.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
@@ -13,6 +14,7 @@ import sqlite3
 from maillaser.message import Envelope, Message, QueuedMessage, TLSInfo
 from maillaser.spool import SpoolDatabase
 from maillaser.spool._database import APPLICATION_ID, SCHEMA_VERSION, _add_tls_column
+from maillaser.spool.admin import run
 from maillaser.worker._commands import MessageList
 from tests.test_spool import SpoolCase
 
@@ -153,3 +155,41 @@ class MigrationTests(SpoolCase):
         spool = self.open()
         self.assertEqual(len(self.done(spool.due(1000.0, 10))), 1)
         self.assertEqual(self.version(), SCHEMA_VERSION)
+
+
+class AdminToolTests(SpoolCase):
+    """C{maillaser-spool} shows the TLS of a session that had one."""
+
+    def test_show_and_json(self) -> None:
+        spool = self.open()
+        self.done(spool.add(message("msg_tls", TLS)))
+        self.done(spool.add(message("msg_clear", None)))
+
+        def admin(*argv: str) -> str:
+            buffer = io.BytesIO()
+            out = io.TextIOWrapper(buffer, encoding="utf-8", newline="\n")
+            code = run(
+                ("--spool-dir", self.directory, *argv),
+                out=out,
+                err=io.StringIO(),
+                now=2000.0,
+                environ={},
+            )
+            self.assertEqual(code, 0)
+            out.flush()
+            return buffer.getvalue().decode()
+
+        self.assertIn(
+            "\npeer:         ::1\ntls:          TLSv1.3 TLS_AES_256_GCM_SHA384\n",
+            admin("show", "msg_tls"),
+        )
+        self.assertNotIn("tls:", admin("show", "msg_clear"))
+        lines = {
+            entry["id"]: entry
+            for entry in map(json.loads, admin("list", "--json").splitlines())
+        }
+        self.assertEqual(
+            lines["msg_tls"]["tls"],
+            {"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"},
+        )
+        self.assertNotIn("tls", lines["msg_clear"])
