@@ -649,3 +649,18 @@ class AddressTests(SynchronousTestCase):
         assert_well_formed(self, result)
         utc = when.astimezone(datetime.UTC)
         self.assertEqual(result["date"], utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    @FUZZ
+    @given(
+        field=st.sampled_from(
+            ["From", "To", "Cc", "Reply-To", "Date", "In-Reply-To", "References"]
+        ),
+        value=st.one_of(
+            st.text(max_size=200),
+            st.text(alphabet=st.sampled_from(list('()<>@,;:\\".[] =?q')), max_size=300),
+        ),
+    )
+    def test_any_value(self, field: str, value: str) -> None:
+        """Whatever the field holds, the payload is well formed."""
+        raw = field.encode() + b": " + value.encode("utf-8", "surrogatepass")
+        assert_well_formed(self, parse(raw + b"\r\n\r\nbody"))
