@@ -21,6 +21,19 @@ import attrs
 
 
 @attrs.frozen
+class TLSInfo:
+    """
+    The TLS a session ran under, as OpenSSL names it, so a receiver can
+    tell mail that crossed the network encrypted from mail that did not.
+    """
+
+    version: str
+    """The protocol, e.g. C{"TLSv1.3"}."""
+    cipher: str
+    """The cipher suite, e.g. C{"TLS_AES_256_GCM_SHA384"}."""
+
+
+@attrs.frozen
 class Envelope:
     """
     What the SMTP client told us outside the message itself.
@@ -38,6 +51,9 @@ class Envelope:
 
     helo: str = ""
     peer: str = ""
+    """The client's address as the transport gave it: a bare IP for TCP."""
+    tls: TLSInfo | None = None
+    """The session's TLS; C{None} for a cleartext session."""
 
 
 @attrs.frozen
@@ -130,6 +146,7 @@ __all__ = [
     "QueuedMessage",
     "Refusal",
     "SpoolStats",
+    "TLSInfo",
     "WebhookResponse",
     "new_message_id",
 ]

@@ -135,6 +135,7 @@ class MailLaserService(MultiService):
                 max_recipients=config.max_recipients,
                 hostname=config.hostname,
                 clock=reactor,
+                domains=config.target_domains,
             ),
             clock=reactor,
             hostname=config.hostname,

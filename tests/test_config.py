@@ -169,7 +169,8 @@ class UpstreamConfigTests(SettingTestCase):
     def test_missing_required(self) -> None:
         self.assertEqual(
             str(self.assertRaises(ConfigError, load_config, {}, {}, None)),
-            "MAIL_LASER_TARGET_EMAILS / --target-emails: must be set",
+            "MAIL_LASER_TARGET_EMAILS / --target-emails: must be set"
+            " (or MAIL_LASER_TARGET_DOMAINS / --target-domains)",
         )
         self.assertEqual(
             str(
@@ -292,13 +293,19 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_WORKER_TIMEOUT", "--worker-timeout"),
                 ("MAIL_LASER_PAYLOAD_TIMEOUT", "--payload-timeout"),
                 ("MAIL_LASER_SMTP_BACKLOG", "--smtp-backlog"),
+                ("MAIL_LASER_TARGET_DOMAINS", "--target-domains"),
+                ("MAIL_LASER_PAYLOAD_HEADERS", "--payload-headers"),
+                (
+                    "MAIL_LASER_WEBHOOK_MAILLASER3_SIGNATURE",
+                    "--webhook-maillaser3-signature",
+                ),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 24)
+        self.assertEqual(len(literal), 26)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -1250,6 +1257,9 @@ class DescribeTests(SynchronousTestCase):
                 "worker_timeout": 10.0,
                 "payload_timeout": 10.0,
                 "smtp_backlog": 1024,
+                "target_domains": (),
+                "payload_headers": "prefix",
+                "webhook_maillaser3_signature": False,
             },
         )
         text = repr(describe(config))

@@ -38,7 +38,7 @@ from maillaser.spool import (
     SqliteSpool,
     open_spool,
 )
-from maillaser.spool._database import DUE_BYTES
+from maillaser.spool._database import DUE_BYTES, SCHEMA_VERSION
 from maillaser.spool._throttle import REPEAT_INTERVAL, LogThrottle, Report
 
 RAW = (
@@ -654,12 +654,13 @@ class DamagedSpoolTests(SpoolCase):
     def test_newer_schema(self) -> None:
         self.done(self.open().close())
         newer = sqlite3.connect(self.path)
-        newer.execute("PRAGMA user_version = 2")
+        newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         newer.close()
         error = self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
         self.assertEqual(
             str(error),
-            f"{self.path} has spool schema version 2; this MailLaser reads version 1",
+            f"{self.path} has spool schema version {SCHEMA_VERSION + 1};"
+            f" this MailLaser reads version {SCHEMA_VERSION}",
         )
 
 

@@ -283,7 +283,8 @@ class BadValueTests(ParsingTestCase):
     def test_missing_required(self) -> None:
         self.assertEqual(
             self.exit_message([], {}),
-            "maillaser: MAIL_LASER_TARGET_EMAILS / --target-emails: must be set",
+            "maillaser: MAIL_LASER_TARGET_EMAILS / --target-emails: must be set"
+            " (or MAIL_LASER_TARGET_DOMAINS / --target-domains)",
         )
 
     def test_secret_not_echoed(self) -> None:

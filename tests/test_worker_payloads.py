@@ -113,7 +113,10 @@ class PayloadBuilderTests(SynchronousTestCase):
     def test_the_rest_in_a_payload_process(self) -> None:
         d = self.builder.build(html())
         [(arguments, answer)] = self.process().asked
-        self.assertEqual(arguments, {"message": html(), "header_prefixes": ["X-"]})
+        self.assertEqual(
+            arguments,
+            {"message": html(), "header_prefixes": ["X-"], "header_list": False},
+        )
         answer.callback({"body": b'{"built":"there"}'})
         self.reactor.processes[-1].pump()
         self.assertEqual(self.successResultOf(d), b'{"built":"there"}')

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import attrs
 
 DeliveryMode = Literal["queue", "sync"]
+PayloadHeaders = Literal["prefix", "all"]
 LogLevel = Literal["debug", "info", "warn", "error"]
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
@@ -80,6 +81,12 @@ class Config:
     them (Twisted's default is 50: a burst of connects waited for SYN
     retries); given to every C{tcp}, C{tcp6} and C{ssl} SMTP endpoint that
     names no C{backlog=} of its own."""
+    target_domains: tuple[str, ...] = ()
+    """Domains every recipient at which is accepted, besides L{target_emails}."""
+    payload_headers: PayloadHeaders = "prefix"
+    """C{"all"} adds C{header_list}, every top-level field, to the payload."""
+    webhook_maillaser3_signature: bool = False
+    """Also sign as MailLaser 3 does, for receivers written for it."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""
@@ -102,4 +109,5 @@ __all__ = [
     "ConfigError",
     "DeliveryMode",
     "LogLevel",
+    "PayloadHeaders",
 ]

@@ -23,7 +23,7 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 
 from maillaser.config import _parsers as parsers
 from maillaser.config._config import Config, ConfigError
-from maillaser.config._settings import BY_OPTION
+from maillaser.config._settings import ALIAS_OF, BY_OPTION
 
 _DEFAULTS = Config(target_emails=(), webhook_url="")
 _DEFAULT_INTERFACE = "0.0.0.0"
@@ -72,7 +72,7 @@ def load_config(
     # Keyword order is evaluation order: as upstream, the error reported is
     # the first one in the settings table.
     config = Config(
-        target_emails=source.required("target-emails", parsers.targets),
+        target_emails=_target_emails(source),
         webhook_url=source.required("webhook-url", parsers.webhook_url),
         smtp_endpoints=endpoints.smtp(),
         health_endpoint=endpoints.health(),
@@ -106,6 +106,13 @@ def load_config(
         worker_timeout=value("worker-timeout", positive_seconds),
         payload_timeout=value("payload-timeout", positive_seconds),
         smtp_backlog=value("smtp-backlog", parsers.integer(1, 65535)),
+        target_domains=value("target-domains", parsers.target_domains),
+        payload_headers=value(
+            "payload-headers", parsers.choice(parsers.PAYLOAD_HEADERS)
+        ),
+        webhook_maillaser3_signature=value(
+            "webhook-maillaser3-signature", parsers.choice(parsers.BOOLEANS)
+        ),
     )
     _check_tls_pair(config)
     return config
@@ -133,10 +140,38 @@ class _Source:
     environ: Mapping[str, str]
 
     def raw(self, option: str) -> str | None:
+        """
+        The setting's text: the option, else our variable, else MailLaser
+        3's name for it (L{ALIAS_OF}), read as MailLaser 3 reads it.  Both
+        variables set to different values is a mistake, reported rather
+        than guessed at.
+        """
         given = self.options.get(option)
         if given is not None:
             return str(given)
-        return self.environ.get(BY_OPTION[option].env)
+        ours = self.environ.get(BY_OPTION[option].env)
+        theirs = self.from_alias(option)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ConfigError(
+                f"{ALIAS_OF[option].env} (MailLaser 3's name) and"
+                f" {BY_OPTION[option].env} are both set, to different values;"
+                " set only one"
+            )
+        return theirs if ours is None else ours
+
+    def from_alias(self, option: str) -> str | None:
+        """
+        The alias's value in our setting's syntax, or C{None} when unset.
+        Only the signing secret is written differently.
+        """
+        alias = ALIAS_OF.get(option)
+        text = None if alias is None else self.environ.get(alias.env)
+        if text is None or option != "webhook-secret":
+            return text
+        try:
+            return parsers.maillaser3_secret(text)
+        except parsers.Invalid as reason:
+            raise ConfigError(f"{ALIAS_OF[option].env}: {reason}") from None
 
     def value(self, option: str, parse: Callable[[str], _T], default: _T) -> _T:
         text = self.raw(option)
@@ -288,17 +323,37 @@ def _hostname(source: _Source, getfqdn: Callable[[], str]) -> str:
         ) from None
 
 
+def _target_emails(source: _Source) -> tuple[str, ...]:
+    """
+    The target addresses: required unless target domains are set (then
+    they may be empty), so that a bridge always serves somebody.
+    """
+    emails = source.raw("target-emails")
+    no_domains: tuple[str, ...] = ()
+    domains = source.value("target-domains", parsers.target_domains, no_domains)
+    if domains and not (emails or "").strip():
+        return ()  # MailLaser 3 forks leave the addresses empty beside domains
+    if emails is None:
+        raise ConfigError(
+            f"{BY_OPTION['target-emails'].label}: must be set"
+            f" (or {BY_OPTION['target-domains'].label})"
+        )
+    return source.parse("target-emails", parsers.targets, emails)
+
+
 def _per_ip_limit(source: _Source, max_connections: int) -> int:
     """
     The per-address cap, never above the global one.
 
     Unset, its default shrinks to fit, so that lowering only the global cap
-    is not an error.
+    is not an error.  MailLaser 3's C{0} ("no limit") leaves the global cap.
     """
     option = "max-connections-per-ip"
     text = source.raw(option)
     if text is None:
         return min(_DEFAULTS.max_connections_per_ip, max_connections)
+    if text.strip() == "0" and source.from_alias(option) == text:
+        return max_connections
     limit = source.parse(option, parsers.integer(1), text)
     if limit > max_connections:
         raise ConfigError(

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 
-from maillaser.config._config import DeliveryMode, LogLevel
+from maillaser.config._config import DeliveryMode, LogLevel, PayloadHeaders
 
 _T = TypeVar("_T")
 
@@ -35,6 +35,7 @@ _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ADDRESS = re.compile(r"[^@\s<>\x00-\x1f\x7f]+@[^@\s<>\x00-\x1f\x7f]+")
 _HEADER_PREFIX = re.compile(r"[!-9;-~]+")
+_ADDRESS_FORBIDDEN = re.compile(r"[@\s<>,\x00-\x1f\x7f]")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _SECRET_PREFIX = "whsec_"
@@ -44,6 +45,8 @@ _MAX_BUNDLE = 16 * 1024 * 1024
 """Bytes read of a CA bundle: the system's whole store is a few hundred KiB."""
 
 DELIVERY_MODES: dict[str, DeliveryMode] = {"queue": "queue", "sync": "sync"}
+PAYLOAD_HEADERS: dict[str, PayloadHeaders] = {"prefix": "prefix", "all": "all"}
+BOOLEANS: dict[str, bool] = {"true": True, "false": False}
 LOG_LEVELS: dict[str, LogLevel] = {
     "debug": "debug",
     "info": "info",
@@ -130,6 +133,37 @@ def targets(text: str) -> tuple[str, ...]:
             raise Invalid(f"{show(address)} is not an email address")
         unique.setdefault(address.lower(), address)
     return tuple(unique.values())
+
+
+def target_domains(text: str) -> tuple[str, ...]:
+    """
+    Domains, each kept as written (the SMTP side compares them with ASCII
+    letters lower-cased); a leading C{@} is forgiven.
+    """
+    unique: dict[str, str] = {}
+    for domain in _split(text):
+        name = domain.removeprefix("@")
+        valid = _is_hostname(name) or _is_address_literal(name)
+        if not (valid or _is_utf8_domain(name)):
+            raise Invalid(f"{show(domain)} is not a domain")
+        unique.setdefault(name.lower(), name)
+    return tuple(unique.values())
+
+
+def _is_utf8_domain(text: str) -> bool:
+    """An internationalised domain as SMTPUTF8 clients write it (RFC 6531)."""
+    return not text.isascii() and not _ADDRESS_FORBIDDEN.search(text) and "." in text
+
+
+def maillaser3_secret(text: str) -> str:
+    """
+    MailLaser 3's signing secret, any text whose UTF-8 bytes are the HMAC
+    key, as the equivalent Standard Webhooks secret (C{whsec_} + base64 of
+    the same bytes): both signatures then use the same key.
+    """
+    if not text:
+        raise Invalid("cannot be empty")
+    return _SECRET_PREFIX + base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 def webhook_url(text: str) -> str:
@@ -317,8 +351,10 @@ def _is_address_literal(text: str) -> bool:
 
 
 __all__ = [
+    "BOOLEANS",
     "DELIVERY_MODES",
     "LOG_LEVELS",
+    "PAYLOAD_HEADERS",
     "Invalid",
     "certificate_bundle",
     "choice",
@@ -326,6 +362,7 @@ __all__ = [
     "hostname",
     "integer",
     "interface",
+    "maillaser3_secret",
     "mask_url",
     "non_empty",
     "one_line",
@@ -334,6 +371,7 @@ __all__ = [
     "retry_schedule",
     "seconds",
     "show",
+    "target_domains",
     "targets",
     "webhook_secrets",
     "webhook_url",

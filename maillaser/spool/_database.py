@@ -27,12 +27,22 @@ from urllib.parse import quote
 import attrs
 from twisted.python.failure import Failure
 
-from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
+from maillaser.message import (
+    Attempt,
+    Envelope,
+    Message,
+    QueuedMessage,
+    SpoolStats,
+    TLSInfo,
+)
 
 DATABASE_NAME = "spool.sqlite3"
 
-SCHEMA_VERSION = 1
-"""Stored in C{PRAGMA user_version}; a later schema bumps it and migrates."""
+SCHEMA_VERSION = 2
+"""
+Stored in C{PRAGMA user_version}; a later schema bumps it and migrates
+(L{_MIGRATIONS}), so a spool left by an older MailLaser keeps its mail.
+"""
 
 APPLICATION_ID = 0x4D4C5350
 """C{PRAGMA application_id} ("MLSP"): tells our database from any other."""
@@ -69,6 +79,7 @@ _SCHEMA = (
         last_error TEXT NOT NULL DEFAULT '',
         dead_at REAL,
         attempt_count INTEGER NOT NULL DEFAULT 0,
+        tls TEXT NOT NULL DEFAULT '',
         -- Last: reading any other column never walks a large message's
         -- overflow pages.
         raw BLOB NOT NULL
@@ -88,13 +99,29 @@ _SCHEMA = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
+
+def _add_tls_column(connection: sqlite3.Connection) -> None:
+    """
+    1 -> 2: the session's TLS, as compact JSON; C{''} for cleartext, and
+    for every message spooled before it was recorded.
+    """
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(messages)")}
+    if "tls" not in columns:
+        connection.execute(
+            "ALTER TABLE messages ADD COLUMN tls TEXT NOT NULL DEFAULT ''"
+        )
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_tls_column}
+"""What takes a spool from each older version to the next; each is idempotent."""
+
 _UNCLAIMED_PENDING = "state = 'pending' AND id NOT IN (SELECT value FROM json_each(?))"
 
 _PROBE = Message("probe", Envelope("", ()), bytes(PROBE_SIZE))
 """Never a real message: real ids are C{msg_} and 28 hex digits."""
 
 _ENTRY_COLUMNS = (
-    "id, state, sender, recipients, helo, peer, size, received_at, rounds,"
+    "id, state, sender, recipients, helo, peer, tls, size, received_at, rounds,"
     " attempt_count, next_attempt_at, last_error, dead_at"
 )
 
@@ -204,6 +231,8 @@ class SpoolDatabase:
                     raise SpoolError(f"{self.path} is empty, not a MailLaser spool")
                 for statement in _SCHEMA:
                     self._connection.execute(statement)
+        if self._pragma("user_version") < SCHEMA_VERSION:
+            self._migrate()
         with self._errors("cannot be set up"):
             (mode,) = self._connection.execute("PRAGMA journal_mode = WAL").fetchone()
             self._connection.execute("PRAGMA synchronous = FULL")
@@ -219,12 +248,26 @@ class SpoolDatabase:
             return True
         if application_id != APPLICATION_ID:
             raise SpoolError(f"{self.path} is not a MailLaser spool database")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION and version not in _MIGRATIONS:
             raise SpoolError(
                 f"{self.path} has spool schema version {version};"
                 f" this MailLaser reads version {SCHEMA_VERSION}"
             )
         return False
+
+    def _migrate(self) -> None:
+        """
+        Bring an older spool to L{SCHEMA_VERSION}, one version per
+        transaction; the version is read again inside each, so two
+        processes opening the same old spool migrate it once.
+        """
+        while True:
+            with self.transaction():
+                version = self._pragma("user_version")
+                if version >= SCHEMA_VERSION:
+                    return
+                _MIGRATIONS[version](self._connection)
+                self._connection.execute(f"PRAGMA user_version = {version + 1}")
 
     def _pragma(self, name: str) -> int:
         (value,) = self._connection.execute(f"PRAGMA {name}").fetchone()
@@ -300,14 +343,15 @@ class SpoolDatabase:
         try:
             self._connection.execute(
                 "INSERT INTO messages (id, state, sender, recipients, helo, peer,"
-                " raw, size, received_at, next_attempt_at)"
-                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " tls, raw, size, received_at, next_attempt_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     message.id,
                     envelope.sender,
                     json.dumps(envelope.recipients),
                     envelope.helo,
                     envelope.peer,
+                    _tls_column(envelope.tls),
                     message.raw,
                     len(message.raw),
                     message.received_at,
@@ -435,7 +479,8 @@ class SpoolDatabase:
             ).fetchall()
             chosen = list(_within(DUE_BYTES, sizes))
             rows = self._connection.execute(
-                "SELECT id, sender, recipients, helo, peer, raw, received_at, rounds"
+                "SELECT id, sender, recipients, helo, peer, tls, raw, received_at,"
+                " rounds"
                 " FROM messages WHERE id IN (SELECT value FROM json_each(?))"
                 " ORDER BY next_attempt_at, received_at",
                 (json.dumps(chosen),),
@@ -524,9 +569,21 @@ def _within(budget: int, sizes: Iterable[tuple[str, int]]) -> Iterator[str]:
         yield message_id
 
 
+def _tls_column(tls: TLSInfo | None) -> str:
+    """The C{tls} column: compact JSON, or C{''} for a cleartext session."""
+    if tls is None:
+        return ""
+    return json.dumps(attrs.asdict(tls), separators=(",", ":"))
+
+
 def _envelope(row: sqlite3.Row) -> Envelope:
+    tls = json.loads(row["tls"]) if row["tls"] else None
     return Envelope(
-        row["sender"], tuple(json.loads(row["recipients"])), row["helo"], row["peer"]
+        row["sender"],
+        tuple(json.loads(row["recipients"])),
+        row["helo"],
+        row["peer"],
+        None if tls is None else TLSInfo(**tls),
     )
 
 

@@ -160,6 +160,7 @@ def _as_json(entry: SpoolEntry) -> dict[str, object]:
         "recipients": list(entry.envelope.recipients),
         "helo": entry.envelope.helo,
         "peer": entry.envelope.peer,
+        **_tls_json(entry),
         "size": entry.size,
         "received_at": entry.received_at,
         "rounds": entry.rounds,
@@ -168,6 +169,14 @@ def _as_json(entry: SpoolEntry) -> dict[str, object]:
         "last_error": entry.last_error,
         "dead_at": entry.dead_at,
     }
+
+
+def _tls_json(entry: SpoolEntry) -> dict[str, object]:
+    """The session's TLS, only when it had one: cleartext adds no key."""
+    tls = entry.envelope.tls
+    if tls is None:
+        return {}
+    return {"tls": {"version": tls.version, "cipher": tls.cipher}}
 
 
 _COLUMNS = ("ID", "STATE", "AGE", "ATTEMPTS", "SIZE", "NEXT", "LAST ERROR")
@@ -269,6 +278,11 @@ def _show(
         ("recipients", ", ".join(envelope.recipients)),
         ("helo", envelope.helo),
         ("peer", envelope.peer),
+        *(
+            [("tls", f"{envelope.tls.version} {envelope.tls.cipher}")]
+            if envelope.tls is not None
+            else []
+        ),
         (
             "received",
             f"{_timestamp(entry.received_at)}"

@@ -24,6 +24,7 @@ from maillaser.webhook._payload import (
 from maillaser.webhook._poster import WebhookPoster, trust_root
 from maillaser.webhook._signing import (
     VerificationError,
+    maillaser3_headers,
     parse_secret,
     request_headers,
     sign,
@@ -46,6 +47,7 @@ __all__ = [
     "encoded_payload",
     "fallback_payload",
     "is_transient",
+    "maillaser3_headers",
     "parse_secret",
     "quick_backoff",
     "request_headers",

@@ -31,7 +31,7 @@ from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
 from maillaser.logs import observer
 from maillaser.message import Attempt, Message, WebhookResponse
 from maillaser.webhook._breaker import CircuitBreaker
-from maillaser.webhook._signing import request_headers
+from maillaser.webhook._signing import maillaser3_headers, request_headers
 
 QUICK_BACKOFF = 0.1
 """Seconds before the first quick retry; doubled for each one after."""
@@ -85,6 +85,8 @@ class Deliverer:
     breaker: CircuitBreaker
     max_retries: int
     secrets: Sequence[str] = attrs.field(default=(), repr=False)
+    maillaser3_signature: bool = False
+    """Also sign as MailLaser 3 does (L{maillaser3_headers})."""
     _log = Logger(observer=observer)
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -138,6 +140,8 @@ class Deliverer:
     ) -> Outcome:
         now = self.clock.seconds()
         headers = request_headers(self.secrets, message.id, int(now), body)
+        if self.maillaser3_signature and self.secrets:
+            headers.update(maillaser3_headers(self.secrets[0], int(now), body))
         try:
             response: WebhookResponse = await self.poster.post(body, headers)
         except CancelledError:

@@ -30,9 +30,9 @@ from typing import Any
 import attrs
 from twisted.protocols import amp
 
-from maillaser.message import Envelope, Message
+from maillaser.message import Envelope, Message, TLSInfo
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 def _identifier(name: bytes) -> str:
@@ -114,7 +114,8 @@ class _Value(BigBytes):
 class MessageList(_Value):
     """
     L{Message}s: for each, a line of JSON (id, sender, recipients, HELO,
-    peer, time received, size), then its bytes as received.  JSON never
+    peer, time received, size, TLS as C{[version, cipher]} or C{null}),
+    then its bytes as received.  JSON never
     holds a raw line break, so the line ends where the bytes start.
     """
 
@@ -130,6 +131,7 @@ class MessageList(_Value):
                 envelope.peer,
                 message.received_at,
                 len(message.raw),
+                None if envelope.tls is None else attrs.astuple(envelope.tls),
             ]
             pieces += (_JSON.encode(head).encode("utf-8"), b"\n", message.raw)
         return b"".join(pieces)
@@ -139,11 +141,12 @@ class MessageList(_Value):
         start = 0
         while start < len(data):
             end = data.index(b"\n", start)
-            id, sender, recipients, helo, peer, received_at, size = json.loads(
+            id, sender, recipients, helo, peer, received_at, size, tls = json.loads(
                 data[start:end]
             )
             start = end + 1 + size
-            envelope = Envelope(sender, tuple(recipients), helo, peer)
+            tls_info = None if tls is None else TLSInfo(*tls)
+            envelope = Envelope(sender, tuple(recipients), helo, peer, tls_info)
             messages.append(Message(id, envelope, data[end + 1 : start], received_at))
         return messages
 
@@ -296,6 +299,7 @@ class BuildPayload(amp.Command):
     arguments = [
         (b"message", One(MessageList())),
         (b"header_prefixes", amp.ListOf(amp.Unicode())),
+        (b"header_list", amp.Boolean()),
     ]
     response = [(b"body", BigBytes())]
 

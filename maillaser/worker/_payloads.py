@@ -83,19 +83,27 @@ class PayloadBuilder:
         header_prefixes: Sequence[str],
         timeout: float,
         program: ChildProgram,
+        *,
+        header_list: bool = False,
     ) -> None:
         """
         @param timeout: seconds a payload process has for one message.
         @param program: the payload process's program
             (L{maillaser.worker._main.payload_program}).
+        @param header_list: payloads list every top-level field.
         """
         self.header_prefixes = tuple(header_prefixes)
+        self.header_list = header_list
         self.timeout = timeout
         self.process = ChildProcess(reactor, program, name="payload process")
 
     def build(self, message: Message) -> Deferred[bytes]:
         if is_cheap(message.raw):
-            return succeed(encoded_payload(message, self.header_prefixes))
+            return succeed(
+                encoded_payload(
+                    message, self.header_prefixes, header_list=self.header_list
+                )
+            )
         return Deferred.fromCoroutine(self._elsewhere(message))
 
     async def _elsewhere(self, message: Message) -> bytes:
@@ -107,6 +115,7 @@ class PayloadBuilder:
                     timeout=self.timeout,
                     slow=False,
                     header_prefixes=list(self.header_prefixes),
+                    header_list=self.header_list,
                     message=message,
                 )
             except CancelledError:
@@ -127,7 +136,9 @@ class PayloadBuilder:
             message_id=message.id,
             reason=reason,
         )
-        return fallback_payload(message, self.header_prefixes, reason)
+        return fallback_payload(
+            message, self.header_prefixes, reason, header_list=self.header_list
+        )
 
     def stop(self, timeout: float) -> Deferred[None]:
         """End the payload process, if one runs."""
@@ -138,8 +149,11 @@ class PayloadProtocol(ChildProtocol):
     """The payload process's end: one payload at a time, as asked."""
 
     @BuildPayload.responder
-    def build(self, message: Message, header_prefixes: list[str]) -> dict[str, bytes]:
-        return {"body": encoded_payload(message, header_prefixes)}
+    def build(
+        self, message: Message, header_prefixes: list[str], header_list: bool
+    ) -> dict[str, bytes]:
+        body = encoded_payload(message, header_prefixes, header_list=header_list)
+        return {"body": body}
 
 
 __all__ = [

@@ -137,6 +137,7 @@ class DeliveryStack:
             breaker=breaker,
             max_retries=config.webhook_max_retries,
             secrets=config.webhook_secrets,
+            maillaser3_signature=config.webhook_maillaser3_signature,
         )
         dispatcher = None
         if spool is not None:
@@ -289,6 +290,7 @@ def build_stack(config: Config, reactor: Any) -> DeliveryStack:
         config.header_prefixes,
         config.payload_timeout,
         payload_program(config.log_level),
+        header_list=config.payload_headers == "all",
     )
     return DeliveryStack.assemble(
         config,
