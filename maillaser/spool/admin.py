@@ -51,6 +51,7 @@ from maillaser.spool import (
     SpoolError,
     State,
 )
+from maillaser.terminal import printable
 
 PROG = "maillaser-spool"
 DEFAULT_SPOOL_DIR = str(attrs.fields(Config).spool_dir.default)
@@ -265,7 +266,7 @@ def _row(entry: SpoolEntry, now: float) -> tuple[str, ...]:
         str(entry.attempts),
         format_size(entry.size),
         _next(entry, now),
-        _truncate(_printable(" ".join(entry.last_error.split())), LAST_ERROR_WIDTH),
+        _truncate(printable(" ".join(entry.last_error.split())), LAST_ERROR_WIDTH),
     )
 
 
@@ -322,14 +323,6 @@ def _truncate(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _printable(text: str, keep: str = "") -> str:
-    """
-    Escape control characters (but those in C{keep}): senders, headers and
-    errors come from the network, and must not drive the operator's terminal.
-    """
-    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
-
-
 def _timestamp(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -380,16 +373,16 @@ def _show(
         ("last error", entry.last_error),
     ]
     for name, value in fields:
-        out.write(f"{name + ':':<14}{_printable(value)}".rstrip() + "\n")
+        out.write(f"{name + ':':<14}{printable(value)}".rstrip() + "\n")
     out.write("\nheaders:\n")
     for header in headers:
         # A tab is how many senders fold (Received:): it stays a tab.
-        out.write(f"  {_printable(header, keep=chr(9))}\n")
+        out.write(f"  {printable(header, keep=chr(9))}\n")
     out.write("\nrecorded attempts:\n" if attempts else "\nrecorded attempts: none\n")
     for attempt in attempts:
         status = "-" if attempt.status is None else str(attempt.status)
         out.write(
-            f"  {_timestamp(attempt.at)}  {status:>3}  {_printable(attempt.error)}\n"
+            f"  {_timestamp(attempt.at)}  {status:>3}  {printable(attempt.error)}\n"
         )
     return EXIT_OK
 
