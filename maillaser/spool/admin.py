@@ -59,7 +59,6 @@ LAST_ERROR_WIDTH = 40
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_PIPE = 128 + signal.SIGPIPE
 """What a shell reports for a program killed by C{SIGPIPE}, as C{yes | head}."""
@@ -131,15 +130,18 @@ def open_spool(arguments: argparse.Namespace) -> SpoolDatabase:
     )
 
 
-def _common_options(parser: argparse.ArgumentParser, default_spool_dir: str) -> None:
+def _common_options(
+    parser: argparse.ArgumentParser, default_spool_dir: str | None
+) -> None:
     """
-    The options every command takes, before or after its name.  After it,
-    they have no default, so they cannot undo the same option given before.
+    The options every command takes, before or after its name.  After it
+    (C{default_spool_dir} is C{None}) they have no default, so they cannot
+    undo the same option given before.
     """
-    before = default_spool_dir is not argparse.SUPPRESS
+    before = default_spool_dir is not None
     parser.add_argument(
         "--spool-dir",
-        default=default_spool_dir,
+        default=default_spool_dir if before else argparse.SUPPRESS,
         help="the spool directory (default: $MAIL_LASER_SPOOL_DIR or"
         f" {default_spool_dir if before else 'as given before the command'})",
     )
@@ -167,7 +169,7 @@ def _parser(default_spool_dir: str) -> argparse.ArgumentParser:
         json: bool = False,
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        _common_options(sub, argparse.SUPPRESS)
+        _common_options(sub, None)
         sub.set_defaults(command=run, read_only=read_only, has_json=json, parser=sub)
         return sub
 
