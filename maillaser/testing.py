@@ -10,7 +10,7 @@ the test uses.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -58,14 +58,26 @@ class WebhookReceiver(Resource):
     A webhook on loopback that records requests and answers from a script.
 
     Answers are taken from the script in order; when it runs out, every
-    request gets C{default}.
+    request gets C{default}.  C{on_request}, if given, is told of each
+    request as it arrives (C{maillaser-receive} prints them); with
+    C{record=False} requests are not kept in L{requests} (a receiver that
+    runs for days must not hold every body it saw), and L{wait_for} is not
+    for use.
     """
 
     isLeaf = True
 
-    def __init__(self, default: Reply = Reply(200)) -> None:
+    def __init__(
+        self,
+        default: Reply = Reply(200),
+        *,
+        on_request: Callable[[ReceivedRequest], object] | None = None,
+        record: bool = True,
+    ) -> None:
         super().__init__()
         self.default = default
+        self._on_request = on_request
+        self._record = record
         self.requests: list[ReceivedRequest] = []
         self._script: list[Reply] = []
         self._waiters: list[tuple[int, Deferred[list[ReceivedRequest]]]] = []
@@ -94,7 +106,10 @@ class WebhookReceiver(Resource):
             },
             body=request.content.read(),
         )
-        self.requests.append(received)
+        if self._record:
+            self.requests.append(received)
+        if self._on_request is not None:
+            self._on_request(received)
         reply = self._script.pop(0) if self._script else self.default
         self._notify()
         if reply is HANG:
@@ -130,7 +145,8 @@ class WebhookReceiver(Resource):
     def url(self) -> str:
         assert self._port is not None
         address: Any = self._port.getHost()
-        return f"http://{address.host}:{address.port}/hook"
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"http://{host}:{address.port}/hook"
 
     def stop(self) -> Deferred[None]:
         """

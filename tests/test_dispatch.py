@@ -27,6 +27,7 @@ from maillaser.message import (
 )
 from maillaser.spool import Dispatcher, SpoolDatabase, SpoolError, open_spool
 from maillaser.spool._dispatch import (
+    POLL_INTERVAL,
     READY_BYTES,
     READY_PER_SLOT,
     backoff_step,
@@ -584,3 +585,42 @@ class FullDiskTests(DispatcherCase):
         self.assertNotIn(True, commits[1:])
         self.assertLessEqual(len(commits), 1 + 600 / REPEAT_INTERVAL)
         self.assertEqual(len(self.flushLoggedErrors(SpoolError)), 2)
+
+
+class AdminRetryTests(DispatcherCase):
+    def test_retry_by_the_admin_tool_is_delivered_within_the_poll(self) -> None:
+        """
+        ``maillaser-spool retry`` changes the database behind the worker's
+        back, with no wake-up: a message rescheduled an hour ahead goes
+        within one POLL_INTERVAL of the change.
+        """
+        directory = self.mktemp()
+        spool = open_spool(directory, self.clock)
+        self.addCleanup(spool.close)
+        self.spool = spool
+        deliverer = self.deliverer(503)
+        dispatcher = Dispatcher(
+            spool=spool,
+            deliverer=deliverer,
+            breaker=self.breaker,
+            clock=self.clock,
+            concurrency=4,
+            schedule=(3600.0,),
+        )
+        [message_id] = self.add(1)
+        self.clock.advance(0)  # the commit
+        dispatcher.startService()
+        self.addCleanup(dispatcher.stopService)
+        self.clock.advance(0)  # the failed round's settlement
+        self.assertEqual(deliverer.posted, [message_id])
+        self.clock.advance(600)
+        self.assertEqual(deliverer.posted, [message_id])
+
+        admin = SpoolDatabase.open(directory, create=False)
+        with admin.transaction():
+            self.assertEqual(admin.retry(None, self.clock.seconds()), 1)
+        admin.close()
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(0)
+        self.assertEqual(deliverer.posted, [message_id, message_id])
+        self.assertEqual(spool.stats().pending, 0)

@@ -179,7 +179,9 @@ class SpoolDatabase:
     """Whether commits wait for the disk (C{synchronous = FULL}, as set)."""
 
     @classmethod
-    def open(cls, directory: str, *, create: bool) -> SpoolDatabase:
+    def open(
+        cls, directory: str, *, create: bool, read_only: bool = False
+    ) -> SpoolDatabase:
         """
         Connect to the spool in C{directory}, checking it is intact and ours.
 
@@ -189,6 +191,9 @@ class SpoolDatabase:
         @param create: make the directory and an empty spool if there is
             none; the admin tool passes C{False}, so a typo in a path can
             never leave a stray spool behind.
+        @param read_only: open it for reading only (SQLite's C{mode=ro}), so
+            an operator who may read the spool but not write it can still
+            look into it; any write then fails.
         """
         path = os.path.join(directory, DATABASE_NAME)
         if create:
@@ -198,9 +203,13 @@ class SpoolDatabase:
                 raise SpoolError(
                     f"cannot create spool directory {directory}: {e.strerror}"
                 ) from e
-        elif not os.path.isfile(path):
-            raise SpoolError(f"no spool at {directory}")
-        uri = f"file:{quote(os.path.abspath(path))}?mode={'rwc' if create else 'rw'}"
+        else:
+            _check_searchable(directory)
+            if not os.path.isfile(path):
+                raise SpoolError(f"no spool at {directory}")
+        _check_access(directory, path, read_only=read_only)
+        mode = "ro" if read_only else "rwc" if create else "rw"
+        uri = f"file:{quote(os.path.abspath(path))}?mode={mode}"
         try:
             connection = sqlite3.connect(uri, uri=True, isolation_level=None)
         except sqlite3.Error as e:
@@ -208,13 +217,13 @@ class SpoolDatabase:
         connection.row_factory = sqlite3.Row
         database = cls(path, connection)
         try:
-            database._prepare(create)
+            database._prepare(create, read_only)
         except BaseException:
             connection.close()
             raise
         return database
 
-    def _prepare(self, create: bool) -> None:
+    def _prepare(self, create: bool, read_only: bool = False) -> None:
         with self._errors("is unreadable or corrupt"):
             self._connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             checked = self._connection.execute("PRAGMA quick_check")
@@ -232,7 +241,14 @@ class SpoolDatabase:
                 for statement in _SCHEMA:
                     self._connection.execute(statement)
         if self._pragma("user_version") < SCHEMA_VERSION:
+            if read_only:
+                raise SpoolError(
+                    f"{self.path} has an older schema: start the bridge or run"
+                    " a command that writes to upgrade it"
+                )
             self._migrate()
+        if read_only:
+            return  # the writers set the journal up; a reader cannot
         with self._errors("cannot be set up"):
             (mode,) = self._connection.execute("PRAGMA journal_mode = WAL").fetchone()
             self._connection.execute("PRAGMA synchronous = FULL")
@@ -440,6 +456,28 @@ class SpoolDatabase:
         )
         return 1
 
+    def retry(self, message_id: str | None, now: float) -> int:
+        """
+        Make one pending message (or, with C{None}, every one) due at
+        C{now}, keeping its rounds: its schedule goes on where it was, and
+        it is still buried when the schedule ends.  Returns how many were
+        made due; with C{None}, those already due are not counted.
+        """
+        if message_id is None:
+            return self._connection.execute(
+                "UPDATE messages SET next_attempt_at = ?"
+                " WHERE state = 'pending' AND next_attempt_at > ?",
+                (now, now),
+            ).rowcount
+        self._change(
+            "UPDATE messages SET next_attempt_at = min(next_attempt_at, ?)"
+            " WHERE state = 'pending' AND id = ? RETURNING size",
+            (now, message_id),
+            message_id,
+            "pending",
+        )
+        return 1
+
     def _change(
         self,
         statement: str,
@@ -557,6 +595,41 @@ class SpoolDatabase:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def _check_searchable(directory: str) -> None:
+    """A spool directory we may not enter looks like no spool at all: say why."""
+    if os.path.isdir(directory) and not _may(directory, os.X_OK):
+        raise SpoolError(f"permission denied: {directory}")
+
+
+def _check_access(directory: str, path: str, *, read_only: bool) -> None:
+    """
+    Name the file or directory this process may not use, before SQLite
+    tries: it would only say "unable to open database file", or open the
+    database read-only without a word and fail at the first write.
+
+    The C{-wal} and C{-shm} files sit next to the database; whichever is
+    missing is created in the directory on opening, even to read.
+    """
+    need, what = (
+        (os.R_OK, "read") if read_only else (os.R_OK | os.W_OK, "read and write")
+    )
+    companions = [path + "-wal", path + "-shm"]
+    for name in (path, *companions):
+        if os.path.exists(name) and not _may(name, need):
+            raise SpoolError(f"permission denied: {name} (needs {what} access)")
+    missing = not all(os.path.exists(name) for name in companions)
+    if missing and not _may(directory, os.W_OK | os.X_OK):
+        raise SpoolError(
+            f"permission denied: {directory} (needs write access: SQLite creates"
+            f" {DATABASE_NAME}-wal and -shm there, even to read)"
+        )
+
+
+def _may(name: str, mode: int) -> bool:
+    """Whether this process, as it runs now (its effective ids), may."""
+    return os.access(name, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
 def _within(budget: int, sizes: Iterable[tuple[str, int]]) -> Iterator[str]:

@@ -44,7 +44,10 @@ from maillaser.webhook import (
 )
 
 POLL_INTERVAL = 5.0
-"""Look at the spool at least this often, to notice requeues by the admin tool."""
+"""
+Look at the spool at least this often: the admin tool changes it with no
+wake-up (requeue, retry), and this bounds how long such a message waits.
+"""
 
 MIN_SLEEP = 0.01
 """Never spin: even an overdue message waits this long for the next look."""
