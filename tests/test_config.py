@@ -291,13 +291,19 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_WEBHOOK_CA_FILE", "--webhook-ca-file"),
                 ("MAIL_LASER_WORKER_TIMEOUT", "--worker-timeout"),
                 ("MAIL_LASER_PAYLOAD_TIMEOUT", "--payload-timeout"),
+                ("MAIL_LASER_ATTACHMENTS", "--attachments"),
+                ("MAIL_LASER_ATTACHMENT_INLINE_MAX", "--attachment-inline-max"),
+                ("MAIL_LASER_ATTACHMENT_LINK_TTL", "--attachment-link-ttl"),
+                ("MAIL_LASER_INCLUDE_RAW", "--include-raw"),
+                ("MAIL_LASER_WEBHOOK_MAX_BODY", "--webhook-max-body"),
+                ("MAIL_LASER_PUBLIC_URL", "--public-url"),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 23)
+        self.assertEqual(len(literal), 28)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -1247,6 +1253,12 @@ class DescribeTests(SynchronousTestCase):
                 "webhook_ca_file": None,
                 "worker_timeout": 10.0,
                 "payload_timeout": 10.0,
+                "attachments": "inline",
+                "attachment_inline_max": 1048576,
+                "attachment_link_ttl": 604800.0,
+                "include_raw": False,
+                "webhook_max_body": 26214400,
+                "public_url": None,
             },
         )
         text = repr(describe(config))

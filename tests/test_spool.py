@@ -654,12 +654,12 @@ class DamagedSpoolTests(SpoolCase):
     def test_newer_schema(self) -> None:
         self.done(self.open().close())
         newer = sqlite3.connect(self.path)
-        newer.execute("PRAGMA user_version = 2")
+        newer.execute("PRAGMA user_version = 3")
         newer.close()
         error = self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
         self.assertEqual(
             str(error),
-            f"{self.path} has spool schema version 2; this MailLaser reads version 1",
+            f"{self.path} has spool schema version 3; this MailLaser reads version 2",
         )
 
 

@@ -15,6 +15,7 @@ import attrs
 
 DeliveryMode = Literal["queue", "sync"]
 LogLevel = Literal["debug", "info", "warn", "error"]
+AttachmentMode = Literal["inline", "link", "metadata"]
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
     5.0,
@@ -75,6 +76,16 @@ class Config:
     payload_timeout: float = 10.0
     """Seconds building one payload may take before the message is
     delivered with what could be read and a C{parse_error}."""
+    attachments: AttachmentMode = "inline"
+    """What an attachment carries: C{content} up to L{attachment_inline_max}
+    bytes and a C{url} past it, a C{url} always, or neither."""
+    attachment_inline_max: int = 1024 * 1024
+    attachment_link_ttl: float = 7 * 86400.0
+    include_raw: bool = False
+    webhook_max_body: int = 25 * 1024 * 1024
+    public_url: str | None = None
+    """The base of attachment links (C{/attachments/...} on the health
+    endpoint); C{None}: no links can be made."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""
@@ -93,6 +104,7 @@ class Config:
 
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
+    "AttachmentMode",
     "Config",
     "ConfigError",
     "DeliveryMode",

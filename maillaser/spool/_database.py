@@ -31,7 +31,7 @@ from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolSt
 
 DATABASE_NAME = "spool.sqlite3"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in C{PRAGMA user_version}; a later schema bumps it and migrates."""
 
 APPLICATION_ID = 0x4D4C5350
@@ -85,8 +85,28 @@ _SCHEMA = (
     """,
     "CREATE INDEX attempts_message ON attempts (message_id)",
     f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
+    "PRAGMA user_version = 1",
 )
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 to 2: delivered messages kept for their attachment links.
+    1: (
+        """
+        CREATE TABLE IF NOT EXISTS retained (
+            message_id TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL,
+            raw BLOB NOT NULL
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS retained_expiry ON retained (expires_at)",
+        "PRAGMA user_version = 2",
+    ),
+}
+"""
+The statements that take a spool from each older version to the next, in
+one transaction each; safe to run again, so a half-migrated spool (which
+the transaction rules out anyway) would only finish.
+"""
 
 _UNCLAIMED_PENDING = "state = 'pending' AND id NOT IN (SELECT value FROM json_each(?))"
 
@@ -204,6 +224,7 @@ class SpoolDatabase:
                     raise SpoolError(f"{self.path} is empty, not a MailLaser spool")
                 for statement in _SCHEMA:
                     self._connection.execute(statement)
+        self._migrate()
         with self._errors("cannot be set up"):
             (mode,) = self._connection.execute("PRAGMA journal_mode = WAL").fetchone()
             self._connection.execute("PRAGMA synchronous = FULL")
@@ -219,12 +240,19 @@ class SpoolDatabase:
             return True
         if application_id != APPLICATION_ID:
             raise SpoolError(f"{self.path} is not a MailLaser spool database")
-        if version != SCHEMA_VERSION:
+        if version not in _MIGRATIONS and version != SCHEMA_VERSION:
             raise SpoolError(
                 f"{self.path} has spool schema version {version};"
                 f" this MailLaser reads version {SCHEMA_VERSION}"
             )
         return False
+
+    def _migrate(self) -> None:
+        """Bring an older spool to L{SCHEMA_VERSION}, one version at a time."""
+        while (version := self._pragma("user_version")) < SCHEMA_VERSION:
+            with self.transaction():
+                for statement in _MIGRATIONS[version]:
+                    self._connection.execute(statement)
 
     def _pragma(self, name: str) -> int:
         (value,) = self._connection.execute(f"PRAGMA {name}").fetchone()
@@ -330,6 +358,49 @@ class SpoolDatabase:
             "DELETE FROM attempts WHERE message_id = ?", (message_id,)
         )
         return size
+
+    def retain(self, message_id: str, until: float) -> int:
+        """
+        Keep a pending message's bytes until C{until}, for its links, as it
+        is deleted (the caller deletes it in the same transaction); returns
+        its size.
+        """
+        row = self._connection.execute(
+            "INSERT OR REPLACE INTO retained (message_id, expires_at, raw)"
+            " SELECT id, ?, raw FROM messages WHERE id = ? AND state = 'pending'"
+            " RETURNING length(raw)",
+            (until, message_id),
+        ).fetchone()
+        if row is None:
+            raise self._not_found(message_id, "pending")
+        return int(row[0])
+
+    def retained_raw(self, message_id: str, now: float) -> bytes | None:
+        """
+        The bytes a link to C{message_id} is served from: kept after
+        delivery and not yet expired, or still spooled (a link works
+        before its message is delivered too).
+        """
+        with self.transaction(write=False):
+            row = self._connection.execute(
+                "SELECT raw FROM retained WHERE message_id = ? AND expires_at > ?",
+                (message_id, now),
+            ).fetchone()
+            if row is None:
+                row = self._connection.execute(
+                    "SELECT raw FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def expire_retained(self, now: float) -> tuple[int, int]:
+        """Forget what expired at C{now}; returns how many and their bytes."""
+        row = self._connection.execute(
+            "SELECT count(*), coalesce(sum(length(raw)), 0) FROM retained"
+            " WHERE expires_at <= ?",
+            (now,),
+        ).fetchone()
+        self._connection.execute("DELETE FROM retained WHERE expires_at <= ?", (now,))
+        return int(row[0]), int(row[1])
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
@@ -465,10 +536,19 @@ class SpoolDatabase:
                 "SELECT state, count(*), coalesce(sum(size), 0)"
                 " FROM messages GROUP BY state"
             ).fetchall()
+            retained, retained_bytes = self._connection.execute(
+                "SELECT count(*), coalesce(sum(length(raw)), 0) FROM retained"
+            ).fetchone()
         by_state = {state: (count, size) for state, count, size in rows}
         pending, size = by_state.get("pending", (0, 0))
         dead, _ = by_state.get("dead", (0, 0))
-        return SpoolStats(pending=pending, dead=dead, bytes=size)
+        return SpoolStats(
+            pending=pending,
+            dead=dead,
+            bytes=size,
+            retained=retained,
+            retained_bytes=retained_bytes,
+        )
 
     def entries(self, state: State | None = None) -> list[SpoolEntry]:
         """Every message in C{state} (or all), oldest first."""

@@ -31,7 +31,7 @@ from email.message import Message as MIMEMessage
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import attrs
 import html2text
@@ -39,6 +39,9 @@ from twisted.logger import Logger, LogLevel
 
 from maillaser.logs import observer
 from maillaser.message import Envelope, Message
+
+if TYPE_CHECKING:
+    from maillaser.webhook._attachments import PartOptions
 
 FALLBACK_HEADER_LIMIT = 64 * 1024
 """Bytes of a message L{fallback_payload} reads its header from."""
@@ -93,11 +96,16 @@ _T = TypeVar("_T")
 
 
 def build_payload(
-    message: Message, header_prefixes: Sequence[str]
+    message: Message,
+    header_prefixes: Sequence[str],
+    parts: PartOptions | None = None,
 ) -> dict[str, object]:
     """
     The webhook payload for C{message}: SPEC §4 keys, in order, optional
     keys omitted, and C{parse_error} when a step failed.  Never raises.
+
+    @param parts: what attachments and the raw message carry; C{None}
+        for neither key.
     """
     reading = _Reading(message.id)
     root = reading.attempt("MIME structure", _PARSER.parsebytes, message.raw)
@@ -108,7 +116,8 @@ def build_payload(
     reading.attempt("body", reading.bodies, root)
     if reading.text is None and reading.html is not None:
         reading.rendered = reading.attempt("HTML", _html_to_text, reading.html)
-    return reading.payload(message.envelope)
+    more = parts and reading.attempt("attachments", parts.keys, message, root)
+    return reading.payload(message.envelope) | (more or {})
 
 
 def encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
