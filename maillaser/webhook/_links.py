@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import attrs
 
+from maillaser.config import Config, link_base
 from maillaser.webhook._signing import parse_secret
 
 RAW = "raw"
@@ -58,6 +59,16 @@ class LinkSigner:
             return None
         key = hmac.new(parse_secret(secrets[0]), _PURPOSE, hashlib.sha256).digest()
         return cls(key, base.rstrip("/"))
+
+    @classmethod
+    def for_config(cls, config: Config) -> LinkSigner | None:
+        """
+        Links are made (and served) only with a secret to sign them and a
+        spool to serve them from: sync mode keeps no message.
+        """
+        if config.delivery_mode != "queue":
+            return None
+        return cls.from_secrets(config.webhook_secrets, link_base(config))
 
     def signature(self, message_id: str, index: str, expires: int) -> str:
         content = f"{message_id}.{index}.{expires}".encode("ascii")
