@@ -336,7 +336,11 @@ def _check_links(config: Config) -> None:
         )
 
 
-_TCP_PORT = re.compile(r"tcp6?:(?P<port>[0-9]+)(?::(?:.*:)?interface=(?P<host>[^:]*))?")
+_TCP_PORT = re.compile(
+    r"tcp6?:(?P<port>[0-9]+)(?::(?:.*:)?interface=(?P<host>(?:\\.|[^:\\])*))?"
+)
+"""A plain TCP endpoint description: its port, and its interface if given."""
+_ESCAPE = re.compile(r"\\(.)")
 
 
 def link_base(config: Config) -> str | None:
@@ -351,7 +355,7 @@ def link_base(config: Config) -> str | None:
     match = _TCP_PORT.fullmatch(config.health_endpoint)
     if match is None:
         return None
-    host = (match["host"] or "").replace("\\", "")
+    host = _ESCAPE.sub(r"\1", match["host"] or "")
     if host in ("", "0.0.0.0", "::"):
         host = config.hostname
     host = f"[{host}]" if ":" in host else host

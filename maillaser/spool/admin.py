@@ -131,6 +131,12 @@ def _parser(default_spool_dir: str) -> argparse.ArgumentParser:
     target.add_argument("--all-dead", action="store_true", help="every dead message")
     requeue.set_defaults(command=_requeue)
 
+    stats = commands.add_parser(
+        "stats", help="count messages: pending, dead, and kept for their links"
+    )
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+    stats.set_defaults(command=_stats)
+
     purge = commands.add_parser("purge", help="delete one dead message for good")
     purge.add_argument("id")
     purge.set_defaults(command=_purge)
@@ -149,6 +155,25 @@ def _list(
         _write_table(out, [_row(entry, now) for entry in entries])
     else:
         out.write(f"no {f'{state} ' if state else ''}messages in the spool\n")
+    return EXIT_OK
+
+
+def _stats(
+    database: SpoolDatabase, arguments: argparse.Namespace, out: TextIO, now: float
+) -> int:
+    """
+    What the spool holds; C{retained} are delivered messages kept until
+    the attachment links of their payloads expire.
+    """
+    counts = database.counts()
+    if arguments.json:
+        out.write(json.dumps(attrs.asdict(counts)) + "\n")
+        return EXIT_OK
+    out.write(
+        f"pending   {counts.pending} ({format_size(counts.bytes)})\n"
+        f"dead      {counts.dead}\n"
+        f"retained  {counts.retained} ({format_size(counts.retained_bytes)})\n"
+    )
     return EXIT_OK
 
 

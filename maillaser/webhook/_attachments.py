@@ -138,6 +138,10 @@ def _filename(leaf: MIMEMessage) -> str | None:
         return None
     if not name:
         return None
+    if not name.encode("utf-8", "surrogateescape").isascii():
+        # Decoded already (RFC 2231), or raw 8-bit text; either way no
+        # encoded words are left to decode.
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return _header_text(name) or None
 
 
