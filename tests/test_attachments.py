@@ -22,13 +22,17 @@ import treq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from maillaser.config import Config
-from maillaser.health import AttachmentResource, disposition
+from maillaser.health import AttachmentResource, Health, disposition, make_site
+from maillaser.health._attachments import SEND_DEADLINE
 from maillaser.message import Envelope, Message
 from maillaser.spool import open_spool
 from maillaser.testing import Reply
@@ -493,6 +497,36 @@ class AttachmentResourceTests(SynchronousTestCase):
         self.assertEqual(b"".join(waiting.written), b"x")
         self.answer = succeed({"content_type": "a/b", "filename": "", "data": b"y"})
         self.assertEqual(b"".join(self.get("msg_1", "1", 2000).written), b"y")
+
+    def test_a_reader_that_stalls(self) -> None:
+        """
+        It holds its place until it has read the part, and no longer than
+        the deadline: then its connection is aborted and the place freed.
+        """
+        site = make_site(
+            lambda: Health((), {}),
+            lambda worker: b"",
+            lambda: succeed(b""),
+            clock=self.clock,
+            attachments=self.resource,
+        )
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.answer = succeed(
+            {"content_type": "a/b", "filename": "", "data": b"z" * 200_000}
+        )
+        url = self.links.url("msg_1", "0", 2000).partition("8080")[2]
+        protocol.dataReceived(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % url.encode())
+        self.assertEqual(self.resource.fetching, 1)
+        self.assertLess(len(transport.value()), 200_000)  # not all in the buffer
+        self.clock.advance(SEND_DEADLINE - 1)
+        self.assertEqual(self.resource.fetching, 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.resource.fetching, 0)
 
     def test_off_without_a_signer(self) -> None:
         resource = AttachmentResource(

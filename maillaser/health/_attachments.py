@@ -12,6 +12,7 @@ never rendered by a browser on this origin: always a download
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from urllib.parse import quote
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -29,8 +31,15 @@ from maillaser.webhook import LinkRefused, LinkSigner
 
 MAX_FETCHES = 4
 """
-Parts being fetched at once: each holds its bytes in both processes until
-sent, so past this many a request gets C{503} and C{Retry-After}.
+Parts being fetched or sent at once: each holds its bytes until the
+client has read them, so past this many a request gets C{503} and
+C{Retry-After}.
+"""
+
+SEND_DEADLINE = 600.0
+"""
+Seconds a client has to read a part (25 MB at 350 kbit/s): past it the
+connection is aborted, and its place freed for the next.
 """
 
 Fetch = Callable[[str, str], Deferred[dict[str, Any]]]
@@ -92,33 +101,42 @@ class AttachmentResource(Resource):
         finished = request.notifyFinish()
         finished.addErrback(lambda failure: None)  # the client went away
         fetched = self._fetch(message_id, index)
-        fetched.addBoth(self._fetched)
         fetched.addCallbacks(
             self._send,
             self._failed,
             callbackArgs=(request, finished),
             errbackArgs=(request, finished),
         )
+        fetched.addBoth(self._done)
         return NOT_DONE_YET
 
-    def _fetched(self, result: object) -> object:
+    def _done(self, result: object) -> None:
         self.fetching -= 1
-        return result
+        if isinstance(result, Failure):
+            self._log.failure("cannot send an attachment", result)
 
-    @staticmethod
     def _send(
-        answer: dict[str, Any], request: Request, finished: Deferred[None]
-    ) -> None:
+        self, answer: dict[str, Any], request: Request, finished: Deferred[None]
+    ) -> Deferred[None] | None:
+        """
+        Sent as the client reads it (a producer, not one write into the
+        transport's buffer), within L{SEND_DEADLINE}.
+        """
         if finished.called:
-            return
+            return None
         data: bytes = answer["data"]
         request.setHeader(b"content-type", answer["content_type"].encode("ascii"))
         request.setHeader(b"content-disposition", disposition(answer["filename"]))
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"content-security-policy", b"sandbox")
         request.setHeader(b"content-length", b"%d" % len(data))
-        request.write(data)
-        request.finish()
+        timer = self._clock.callLater(SEND_DEADLINE, _abort, request)
+        sender = FileSender()
+        sent: Deferred[None] = sender.beginFileTransfer(io.BytesIO(data), request)
+        # Gone before the end: not every transport stops its producer.
+        finished.addCallback(lambda _: None if sent.called else sender.stopProducing())
+        sent.addCallbacks(lambda last: request.finish(), lambda failure: None)
+        return sent.addBoth(lambda ignored: timer.cancel() if timer.active() else None)
 
     def _failed(
         self, failure: Failure, request: Request, finished: Deferred[None]
@@ -134,6 +152,12 @@ class AttachmentResource(Resource):
         if not finished.called:
             request.write(_plain(request, code, text))
             request.finish()
+
+
+def _abort(request: Request) -> None:
+    transport = getattr(request, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
 
 
 def disposition(filename: str) -> bytes:
@@ -157,4 +181,4 @@ def _plain(request: Request, code: int, text: bytes) -> bytes:
     return text
 
 
-__all__ = ["MAX_FETCHES", "AttachmentResource", "Fetch", "disposition"]
+__all__ = ["MAX_FETCHES", "SEND_DEADLINE", "AttachmentResource", "Fetch", "disposition"]
