@@ -34,7 +34,7 @@ from maillaser.logs import observer
 from maillaser.smtp import MailLaserDeliveryFactory, MailLaserSMTPFactory, tls_context
 from maillaser.spool import check_spool
 from maillaser.webhook import LinkSigner
-from maillaser.worker import ChildError, DeliveryWorker, PartNotFound
+from maillaser.worker import ChildError, DeliveryWorker, PartNotFound, PartUnavailable
 
 
 def makeService(config: Config, reactor: Any = None) -> MailLaserService:
@@ -159,7 +159,7 @@ class MailLaserService(MultiService):
             self.worker.fetch_part,
             clock=self._reactor,
             not_found=(PartNotFound,),
-            unavailable=(ChildError,),
+            unavailable=(ChildError, PartUnavailable),
         )
 
     def privilegedStartService(self) -> None:

@@ -27,8 +27,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface.verify import verifyObject
 
 from maillaser.config import Config
 from maillaser.health import AttachmentResource, Health, disposition, make_site
@@ -459,6 +461,7 @@ class AttachmentResourceTests(SynchronousTestCase):
         return request
 
     def test_served(self) -> None:
+        self.assertTrue(verifyObject(IResource, self.resource))
         request = self.get("msg_1", "0", 1060)
         self.assertEqual(
             (request.responseCode or 200, b"".join(request.written)), (200, b"PNG")

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 
+from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -21,8 +22,18 @@ from maillaser.message import Attempt, SpoolStats
 from maillaser.spool import DATABASE_NAME, SWEEP_INTERVAL, RetentionSweep
 from maillaser.spool.admin import run
 from maillaser.testing import MemorySpool
+from maillaser.worker import (
+    ChildError,
+    ChildTimeout,
+    DeliveryWorker,
+    PartNotFound,
+    PartUnavailable,
+)
+from tests.test_attachments import CORPUS
 from tests.test_config import env, error, label, load
 from tests.test_spool import SpoolCase, message
+from tests.test_worker_front import config
+from tests.test_worker_server import WorkerTestCase
 
 DONE = [Attempt(1000.0, 200)]
 
@@ -220,3 +231,39 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(
             base(health_endpoint="unix:/x", public_url="https://p"), "https://p"
         )
+
+
+class FetchPartTests(WorkerTestCase):
+    """L{FetchPart}, from the front's C{fetch_part} to the worker's spool."""
+
+    def test_from_the_spool(self) -> None:
+        worker = self.front()
+        raw = (CORPUS / "attach-related.eml").read_bytes()
+        self.spool.add(message("msg_1", raw=raw))
+        d = worker.fetch_part("msg_1", "1")
+        self.pump()
+        self.assertEqual(
+            self.successResultOf(d),
+            {
+                "content_type": "text/plain",
+                "filename": "notes.txt",
+                "data": b"caf\xc3\xa9 notes",
+            },
+        )
+        for message_id, index in [("msg_1", "2"), ("msg_2", "0")]:
+            d = worker.fetch_part(message_id, index)
+            self.pump()
+            self.failureResultOf(d, PartNotFound)
+
+    def test_a_payload_process_that_fails(self) -> None:
+        worker = self.front()
+        self.spool.add(message("msg_1", raw=b"x" * 100_000))
+        [stack] = self.stacks
+        stack.payloads.part = lambda raw, index: fail(ChildTimeout("late"))  # type: ignore[method-assign]
+        d = worker.fetch_part("msg_1", "0")
+        self.pump()
+        self.failureResultOf(d, PartUnavailable)
+
+    def test_not_ready(self) -> None:
+        worker = DeliveryWorker(config(), self.reactor)
+        self.failureResultOf(worker.fetch_part("msg_1", "0"), ChildError)

@@ -291,6 +291,10 @@ class PartNotFound(Exception):
     """No such message (or it expired), or no part at that index."""
 
 
+class PartUnavailable(Exception):
+    """The part could not be extracted now (its payload process failed)."""
+
+
 class FetchPart(amp.Command):
     """
     Front to worker, for an attachment link the front has checked (its
@@ -306,7 +310,7 @@ class FetchPart(amp.Command):
         (b"filename", amp.Unicode()),
         (b"data", BigBytes()),
     ]
-    errors = {PartNotFound: b"PART_NOT_FOUND"}
+    errors = {PartNotFound: b"PART_NOT_FOUND", PartUnavailable: b"PART_UNAVAILABLE"}
 
 
 class BuildPayload(amp.Command):
@@ -350,6 +354,7 @@ __all__ = [
     "Metrics",
     "One",
     "PartNotFound",
+    "PartUnavailable",
     "Reply",
     "ReplyList",
     "SpoolCounts",

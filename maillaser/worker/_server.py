@@ -47,6 +47,7 @@ from maillaser.webhook import (
     WebhookPoster,
     settlement,
 )
+from maillaser.worker._child import ChildError
 from maillaser.worker._commands import (
     PROTOCOL_VERSION,
     Deliver,
@@ -54,6 +55,7 @@ from maillaser.worker._commands import (
     Hello,
     Metrics,
     PartNotFound,
+    PartUnavailable,
     Reply,
     StartFailed,
     Status,
@@ -185,7 +187,10 @@ class DeliveryStack:
         raw = await self.spool.retained_raw(message_id, self.clock.seconds())
         if raw is None:
             raise PartNotFound(message_id)
-        answer: Answer = await self.payloads.part(raw, index)
+        try:
+            answer: Answer = await self.payloads.part(raw, index)
+        except ChildError as error:
+            raise PartUnavailable(str(error)) from error
         return answer
 
     async def store(self, messages: Sequence[Message]) -> Answer:
