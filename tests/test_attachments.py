@@ -45,12 +45,14 @@ from maillaser.webhook import (
     attachment_parts,
     build_payload,
     built_payload,
+    find_part,
     leaf_parts,
 )
 from maillaser.webhook._payload import _PARSER
 from maillaser.worker import ChildError, PartNotFound
 from tests.bridge import Bridge, settled, spool_empty, start_bridge
 from tests.helpers import wait
+from tests.test_payload_fuzz import FUZZ, soup
 
 CORPUS = Path(__file__).parent / "corpus"
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
@@ -708,3 +710,33 @@ def _size(leaf: Any) -> int:
 
 def _sha(leaf: Any) -> str:
     return hashlib.sha256(_data(leaf)).hexdigest()
+
+
+class FuzzTests(SynchronousTestCase):
+    @FUZZ
+    @given(
+        raw=st.one_of(soup, st.binary(max_size=4096)),
+        inline_max=st.integers(0, 300),
+    )
+    def test_never_raises_never_over_the_cap(self, raw: bytes, inline_max: int) -> None:
+        """
+        Whatever the bytes, the body is JSON within the cap, every link
+        names a part that L{find_part} finds, and nothing raises.
+        """
+        parts = PartOptions(
+            inline_max=inline_max,
+            include_raw=True,
+            max_body=64 * 1024,
+            links=signer(),
+            expires=5,
+        )
+        raw *= 20
+        built = built_payload(Message("msg_f", ENVELOPE, raw), (), parts)
+        self.assertLessEqual(len(built.body), parts.max_body)
+        payload = json.loads(built.body)
+        for item in payload.get("attachments", []):
+            if "url" in item:
+                index = item["url"].split("/")[-1].partition("?")[0]
+                found = find_part(raw, index)
+                assert found is not None
+                self.assertEqual(hashlib.sha256(found.data).hexdigest(), item["sha256"])
