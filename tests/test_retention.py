@@ -13,10 +13,12 @@ import os
 import sqlite3
 
 from twisted.internet.defer import fail
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from maillaser.config import Config, link_base
+from maillaser.health import DeliveryMetrics
 from maillaser.interfaces import ISpool
 from maillaser.message import Attempt, SpoolStats
 from maillaser.spool import DATABASE_NAME, SWEEP_INTERVAL, RetentionSweep
@@ -31,6 +33,7 @@ from maillaser.worker import (
 )
 from tests.test_attachments import CORPUS
 from tests.test_config import env, error, label, load
+from tests.test_metrics import samples
 from tests.test_spool import SpoolCase, message
 from tests.test_worker_front import config
 from tests.test_worker_server import WorkerTestCase
@@ -267,3 +270,22 @@ class FetchPartTests(WorkerTestCase):
     def test_not_ready(self) -> None:
         worker = DeliveryWorker(config(), self.reactor)
         self.failureResultOf(worker.fetch_part("msg_1", "0"), ChildError)
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_retained_gauges(self) -> None:
+        stats = SpoolStats(pending=1, retained=3, retained_bytes=4096)
+        metrics = DeliveryMetrics(
+            clock=Clock(), breaker_state=lambda: "closed", spool_stats=lambda: stats
+        )
+        self.assertEqual(
+            samples(
+                metrics.text(),
+                "maillaser_spool_retained_messages",
+                "maillaser_spool_retained_bytes",
+            ),
+            {
+                "maillaser_spool_retained_messages": 3,
+                "maillaser_spool_retained_bytes": 4096,
+            },
+        )
