@@ -523,6 +523,10 @@ class AttachmentResourceTests(SynchronousTestCase):
         )
         url = self.links.url("msg_1", "0", 2000).partition("8080")[2]
         protocol.dataReceived(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % url.encode())
+        # The client reads nothing: a TCP transport pauses its producer.
+        producer = transport.producer
+        assert producer is not None
+        producer.pauseProducing()
         self.assertEqual(self.resource.fetching, 1)
         self.assertLess(len(transport.value()), 200_000)  # not all in the buffer
         self.clock.advance(SEND_DEADLINE - 1)
@@ -530,6 +534,8 @@ class AttachmentResourceTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(1)
         self.assertTrue(transport.disconnecting)
+        # Then, as a TCP transport does once the connection is gone:
+        producer.stopProducing()
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.resource.fetching, 0)
 

@@ -12,19 +12,18 @@ never rendered by a browser on this origin: always a download
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from maillaser.logs import observer
 from maillaser.webhook import LinkRefused, LinkSigner
@@ -120,7 +119,8 @@ class AttachmentResource(Resource):
     ) -> Deferred[None] | None:
         """
         Sent as the client reads it (a producer, not one write into the
-        transport's buffer), within L{SEND_DEADLINE}.
+        transport's buffer), within L{SEND_DEADLINE}; its place is held
+        until then.
         """
         if finished.called:
             return None
@@ -131,12 +131,13 @@ class AttachmentResource(Resource):
         request.setHeader(b"content-security-policy", b"sandbox")
         request.setHeader(b"content-length", b"%d" % len(data))
         timer = self._clock.callLater(SEND_DEADLINE, _abort, request)
-        sender = FileSender()
-        sent: Deferred[None] = sender.beginFileTransfer(io.BytesIO(data), request)
+        sender = _PartSender(data, request)
         # Gone before the end: not every transport stops its producer.
-        finished.addCallback(lambda _: None if sent.called else sender.stopProducing())
-        sent.addCallbacks(lambda last: request.finish(), lambda failure: None)
-        return sent.addBoth(lambda ignored: timer.cancel() if timer.active() else None)
+        finished.addCallback(lambda ignored: sender.stopProducing())
+        request.registerProducer(sender, False)
+        return sender.done.addBoth(
+            lambda ignored: timer.cancel() if timer.active() else None
+        )
 
     def _failed(
         self, failure: Failure, request: Request, finished: Deferred[None]
@@ -152,6 +153,41 @@ class AttachmentResource(Resource):
         if not finished.called:
             request.write(_plain(request, code, text))
             request.finish()
+
+
+@implementer(IPullProducer)
+class _PartSender:
+    """
+    A part's bytes, a chunk each time the client has read the last.
+
+    Not C{FileSender}: once stopped, it still writes when resumed, and
+    unregisters itself from a request whose connection is gone, which
+    raises.  This one does nothing once stopped.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, data: bytes, request: Request) -> None:
+        self._data = memoryview(data)
+        self._request = request
+        self._offset = 0
+        self.done: Deferred[None] = Deferred()
+
+    def resumeProducing(self) -> None:
+        if self.done.called:
+            return
+        chunk = self._data[self._offset : self._offset + self.CHUNK]
+        if chunk:
+            self._offset += len(chunk)
+            self._request.write(bytes(chunk))
+            return
+        self._request.unregisterProducer()
+        self.done.callback(None)
+        self._request.finish()
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.done.callback(None)
 
 
 def _abort(request: Request) -> None:
