@@ -600,6 +600,23 @@ class FitTests(SynchronousTestCase):
             result["parse_error"], "body truncated to fit MAIL_LASER_WEBHOOK_MAX_BODY"
         )
 
+    def test_envelope_only_for_a_header_too_large(self) -> None:
+        """Thousands of recipients and a huge prefixed header: what fits."""
+        raw = b"Subject: s\r\n" + b"X-Big: " + b"y" * 70_000 + b"\r\n\r\nhi\r\n"
+        recipients = tuple(f"user{n:05}@example.com" for n in range(5000))
+        envelope = Envelope("a@example.net", recipients)
+        parts = PartOptions(max_body=65_536)
+        body = built_payload(Message("msg_1", envelope, raw), ("X-",), parts).body
+        self.assertLessEqual(len(body), 65_536)
+        payload = json.loads(body)
+        self.assertEqual(payload["parse_error"], "payload too large for the webhook")
+        self.assertEqual(payload["subject"], "s")
+        self.assertGreater(len(payload["recipients"]), 2000)
+        self.assertEqual(
+            payload["recipients"], list(recipients[: len(payload["recipients"])])
+        )
+        self.assertGreater(len(body), 65_536 - 30)
+
     def test_no_links_no_retention(self) -> None:
         raw = self.message(10)
         result = built_payload(

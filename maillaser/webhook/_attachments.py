@@ -44,7 +44,8 @@ from maillaser.webhook._payload import (
 
 _CONTENT_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 _CRLF = compat32.clone(linesep="\r\n")
-_ENVELOPE_KEYS = ("sender", "recipient", "recipients", "subject")
+_SUBJECT_LIMIT = 998
+"""Characters of the subject kept when only the envelope can be sent."""
 _TRUNCATED = "body truncated to fit MAIL_LASER_WEBHOOK_MAX_BODY"
 
 
@@ -262,8 +263,29 @@ class PartOptions:
             body = encode_payload(payload)
         if len(body) <= self.max_body:
             return body
-        envelope = {key: payload[key] for key in _ENVELOPE_KEYS}
-        envelope.update(body="", parse_error="payload too large for the webhook")
+        return self._envelope_only(payload)
+
+    def _envelope_only(self, payload: dict[str, Any]) -> bytes:
+        """
+        The last resort, for a header too large to send: the envelope, with
+        as many recipients as fit (thousands of long addresses can outgrow
+        a small cap too).
+        """
+        subject = cast(str, payload.get("subject", ""))[:_SUBJECT_LIMIT]
+        envelope: dict[str, Any] = {
+            "sender": payload["sender"],
+            "recipient": payload["recipient"],
+            "recipients": [],
+            "subject": subject,
+            "body": "",
+            "parse_error": "payload too large for the webhook",
+        }
+        room = self.max_body - len(encode_payload(envelope))
+        for recipient in cast(list[str], payload["recipients"]):
+            room -= len(json.dumps(recipient, ensure_ascii=False).encode()) + 1
+            if room < 0:
+                break
+            envelope["recipients"].append(recipient)
         return encode_payload(envelope)
 
 
