@@ -624,6 +624,21 @@ class FitTests(SynchronousTestCase):
         )
         self.assertIsNone(result.keep_until)
 
+    def test_filenames(self) -> None:
+        """RFC 2231, RFC 2047, raw 8-bit (UTF-8 or windows-1252) and folded."""
+        cases = [
+            (b"Content-Type: a/b; name*=iso-8859-1''caf%E9.txt", "café.txt"),
+            (b'Content-Type: a/b; name="=?utf-8?b?w6l0w6k=?=.txt"', "été.txt"),
+            (b'Content-Type: a/b; name="caf\xc3\xa9.txt"', "café.txt"),
+            (b'Content-Type: a/b; name="caf\xe9.txt"', "café.txt"),
+            (b'Content-Disposition: attachment;\r\n filename="a\r\n b.txt"', "a b.txt"),
+            (b"Content-Type: a/b", None),
+        ]
+        for header, name in cases:
+            with self.subTest(header=header):
+                [part] = attachment_parts(_PARSER.parsebytes(header + b"\r\n\r\nx"))
+                self.assertEqual(part.filename, name)
+
     def test_options_cross_to_a_payload_process(self) -> None:
         parts = PartOptions("link", 7, True, 70_000, signer(), 123)
         self.assertEqual(PartOptions.from_json(parts.to_json()), parts)

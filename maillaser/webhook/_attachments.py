@@ -37,7 +37,9 @@ from maillaser.message import Message, Payload
 from maillaser.webhook._links import RAW, LinkSigner
 from maillaser.webhook._payload import (
     _PARSER,
+    _decode_words,
     _header_text,
+    _unfolded_text,
     build_payload,
     encode_payload,
 )
@@ -132,18 +134,20 @@ def _data(leaf: MIMEMessage) -> bytes:
 
 
 def _filename(leaf: MIMEMessage) -> str | None:
-    """RFC 2231 parameters (by C{get_filename}), then RFC 2047 words."""
+    """
+    RFC 2231 parameters (by C{get_filename}), then RFC 2047 words; raw
+    8-bit text as SPEC section 4 decodes it (C{get_filename} on the part
+    itself would see such a header as opaque and replace every byte).
+    """
+    fields = MIMEMessage()
+    for field, value in leaf.raw_items():
+        if field.lower() in ("content-disposition", "content-type"):
+            fields[field] = _unfolded_text(value)
     try:
-        name = leaf.get_filename()
+        name = fields.get_filename()
     except Exception:  # a parameter the standard library cannot take apart
         return None
-    if not name:
-        return None
-    if not name.encode("utf-8", "surrogateescape").isascii():
-        # Decoded already (RFC 2231), or raw 8-bit text; either way no
-        # encoded words are left to decode.
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return _header_text(name) or None
+    return _decode_words(name) or None if name else None
 
 
 def _optional_header(leaf: MIMEMessage, name: str) -> str | None:
