@@ -94,6 +94,21 @@ class SpoolStats:
     pending: int = 0
     dead: int = 0
     bytes: int = 0
+    retained: int = 0
+    """Delivered messages kept for their attachment links until these expire."""
+    retained_bytes: int = 0
+
+
+@attrs.frozen
+class Payload:
+    """A webhook request body, as built for one delivery round."""
+
+    body: bytes = attrs.field(repr=lambda body: f"<{len(body)} bytes>")
+    keep_until: float | None = None
+    """
+    When the links in it expire: once delivered, the spool keeps the
+    message until then, to serve them.  C{None}: it has no link.
+    """
 
 
 @attrs.frozen
@@ -143,6 +158,7 @@ __all__ = [
     "Attempt",
     "Envelope",
     "Message",
+    "Payload",
     "QueuedMessage",
     "Refusal",
     "SpoolStats",

@@ -29,11 +29,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maillaser.config import Config, describe
-from maillaser.health import FrontMetrics, Health, make_site
+from maillaser.health import AttachmentResource, FrontMetrics, Health, make_site
 from maillaser.logs import observer
 from maillaser.smtp import MailLaserDeliveryFactory, MailLaserSMTPFactory, tls_context
 from maillaser.spool import check_spool
-from maillaser.worker import DeliveryWorker
+from maillaser.webhook import LinkSigner
+from maillaser.worker import ChildError, DeliveryWorker, PartNotFound, PartUnavailable
 
 
 def makeService(config: Config, reactor: Any = None) -> MailLaserService:
@@ -159,7 +160,11 @@ class MailLaserService(MultiService):
         self.health_listener = Listener(
             serverFromString(reactor, config.health_endpoint),
             make_site(
-                self.health, self.metrics.page, self.worker.metrics_text, clock=reactor
+                self.health,
+                self.metrics.page,
+                self.worker.metrics_text,
+                clock=reactor,
+                attachments=self._attachments(),
             ),
             "health",
         )
@@ -169,6 +174,16 @@ class MailLaserService(MultiService):
         self._started_at = reactor.seconds()
         self._checked = False
         self._stopping = False
+
+    def _attachments(self) -> AttachmentResource:
+        """Links are served where they are made (L{LinkSigner.for_config})."""
+        return AttachmentResource(
+            LinkSigner.for_config(self.config),
+            self.worker.fetch_part,
+            clock=self._reactor,
+            not_found=(PartNotFound,),
+            unavailable=(ChildError, PartUnavailable),
+        )
 
     def privilegedStartService(self) -> None:
         """Check the spool before binding, so a broken spool stops start-up."""

@@ -209,6 +209,8 @@ class MemorySpool:
     dead: dict[str, QueuedMessage] = attrs.field(factory=dict)
     attempts: dict[str, list[Attempt]] = attrs.field(factory=dict)
     claimed: set[str] = attrs.field(factory=set)
+    retained: dict[str, tuple[float, bytes]] = attrs.field(factory=dict)
+    """Delivered messages kept for their links: expiry and bytes."""
     broken: bool = False
 
     def add(self, message: Message) -> Deferred[None]:
@@ -243,10 +245,31 @@ class MemorySpool:
     def refresh(self) -> Deferred[SpoolStats]:
         return succeed(self.stats())
 
-    def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+    def delivered(
+        self,
+        message_id: str,
+        attempts: Sequence[Attempt],
+        keep_until: float | None = None,
+    ) -> Deferred[None]:
         self._settle(message_id, attempts)
-        del self.pending[message_id], self.due_at[message_id]
+        queued = self.pending.pop(message_id)
+        del self.due_at[message_id]
+        if keep_until is not None:
+            self.retained[message_id] = (keep_until, queued.message.raw)
         return succeed(None)
+
+    def retained_raw(self, message_id: str, now: float) -> Deferred[bytes | None]:
+        until, raw = self.retained.get(message_id, (0.0, b""))
+        if until > now:
+            return succeed(raw)
+        queued = self.pending.get(message_id) or self.dead.get(message_id)
+        return succeed(None if queued is None else queued.message.raw)
+
+    def expire_retained(self, now: float) -> Deferred[int]:
+        expired = [key for key, (until, _) in self.retained.items() if until <= now]
+        for key in expired:
+            del self.retained[key]
+        return succeed(len(expired))
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
@@ -274,6 +297,8 @@ class MemorySpool:
             pending=len(self.pending),
             dead=len(self.dead),
             bytes=sum(len(q.message.raw) for q in self.pending.values()),
+            retained=len(self.retained),
+            retained_bytes=sum(len(raw) for _, raw in self.retained.values()),
         )
 
     def writable(self) -> bool:

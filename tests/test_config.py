@@ -299,13 +299,19 @@ class SettingsTableTests(SynchronousTestCase):
                     "MAIL_LASER_WEBHOOK_MAILLASER3_SIGNATURE",
                     "--webhook-maillaser3-signature",
                 ),
+                ("MAIL_LASER_ATTACHMENTS", "--attachments"),
+                ("MAIL_LASER_ATTACHMENT_INLINE_MAX", "--attachment-inline-max"),
+                ("MAIL_LASER_ATTACHMENT_LINK_TTL", "--attachment-link-ttl"),
+                ("MAIL_LASER_INCLUDE_RAW", "--include-raw"),
+                ("MAIL_LASER_WEBHOOK_MAX_BODY", "--webhook-max-body"),
+                ("MAIL_LASER_PUBLIC_URL", "--public-url"),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 26)
+        self.assertEqual(len(literal), 31)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -1260,6 +1266,12 @@ class DescribeTests(SynchronousTestCase):
                 "target_domains": (),
                 "payload_headers": "prefix",
                 "webhook_maillaser3_signature": False,
+                "attachments": "inline",
+                "attachment_inline_max": 1048576,
+                "attachment_link_ttl": 604800.0,
+                "include_raw": False,
+                "webhook_max_body": 26214400,
+                "public_url": None,
             },
         )
         text = repr(describe(config))

@@ -5,6 +5,7 @@ The payload of issue 13 end to end: the real bridge on loopback, smtplib
 
 from __future__ import annotations
 
+import base64
 import calendar
 import hashlib
 import hmac
@@ -60,6 +61,25 @@ class CorpusPayloadTests(TestCase):
         """The whole payload of a Gmail message with a PDF, over cleartext."""
         payload, size = await self.deliver("gmail-attachment.eml")
         self.assertGreater(size, len(corpus("gmail-attachment.eml")))
+        [attachment] = payload.pop("attachments")
+        content = base64.b64decode(attachment.pop("content"), validate=True)
+        self.assertEqual(
+            attachment,
+            {
+                "filename": "invoice-2026-11.pdf",
+                "content_type": "application/pdf",
+                "size": 598,
+                "sha256": "254124a900d2ce3161fcdb2e83d7a6ce"
+                "236b76e08055d11fae0255171ace9946",
+                "disposition": "attachment",
+                "content_id": "f_mi3k2x7a0",
+            },
+        )
+        self.assertEqual(
+            (len(content), hashlib.sha256(content).hexdigest()),
+            (attachment["size"], attachment["sha256"]),
+        )
+        self.assertTrue(content.startswith(b"%PDF-1.4"))
         self.assertEqual(
             payload,
             {

@@ -446,7 +446,12 @@ class SpoolAdminTests(SynchronousTestCase):
         self.make_spool()
         self.assertEqual(
             self.admin("stats"),
-            (0, "pending: 2 (1 due now), 2.1K\noldest pending: 2h05m\ndead: 1\n", ""),
+            (
+                0,
+                "pending: 2 (1 due now), 2.1K\noldest pending: 2h05m\ndead: 1\n"
+                "retained: 0 (kept for attachment links), 0B\n",
+                "",
+            ),
         )
         code, out, _ = self.admin("stats", "--json")
         self.assertEqual(
@@ -459,6 +464,8 @@ class SpoolAdminTests(SynchronousTestCase):
                     "dead": 1,
                     "bytes": 2048 + len(RAW),
                     "oldest_pending_received_at": NOW - 7500,
+                    "retained": 0,
+                    "retained_bytes": 0,
                 },
             ),
         )

@@ -16,6 +16,7 @@ import attrs
 DeliveryMode = Literal["queue", "sync"]
 PayloadHeaders = Literal["prefix", "all"]
 LogLevel = Literal["debug", "info", "warn", "error"]
+AttachmentMode = Literal["inline", "link", "metadata"]
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
     5.0,
@@ -87,6 +88,16 @@ class Config:
     """C{"all"} adds C{header_list}, every top-level field, to the payload."""
     webhook_maillaser3_signature: bool = False
     """Also sign as MailLaser 3 does, for receivers written for it."""
+    attachments: AttachmentMode = "inline"
+    """What an attachment carries: C{content} up to L{attachment_inline_max}
+    bytes and a C{url} past it, a C{url} always, or neither."""
+    attachment_inline_max: int = 1024 * 1024
+    attachment_link_ttl: float = 7 * 86400.0
+    include_raw: bool = False
+    webhook_max_body: int = 25 * 1024 * 1024
+    public_url: str | None = None
+    """The base of attachment links (C{/attachments/...} on the health
+    endpoint); C{None}: no links can be made."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""
@@ -105,6 +116,7 @@ class Config:
 
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
+    "AttachmentMode",
     "Config",
     "ConfigError",
     "DeliveryMode",

@@ -113,8 +113,15 @@ def load_config(
         webhook_maillaser3_signature=value(
             "webhook-maillaser3-signature", parsers.choice(parsers.BOOLEANS)
         ),
+        attachments=value("attachments", parsers.choice(parsers.ATTACHMENT_MODES)),
+        attachment_inline_max=value("attachment-inline-max", parsers.integer(0)),
+        attachment_link_ttl=value("attachment-link-ttl", parsers.duration),
+        include_raw=value("include-raw", parsers.choice(parsers.BOOLEANS)),
+        webhook_max_body=value("webhook-max-body", parsers.integer(64 * 1024)),
+        public_url=value("public-url", parsers.public_url),
     )
     _check_tls_pair(config)
+    _check_links(config)
     return config
 
 
@@ -363,6 +370,54 @@ def _per_ip_limit(source: _Source, max_connections: int) -> int:
     return limit
 
 
+def _check_links(config: Config) -> None:
+    """
+    C{link} mode needs what every link needs: a secret to sign it with, a
+    spool to keep the message in, and an address receivers can reach.
+    """
+    if config.attachments != "link":
+        return
+    label = BY_OPTION["attachments"].label
+    if not config.webhook_secrets:
+        raise ConfigError(
+            f"{label}: link needs {BY_OPTION['webhook-secret'].env} (links are signed)"
+        )
+    if config.delivery_mode != "queue":
+        raise ConfigError(
+            f"{label}: link needs delivery mode queue (links are served from the spool)"
+        )
+    if link_base(config) is None:
+        raise ConfigError(
+            f"{label}: link needs {BY_OPTION['public-url'].env} with this --health"
+        )
+
+
+_TCP_PORT = re.compile(
+    r"tcp6?:(?P<port>[0-9]+)(?::(?:.*:)?interface=(?P<host>(?:\\.|[^:\\])*))?"
+)
+"""A plain TCP endpoint description: its port, and its interface if given."""
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def link_base(config: Config) -> str | None:
+    """
+    Where receivers reach attachment links: C{public_url}, or else
+    C{http://} and the health endpoint's address and port, with the
+    bridge's host name for an endpoint on every interface (no receiver can
+    reach C{0.0.0.0}).  C{None} when the health endpoint is not plain TCP.
+    """
+    if config.public_url is not None:
+        return config.public_url
+    match = _TCP_PORT.fullmatch(config.health_endpoint)
+    if match is None:
+        return None
+    host = _ESCAPE.sub(r"\1", match["host"] or "")
+    if host in ("", "0.0.0.0", "::"):
+        host = config.hostname
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{match['port']}"
+
+
 def _check_tls_pair(config: Config) -> None:
     if config.tls_cert is not None and config.tls_key is not None:
         _check_pem_files(config.tls_cert, config.tls_key)
@@ -390,4 +445,4 @@ def _check_pem_files(cert_path: str, key_path: str) -> None:
         ) from None
 
 
-__all__ = ["describe", "load_config"]
+__all__ = ["describe", "link_base", "load_config"]

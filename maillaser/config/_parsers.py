@@ -20,7 +20,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 
-from maillaser.config._config import DeliveryMode, LogLevel, PayloadHeaders
+from maillaser.config._config import (
+    AttachmentMode,
+    DeliveryMode,
+    LogLevel,
+    PayloadHeaders,
+)
 
 _T = TypeVar("_T")
 
@@ -46,7 +51,19 @@ _MAX_BUNDLE = 16 * 1024 * 1024
 
 DELIVERY_MODES: dict[str, DeliveryMode] = {"queue": "queue", "sync": "sync"}
 PAYLOAD_HEADERS: dict[str, PayloadHeaders] = {"prefix": "prefix", "all": "all"}
-BOOLEANS: dict[str, bool] = {"true": True, "false": False}
+ATTACHMENT_MODES: dict[str, AttachmentMode] = {
+    "inline": "inline",
+    "link": "link",
+    "metadata": "metadata",
+}
+BOOLEANS: dict[str, bool] = {
+    "true": True,
+    "false": False,
+    "1": True,
+    "0": False,
+    "yes": True,
+    "no": False,
+}
 LOG_LEVELS: dict[str, LogLevel] = {
     "debug": "debug",
     "info": "info",
@@ -277,13 +294,37 @@ def _read_start(path: str, size: int) -> bytes:
         raise Invalid(f"cannot read {show(path)}: {one_line(err)}") from None
 
 
+def _duration_of(text: str) -> float:
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise Invalid(f"{show(text)} is not a duration like 30s, 5m, 2h or 1d")
+    return float(match[1]) * _UNIT_SECONDS[match[2].lower()]
+
+
+def duration(text: str) -> float:
+    """A duration like C{30s}, C{5m}, C{2h} or C{7d} (bare: seconds), above 0."""
+    delay = _duration_of(text.strip())
+    if not 0 < delay < math.inf:
+        raise Invalid(f"must be greater than 0, got {show(text)}")
+    return delay
+
+
+def public_url(text: str) -> str:
+    """
+    The base of attachment links: an absolute http(s) URL without query or
+    fragment (the link's own path and query follow it); no trailing slash.
+    """
+    url = webhook_url(text)
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise Invalid("must have no user, query or fragment")
+    return url.rstrip("/")
+
+
 def retry_schedule(text: str) -> tuple[float, ...]:
     delays = []
     for piece in _split(text):
-        match = _DURATION.fullmatch(piece)
-        if match is None:
-            raise Invalid(f"{show(piece)} is not a duration like 30s, 5m, 2h or 1d")
-        delay = float(match[1]) * _UNIT_SECONDS[match[2].lower()]
+        delay = _duration_of(piece)
         if not 0 < delay < math.inf:
             raise Invalid(f"delays must be greater than 0, got {show(piece)}")
         delays.append(delay)

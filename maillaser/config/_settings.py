@@ -99,6 +99,17 @@ SETTINGS: tuple[Setting, ...] = (
         "Also sign as MailLaser 3 does (X-MailLaser-Signature-256).",
         "false",
     ),
+    Setting("attachments", "inline, link or metadata.", "inline"),
+    Setting("attachment-inline-max", "Decoded bytes sent inline, at most.", "1048576"),
+    Setting("attachment-link-ttl", "Lifetime of a link; units s, m, h, d.", "7d"),
+    Setting("include-raw", "Add the raw message (true or false).", "false"),
+    Setting("webhook-max-body", "Bytes of a webhook request body.", "26214400"),
+    Setting(
+        "public-url",
+        "Base URL of the health endpoint, as receivers reach it (for links).",
+        "built from --health-bind-address and --health-port",
+        False,
+    ),
 )
 
 BY_OPTION: dict[str, Setting] = {setting.option: setting for setting in SETTINGS}

@@ -17,13 +17,16 @@ from maillaser.spool._database import (
     State,
 )
 from maillaser.spool._dispatch import Dispatcher, next_attempt_delay
+from maillaser.spool._retention import SWEEP_INTERVAL, RetentionSweep
 from maillaser.spool._sqlite import SqliteSpool, check_spool, open_spool
 
 __all__ = [
     "DATABASE_NAME",
+    "SWEEP_INTERVAL",
     "Dispatcher",
     "DuplicateMessage",
     "MessageNotFound",
+    "RetentionSweep",
     "SpoolDatabase",
     "SpoolEntry",
     "SpoolError",

@@ -38,7 +38,7 @@ from maillaser.message import (
 
 DATABASE_NAME = "spool.sqlite3"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """
 Stored in C{PRAGMA user_version}; a later schema bumps it and migrates
 (L{_MIGRATIONS}), so a spool left by an older MailLaser keeps its mail.
@@ -96,7 +96,7 @@ _SCHEMA = (
     """,
     "CREATE INDEX attempts_message ON attempts (message_id)",
     f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
+    "PRAGMA user_version = 1",
 )
 
 
@@ -112,7 +112,26 @@ def _add_tls_column(connection: sqlite3.Connection) -> None:
         )
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_tls_column}
+def _add_retained_table(connection: sqlite3.Connection) -> None:
+    """2 -> 3: delivered messages kept for their attachment links."""
+    connection.execute(
+        """
+        CREATE TABLE IF NOT EXISTS retained (
+            message_id TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL,
+            raw BLOB NOT NULL
+        )
+        """
+    )
+    connection.execute(
+        "CREATE INDEX IF NOT EXISTS retained_expiry ON retained (expires_at)"
+    )
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _add_tls_column,
+    2: _add_retained_table,
+}
 """What takes a spool from each older version to the next; each is idempotent."""
 
 _UNCLAIMED_PENDING = "state = 'pending' AND id NOT IN (SELECT value FROM json_each(?))"
@@ -391,6 +410,49 @@ class SpoolDatabase:
         )
         return size
 
+    def retain(self, message_id: str, until: float) -> int:
+        """
+        Keep a pending message's bytes until C{until}, for its links, as it
+        is deleted (the caller deletes it in the same transaction); returns
+        its size.
+        """
+        row = self._connection.execute(
+            "INSERT OR REPLACE INTO retained (message_id, expires_at, raw)"
+            " SELECT id, ?, raw FROM messages WHERE id = ? AND state = 'pending'"
+            " RETURNING length(raw)",
+            (until, message_id),
+        ).fetchone()
+        if row is None:
+            raise self._not_found(message_id, "pending")
+        return int(row[0])
+
+    def retained_raw(self, message_id: str, now: float) -> bytes | None:
+        """
+        The bytes a link to C{message_id} is served from: kept after
+        delivery and not yet expired, or still spooled (a link works
+        before its message is delivered too).
+        """
+        with self.transaction(write=False):
+            row = self._connection.execute(
+                "SELECT raw FROM retained WHERE message_id = ? AND expires_at > ?",
+                (message_id, now),
+            ).fetchone()
+            if row is None:
+                row = self._connection.execute(
+                    "SELECT raw FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def expire_retained(self, now: float) -> tuple[int, int]:
+        """Forget what expired at C{now}; returns how many and their bytes."""
+        row = self._connection.execute(
+            "SELECT count(*), coalesce(sum(length(raw)), 0) FROM retained"
+            " WHERE expires_at <= ?",
+            (now,),
+        ).fetchone()
+        self._connection.execute("DELETE FROM retained WHERE expires_at <= ?", (now,))
+        return int(row[0]), int(row[1])
+
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
     ) -> int:
@@ -548,10 +610,19 @@ class SpoolDatabase:
                 "SELECT state, count(*), coalesce(sum(size), 0)"
                 " FROM messages GROUP BY state"
             ).fetchall()
+            retained, retained_bytes = self._connection.execute(
+                "SELECT count(*), coalesce(sum(length(raw)), 0) FROM retained"
+            ).fetchone()
         by_state = {state: (count, size) for state, count, size in rows}
         pending, size = by_state.get("pending", (0, 0))
         dead, _ = by_state.get("dead", (0, 0))
-        return SpoolStats(pending=pending, dead=dead, bytes=size)
+        return SpoolStats(
+            pending=pending,
+            dead=dead,
+            bytes=size,
+            retained=retained,
+            retained_bytes=retained_bytes,
+        )
 
     def entries(self, state: State | None = None) -> list[SpoolEntry]:
         """Every message in C{state} (or all), oldest first."""

@@ -302,7 +302,9 @@ class Dispatcher(Service):
         message_id = queued.message.id
         how = settlement(outcome)
         if isinstance(outcome, Delivered):
-            await self.spool.delivered(message_id, outcome.attempts)
+            await self.spool.delivered(
+                message_id, outcome.attempts, keep_until=outcome.keep_until
+            )
             return how
         delay = self._retry_delay(outcome, queued)
         if delay is None:

@@ -196,7 +196,13 @@ def _parser(default_spool_dir: str) -> argparse.ArgumentParser:
         help="write the exact message bytes, body included",
     )
 
-    command("stats", _stats, "count the spooled messages", read_only=True, json=True)
+    command(
+        "stats",
+        _stats,
+        "count pending, dead and kept messages",
+        read_only=True,
+        json=True,
+    )
 
     retry = command(
         "retry",
@@ -430,6 +436,10 @@ def unfolded_headers(raw: bytes) -> list[str]:
 def _stats(
     database: SpoolDatabase, arguments: argparse.Namespace, out: TextIO, now: float
 ) -> int:
+    """
+    What the spool holds; C{retained} are delivered messages kept until
+    the attachment links of their payloads expire.
+    """
     pending = database.entries("pending")
     counts = database.counts()
     due = sum(1 for e in pending if (e.next_attempt_at or 0) <= now)
@@ -441,6 +451,8 @@ def _stats(
             "dead": counts.dead,
             "bytes": counts.bytes,
             "oldest_pending_received_at": oldest,
+            "retained": counts.retained,
+            "retained_bytes": counts.retained_bytes,
         }
         out.write(json.dumps(stats) + "\n")
         return EXIT_OK
@@ -449,6 +461,8 @@ def _stats(
         f"pending: {counts.pending} ({due} due now), {format_size(counts.bytes)}\n"
         f"oldest pending: {age}\n"
         f"dead: {counts.dead}\n"
+        f"retained: {counts.retained} (kept for attachment links),"
+        f" {format_size(counts.retained_bytes)}\n"
     )
     return EXIT_OK
 

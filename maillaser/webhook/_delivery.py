@@ -40,6 +40,8 @@ QUICK_BACKOFF = 0.1
 @attrs.frozen
 class Delivered:
     attempts: tuple[Attempt, ...]
+    keep_until: float | None = None
+    """Until when the payload's links must be served (C{None}: it had none)."""
 
 
 @attrs.frozen
@@ -118,13 +120,13 @@ class Deliverer:
         return outcome
 
     async def _attempts(self, message: Message) -> Outcome:
-        body = await self.payloads.build(message)
+        payload = await self.payloads.build(message)
         attempts: list[Attempt] = []
         outcome: Outcome | None = None
         for retry in range(self.max_retries + 1):
             if retry:
                 await deferLater(self.clock, quick_backoff(retry))
-            outcome = await self._attempt(message, body, attempts)
+            outcome = await self._attempt(message, payload.body, attempts)
             if not isinstance(outcome, Failed) or outcome.permanent:
                 break
             if outcome.retry_after is not None and (
@@ -133,6 +135,8 @@ class Deliverer:
             ):
                 break  # the receiver asked for more patience than a quick retry has
         assert outcome is not None
+        if isinstance(outcome, Delivered) and payload.keep_until is not None:
+            return attrs.evolve(outcome, keep_until=payload.keep_until)
         return outcome
 
     async def _attempt(

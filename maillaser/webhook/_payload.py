@@ -33,7 +33,7 @@ from email.message import Message as MIMEMessage
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import attrs
 import html2text
@@ -41,6 +41,9 @@ from twisted.logger import Logger, LogLevel
 
 from maillaser.logs import observer
 from maillaser.message import Envelope, Message
+
+if TYPE_CHECKING:
+    from maillaser.webhook._attachments import PartOptions
 
 FALLBACK_HEADER_LIMIT = 64 * 1024
 """Bytes of a message L{fallback_payload} reads its header from."""
@@ -107,13 +110,19 @@ _T = TypeVar("_T")
 
 
 def build_payload(
-    message: Message, header_prefixes: Sequence[str], *, header_list: bool = False
+    message: Message,
+    header_prefixes: Sequence[str],
+    parts: PartOptions | None = None,
+    *,
+    header_list: bool = False,
 ) -> dict[str, object]:
     """
     The webhook payload for C{message}: SPEC §4 keys, in order, then the
     keys of issue 13, optional keys omitted, and C{parse_error} when a
     step failed.  Never raises.
 
+    @param parts: what attachments and the raw message carry; C{None}
+        for neither key.
     @param header_list: add C{header_list}, every top-level field in order
         (C{MAIL_LASER_PAYLOAD_HEADERS=all}).
     """
@@ -126,7 +135,8 @@ def build_payload(
     reading.attempt("body", reading.bodies, root)
     if reading.text is None and reading.html is not None:
         reading.rendered = reading.attempt("HTML", _html_to_text, reading.html)
-    return reading.payload(message)
+    more = parts and reading.attempt("attachments", parts.keys, message, root)
+    return reading.payload(message, more or {})
 
 
 def encoded_payload(
@@ -250,16 +260,20 @@ class _Reading:
                 elif content_type == "text/html" and self.html is None:
                     self.html = _part_text(part)
 
-    def payload(self, message: Message) -> dict[str, object]:
+    def payload(
+        self, message: Message, more: Mapping[str, object] | None = None
+    ) -> dict[str, object]:
         """
-        Each step adds its keys, in the order receivers see them;
-        C{parse_error} comes last, so that it names every step that failed.
+        Each step adds its keys, in the order receivers see them, C{more}
+        (attachments, raw message) after them; C{parse_error} comes last,
+        so that it names every step that failed.
         """
         payload = self.summary(message.envelope)
         self.attempt("addresses", self.add_addresses, payload)
         payload["envelope"] = _envelope(message)
         if self.header_list:
             self.attempt("header list", self.add_header_list, payload)
+        payload.update(more or {})
         if self.errors:
             payload["parse_error"] = "; ".join(self.errors)
         return payload
