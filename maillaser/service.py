@@ -128,6 +128,10 @@ class MailLaserService(MultiService):
             max_connections=config.max_connections,
             max_connections_per_ip=config.max_connections_per_ip,
             on_reply=self.metrics.smtp_reply,
+            min_data_rate=config.min_data_rate,
+            max_inflight_bytes=config.max_inflight_bytes,
+            max_unknown_recipients=config.max_unknown_recipients,
+            bare_newline=config.bare_newline,
         )
         self.smtp_listeners = [
             Listener(serverFromString(reactor, description), self.smtp_factory, "SMTP")

@@ -12,6 +12,7 @@ checks every value; L{describe} is what may be logged of the result.
 
 from maillaser.config._config import (
     DEFAULT_RETRY_SCHEDULE,
+    BareNewline,
     Config,
     ConfigError,
     DeliveryMode,
@@ -31,6 +32,7 @@ __all__ = [
     "HEALTH_ENDPOINT_HELP",
     "SETTINGS",
     "SMTP_ENDPOINT_HELP",
+    "BareNewline",
     "Config",
     "ConfigError",
     "DeliveryMode",

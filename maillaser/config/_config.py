@@ -15,6 +15,7 @@ import attrs
 
 DeliveryMode = Literal["queue", "sync"]
 LogLevel = Literal["debug", "info", "warn", "error"]
+BareNewline = Literal["normalize", "reject"]
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
     5.0,
@@ -75,6 +76,16 @@ class Config:
     payload_timeout: float = 10.0
     """Seconds building one payload may take before the message is
     delivered with what could be read and a C{parse_error}."""
+    min_data_rate: int = 1000
+    """Bytes per second a DATA transfer must average (after a grace), so a
+    trickle cannot hold a connection slot for ever."""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    """Message bytes the front holds at once, over all sessions: past it, a
+    new DATA is answered C{452}."""
+    max_unknown_recipients: int = 20
+    """Refused recipients a session may try before it is closed."""
+    bare_newline: BareNewline = "normalize"
+    """What a bare CR or LF in DATA gets: made a CRLF, or C{550}."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""
@@ -93,6 +104,7 @@ class Config:
 
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
+    "BareNewline",
     "Config",
     "ConfigError",
     "DeliveryMode",

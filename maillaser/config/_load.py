@@ -105,8 +105,13 @@ def load_config(
         webhook_ca_file=value("webhook-ca-file", parsers.certificate_bundle),
         worker_timeout=value("worker-timeout", positive_seconds),
         payload_timeout=value("payload-timeout", positive_seconds),
+        min_data_rate=value("min-data-rate", parsers.integer(0)),
+        max_inflight_bytes=value("max-inflight-bytes", parsers.integer(1)),
+        max_unknown_recipients=value("max-unknown-recipients", parsers.integer(0)),
+        bare_newline=value("bare-newline", parsers.choice(parsers.BARE_NEWLINES)),
     )
     _check_tls_pair(config)
+    _check_inflight(config)
     return config
 
 
@@ -305,6 +310,16 @@ def _per_ip_limit(source: _Source, max_connections: int) -> int:
             f" {BY_OPTION['max-connections'].label} ({max_connections})"
         )
     return limit
+
+
+def _check_inflight(config: Config) -> None:
+    """A budget smaller than one message would refuse every large one."""
+    if config.max_inflight_bytes < config.max_message_size:
+        raise ConfigError(
+            f"{BY_OPTION['max-inflight-bytes'].label}: {config.max_inflight_bytes}"
+            f" is less than {BY_OPTION['max-message-size'].label}"
+            f" ({config.max_message_size})"
+        )
 
 
 def _check_tls_pair(config: Config) -> None:

@@ -14,13 +14,14 @@ import binascii
 import ipaddress
 import math
 import re
+import string
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 
-from maillaser.config._config import DeliveryMode, LogLevel
+from maillaser.config._config import BareNewline, DeliveryMode, LogLevel
 
 _T = TypeVar("_T")
 
@@ -37,6 +38,9 @@ _ADDRESS = re.compile(r"[^@\s<>\x00-\x1f\x7f]+@[^@\s<>\x00-\x1f\x7f]+")
 _HEADER_PREFIX = re.compile(r"[!-9;-~]+")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+"""Addresses are one target when they differ in ASCII case only: C{str.lower}
+would also fold the Kelvin sign into C{k}."""
 _SECRET_PREFIX = "whsec_"
 _MAX_DIGITS = 18
 _MAX_SHOWN = 200
@@ -44,6 +48,11 @@ _MAX_BUNDLE = 16 * 1024 * 1024
 """Bytes read of a CA bundle: the system's whole store is a few hundred KiB."""
 
 DELIVERY_MODES: dict[str, DeliveryMode] = {"queue": "queue", "sync": "sync"}
+BARE_NEWLINES: dict[str, BareNewline] = {
+    "normalize": "normalize",
+    "normalise": "normalize",
+    "reject": "reject",
+}
 LOG_LEVELS: dict[str, LogLevel] = {
     "debug": "debug",
     "info": "info",
@@ -128,7 +137,7 @@ def targets(text: str) -> tuple[str, ...]:
     for address in addresses:
         if not _ADDRESS.fullmatch(address):
             raise Invalid(f"{show(address)} is not an email address")
-        unique.setdefault(address.lower(), address)
+        unique.setdefault(address.translate(_ASCII_LOWER), address)
     return tuple(unique.values())
 
 
@@ -317,6 +326,7 @@ def _is_address_literal(text: str) -> bool:
 
 
 __all__ = [
+    "BARE_NEWLINES",
     "DELIVERY_MODES",
     "LOG_LEVELS",
     "Invalid",

@@ -83,6 +83,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("worker-timeout", "Seconds to wait for the delivery worker.", "10"),
     Setting("payload-timeout", "Seconds to build one payload.", "10"),
+    Setting("min-data-rate", "Bytes per second DATA must average.", "1000"),
+    Setting("max-inflight-bytes", "Message bytes held by all sessions.", "268435456"),
+    Setting("max-unknown-recipients", "Refused recipients before 421.", "20"),
+    Setting(
+        "bare-newline", "normalize or reject a bare CR or LF in DATA.", "normalize"
+    ),
 )
 
 BY_OPTION: dict[str, Setting] = {setting.option: setting for setting in SETTINGS}

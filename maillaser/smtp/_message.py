@@ -84,11 +84,16 @@ class AcceptedMessage:
             _fire(waiter, self._outcome)
         return waiter
 
-    async def _hand_over(self) -> bytes:
+    def _take_message(self) -> Message:
         raw, self._parts = b"".join(self._parts), []
-        message = Message(self.id, self.envelope, raw, self._clock.seconds())
+        return Message(self.id, self.envelope, raw, self._clock.seconds())
+
+    async def _hand_over(self) -> bytes:
+        # The message is not kept here while the sink works: its bytes
+        # are the sink's to drop once they are on their way.
+        size = sum(map(len, self._parts))
         try:
-            await maybeDeferred(self._sink.receive, message)
+            await maybeDeferred(self._sink.receive, self._take_message())
         except Refusal as refusal:
             self._log.info(
                 "refused {message_id} from {peer}: {code} {reason}",
@@ -107,7 +112,7 @@ class AcceptedMessage:
             "accepted {message_id} from {peer}: {size} bytes for {count} recipient(s)",
             message_id=self.id,
             peer=self.envelope.peer,
-            size=len(raw),
+            size=size,
             count=len(self.envelope.recipients),
         )
         return f"2.0.0 Ok: queued as {self.id}".encode()

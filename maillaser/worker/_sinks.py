@@ -83,11 +83,11 @@ def _ready_status(worker: Worker) -> WorkerStatus:
     return status
 
 
-def _no_answer(log: Logger, what: str, message: Message, failure: Failure) -> None:
+def _no_answer(log: Logger, what: str, message_id: str, failure: Failure) -> None:
     log.warn(
         "the delivery worker could not {what} {message_id}: {error}",
         what=what,
-        message_id=message.id,
+        message_id=message_id,
         error=failure.getErrorMessage(),
     )
 
@@ -146,15 +146,19 @@ class QueueSink:
         if self._sending is not None and self._sending.active():
             self._sending.cancel()
         self._sending = None
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        messages = [message for message, _ in batch]
+        messages = [message for message, _ in self._batch]
+        # Only the ids are kept for the answer: the bytes, once encoded for
+        # the pipe, are not held twice while the worker commits them.
+        batch = [(message.id, stored) for message, stored in self._batch]
+        self._batch, self._batch_bytes = [], 0
         d = self.worker.call(Store, timeout=self.timeout, messages=messages)
+        del messages
         d.addCallbacks(
             self._stored, self._not_stored, callbackArgs=(batch,), errbackArgs=(batch,)
         )
 
     def _stored(
-        self, answer: dict[str, Any], batch: list[tuple[Message, Deferred[None]]]
+        self, answer: dict[str, Any], batch: list[tuple[str, Deferred[None]]]
     ) -> None:
         self.worker.spool_changed(*answer["spool"])
         for (_, stored), reply in zip(batch, answer["replies"], strict=True):
@@ -165,10 +169,10 @@ class QueueSink:
                 stored.errback(refusal)
 
     def _not_stored(
-        self, failure: Failure, batch: list[tuple[Message, Deferred[None]]]
+        self, failure: Failure, batch: list[tuple[str, Deferred[None]]]
     ) -> None:
-        for message, stored in batch:
-            _no_answer(self._log, "store", message, failure)
+        for message_id, stored in batch:
+            _no_answer(self._log, "store", message_id, failure)
             stored.errback(_store_failed())
 
 
@@ -217,7 +221,7 @@ class SyncSink:
             raise refusal
 
     def _not_delivered(self, failure: Failure, message: Message) -> None:
-        _no_answer(self._log, "deliver", message, failure)
+        _no_answer(self._log, "deliver", message.id, failure)
         raise Refusal(451, "4.3.0", "Temporary failure, try again later")
 
 
