@@ -69,6 +69,14 @@ def current_level() -> LogLevel:
     return current
 
 
+def debugging() -> bool:
+    """
+    Whether debug events pass: a busy path asks before it builds one, so
+    that at C{info} its debug events cost nothing.
+    """
+    return current_level() is LogLevel.debug
+
+
 def at_level(destination: ILogObserver) -> ILogObserver:
     """
     C{destination}, sent every event (Twisted's own too) at or above
@@ -172,6 +180,7 @@ def _text(event: LogEvent) -> str:
 __all__ = [
     "at_level",
     "current_level",
+    "debugging",
     "json_lines",
     "json_observer",
     "observer",

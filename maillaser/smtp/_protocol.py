@@ -32,7 +32,7 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from maillaser.logs import observer
+from maillaser.logs import debugging, observer
 from maillaser.smtp._address import Mailbox, Recipient, parse_path, valid_address
 from maillaser.smtp._data import (
     BARE_NEWLINE,
@@ -80,6 +80,17 @@ HANDSHAKE_TIMEOUT = 30.0
 """Seconds a TLS handshake (STARTTLS or implicit TLS) may take."""
 
 _HELO_DOMAIN = re.compile(rb"[\x21-\x7e]{1,255}")
+
+_SECRET_VERBS = (b"AUTH",)
+"""Commands whose arguments are credentials: never logged."""
+
+
+def loggable_command(line: bytes) -> str:
+    """A command line for the debug log: printable, credentials masked."""
+    verb, space, _ = line.partition(b" ")
+    if verb.upper() in _SECRET_VERBS:
+        line = verb + space + b"****" if space else verb
+    return line.decode("ascii", "backslashreplace")
 
 
 @implementer(IHandshakeListener)
@@ -322,6 +333,13 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         self._unconsumed = max(0, self._unconsumed - len(line) - 2)
         if self.mode == smtp.DATA:
             self._data_received += len(line) + 2
+        elif debugging():
+            self._log.debug(
+                "{peer} sent: {command}",
+                peer=self.peer_host,
+                command=loggable_command(line),
+                **self._log_ids(),
+            )
         expects_reply = self.mode != smtp.DATA or line == b"."
         if self.mode == smtp.DATA and line == b".":
             self._cancel_deadline()
@@ -430,6 +448,14 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     def _reply(self, code: int, message: bytes) -> None:
         """Send a finished reply; count it; go on if it was awaited."""
         smtp.ESMTP.sendCode(self, code, message)
+        if debugging():
+            self._log.debug(
+                "{peer} got: {code} {reply}",
+                peer=self.peer_host,
+                code=code,
+                reply=message.decode("ascii", "backslashreplace"),
+                **self._log_ids(),
+            )
         self._replies += 1
         if self._answering_data:
             self._answering_data = False
@@ -448,6 +474,13 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
                 return
             self.setTimeout(self.timeout)
             self._update_flow()
+
+    def _log_ids(self) -> dict[str, str]:
+        """The transaction's message id, once MAIL FROM has made one."""
+        delivery = self.delivery
+        if isinstance(delivery, MailLaserDelivery) and delivery.message_id:
+            return {"message_id": delivery.message_id}
+        return {}
 
     def _messageHandled(self, results: list[tuple[bool, Any]]) -> None:
         # twisted#4904: SMTP._messageHandled answers 550 to every failure,
