@@ -259,4 +259,11 @@ class SyncSink:
         raise Refusal(451, "4.3.0", "Temporary failure, try again later")
 
 
-__all__ = ["BATCH_BYTES", "STORE_WINDOW", "QueueSink", "SyncSink", "Worker", "sync_deadline"]
+__all__ = [
+    "BATCH_BYTES",
+    "STORE_WINDOW",
+    "QueueSink",
+    "SyncSink",
+    "Worker",
+    "sync_deadline",
+]
