@@ -52,6 +52,9 @@ attribute (or at module level), in every module of the package.
 """
 
 
+_debug_asked = [False]
+
+
 def set_level(level: str | LogLevel) -> None:
     """
     Drop MailLaser's events below C{level} from now on, in this process.
@@ -61,6 +64,7 @@ def set_level(level: str | LogLevel) -> None:
     if isinstance(level, str):
         level = LogLevel.levelWithName(level)
     _PREDICATE.setLogLevelForNamespace("", level)
+    _debug_asked[0] = level is LogLevel.debug
 
 
 def current_level() -> LogLevel:
@@ -71,10 +75,12 @@ def current_level() -> LogLevel:
 
 def debugging() -> bool:
     """
-    Whether debug events pass: a busy path asks before it builds one, so
-    that at C{info} its debug events cost nothing.
+    Whether L{set_level} was told C{debug}: a busy path (every SMTP
+    command, every webhook request) asks before it builds a debug event,
+    so that they cost nothing unless an operator asked for them, not even
+    before any level is set.
     """
-    return current_level() is LogLevel.debug
+    return _debug_asked[0]
 
 
 def at_level(destination: ILogObserver) -> ILogObserver:

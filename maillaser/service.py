@@ -119,6 +119,9 @@ class MailLaserService(MultiService):
                 max_recipients=config.max_recipients,
                 hostname=config.hostname,
                 clock=reactor,
+                spill_dir=(
+                    config.spool_dir if config.delivery_mode == "queue" else None
+                ),
             ),
             clock=reactor,
             hostname=config.hostname,

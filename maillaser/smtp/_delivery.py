@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Envelope, Refusal, new_message_id
+from maillaser.smtp._content import HandOverGate
 from maillaser.smtp._message import AcceptedMessage, reply_text
 
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -68,8 +69,16 @@ class MailLaserDeliveryFactory:
         max_recipients: int,
         hostname: str,
         clock: IReactorTime,
+        spill_dir: str | None = None,
     ) -> None:
+        """
+        @param spill_dir: where large messages wait while DATA arrives
+            (L{maillaser.smtp._content}); the system's temporary directory
+            if C{None}.
+        """
         self.sink = sink
+        self.spill_dir = spill_dir
+        self.gate = HandOverGate()
         self.targets = frozenset(address_key(target) for target in targets)
         self.max_recipients = max_recipients
         self.hostname = hostname
@@ -157,6 +166,8 @@ class MailLaserDelivery:
                 peer=_text(self._helo[1]),
             ),
             clock=self._factory.clock,
+            spill_dir=self._factory.spill_dir,
+            gate=self._factory.gate,
         )
         return self.message
 
