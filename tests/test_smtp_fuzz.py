@@ -256,13 +256,22 @@ class PathAgreementTests(SynchronousTestCase):
     @settings(
         max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
-    @given(_content, _ends, _chunk_sizes, st.integers(50, 600))
+    @given(
+        _content,
+        _ends,
+        _chunk_sizes,
+        st.integers(50, 600),
+        st.sampled_from(["normalize", "reject"]),
+    )
     def test_bulk_and_line_paths_agree(
-        self, content: bytes, end: bytes, sizes: list[int], max_size: int
+        self, content: bytes, end: bytes, sizes: list[int], max_size: int, bare: str
     ) -> None:
+        """Bare CRs and LFs too, made CRLFs or refused (MAIL_LASER_BARE_NEWLINE)."""
         outcomes = []
         for bulk in (True, False):
-            session, sink = fresh_session(bulk, max_message_size=max_size)
+            session, sink = fresh_session(
+                bulk, max_message_size=max_size, bare_newline=bare
+            )
             session.protocol.max_data_line = 120
             session.send(b"EHLO c\r\n" + ENVELOPE)
             session.transport.clear()
