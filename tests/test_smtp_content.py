@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import tracemalloc
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from maillaser.message import Envelope, Message, Refusal
+from maillaser.message import Envelope, Refusal
 from maillaser.smtp._content import SPILL_AT, HandOverGate, MessageContent
 from maillaser.smtp._message import AcceptedMessage
-from tests.test_smtp_helpers import RecordingSink
+from tests.test_smtp import SlowSink
 
 
 class MessageContentTests(SynchronousTestCase):
@@ -68,17 +67,6 @@ class HandOverGateTests(SynchronousTestCase):
         self.assertNoResult(waiting)
         gate.release(500)
         self.successResultOf(waiting)
-
-
-class SlowSink(RecordingSink):
-    def __init__(self) -> None:
-        super().__init__()
-        self.waiting: list[Deferred[None]] = []
-
-    def receive(self, message: Message) -> Deferred[None]:
-        super().receive(message)
-        self.waiting.append(Deferred())
-        return self.waiting[-1]
 
 
 class AcceptedMessageGateTests(SynchronousTestCase):

@@ -32,6 +32,7 @@ from tests.test_smtp_helpers import (
     listen,
     make_factory,
 )
+from tests.test_smtp_hostile import exchange
 
 QUEUED = rb"^250 2\.0\.0 Ok: queued as msg_[0-9a-f]{28}$"
 ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<target@example.com>\r\n"
@@ -425,13 +426,6 @@ class SlowlorisTests(TestCase):
         self.assertGreaterEqual(took, 0.9)
         self.assertLess(took, 3.0)
         await server.sessions_gone()
-
-
-async def exchange(client: RawClient, data: bytes, count: int) -> list[bytes]:
-    before = len(client.replies())
-    client.send(data)
-    replies = await client.wait_for_replies(before + count)
-    return replies[before:]
 
 
 def client_hello() -> bytes:
