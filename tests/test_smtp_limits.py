@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import smtplib
 import ssl
 from typing import Any
 
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from maillaser.smtp import tls_context
@@ -426,6 +428,28 @@ class SlowlorisTests(TestCase):
         self.assertGreaterEqual(took, 0.9)
         self.assertLess(took, 3.0)
         await server.sessions_gone()
+
+
+class HandshakeListenerTests(TestCase):
+    async def test_a_real_handshake_stops_the_deadline(self) -> None:
+        """Twisted's TLS layer tells the session (IHandshakeListener)."""
+        server = await listen(self, tls_context=tls_context(None, None, "mx.test"))
+        client = await deferToThread(starttls_client, server.port)
+        self.addCleanup(deferToThread, client.close)
+        [session] = server.factory.sessions
+        self.assertTrue(session.startedTLS)
+        self.assertIsNone(session._deadline)
+        self.assertEqual((await deferToThread(client.noop))[0], 250)
+
+
+def starttls_client(port: int) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, local_hostname="c.test", timeout=10)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    client.starttls(context=context)
+    client.ehlo()
+    return client
 
 
 def client_hello() -> bytes:
