@@ -204,6 +204,17 @@ class InflightBudgetTests(LimitTestCase):
         self.assertRegex(first.output()[-1], QUEUED)
         self.assertEqual(self.factory.inflight_bytes, 0)
 
+    def test_a_refused_message_takes_no_more(self) -> None:
+        first = self.session(max_inflight_bytes=3000)
+        second = Session(self.factory, "192.0.2.2")
+        self.start_data(first, b" SIZE=2000")
+        self.start_data(second)
+        second.send(b"b" * 1498 + b"\r\n")  # past the budget: refused
+        self.assertRegex(first.send(b"x\r\n.\r\n")[-1], QUEUED)
+        second.send(b"c" * 98 + b"\r\n")
+        self.assertEqual(self.factory.inflight_bytes, 0)
+        self.assertEqual(second.send(b".\r\n"), [NO_ROOM])
+
     def test_a_lost_connection_gives_its_bytes_back(self) -> None:
         session = self.session(max_inflight_bytes=3000)
         self.start_data(session, b" SIZE=2000")

@@ -683,7 +683,8 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
 
     def _counted(self, write: Callable[[bytes], object]) -> Callable[[bytes], None]:
         def counted(data: bytes) -> None:
-            self._count_content(len(data))
+            if self.datafailed is None:  # a refused message holds nothing
+                self._count_content(len(data))
             if self.datafailed is None:
                 write(data)
 
