@@ -436,7 +436,7 @@ class SlowlorisTests(TestCase):
         hello = client_hello()
         self.assertGreater(len(hello), 3 * 30)  # still coming at the deadline
         took = await self.drip(client, hello, 3, 0.1)
-        self.assertGreaterEqual(took, 0.9)
+        self.assertGreaterEqual(took, 0.5)  # the deadline began at STARTTLS
         self.assertLess(took, 3.0)
         await server.sessions_gone()
 
