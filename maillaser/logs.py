@@ -52,19 +52,21 @@ attribute (or at module level), in every module of the package.
 """
 
 
-_debug_asked = [False]
+_set: list[LogLevel | None] = [None]
+"""The level L{set_level} was given, C{None} before (or after C{None})."""
 
 
-def set_level(level: str | LogLevel) -> None:
+def set_level(level: str | LogLevel | None) -> None:
     """
     Drop MailLaser's events below C{level} from now on, in this process.
 
-    @param level: a L{LogLevel} or its name, such as C{Config.log_level}.
+    @param level: a L{LogLevel} or its name, such as C{Config.log_level};
+        C{None} is as before any call: nothing dropped, and no debug events
+        of the busy paths (L{debugging}).
     """
-    if isinstance(level, str):
-        level = LogLevel.levelWithName(level)
-    _PREDICATE.setLogLevelForNamespace("", level)
-    _debug_asked[0] = level is LogLevel.debug
+    chosen = LogLevel.levelWithName(level) if isinstance(level, str) else level
+    _set[0] = chosen
+    _PREDICATE.setLogLevelForNamespace("", LogLevel.debug if chosen is None else chosen)
 
 
 def current_level() -> LogLevel:
@@ -80,7 +82,12 @@ def debugging() -> bool:
     so that they cost nothing unless an operator asked for them, not even
     before any level is set.
     """
-    return _debug_asked[0]
+    return _set[0] is LogLevel.debug
+
+
+def level_set() -> LogLevel | None:
+    """What L{set_level} was given last, C{None} if nothing: what restores it."""
+    return _set[0]
 
 
 def at_level(destination: ILogObserver) -> ILogObserver:
@@ -189,6 +196,7 @@ __all__ = [
     "debugging",
     "json_lines",
     "json_observer",
+    "level_set",
     "observer",
     "set_level",
     "text_observer",

@@ -160,7 +160,7 @@ def each_level(log: Logger) -> None:
 
 class LevelTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.addCleanup(logs.set_level, logs.current_level())
+        self.addCleanup(logs.set_level, logs.level_set())
         self.events = EventLoggingObserver()
         globalLogPublisher.addObserver(self.events)
         self.addCleanup(globalLogPublisher.removeObserver, self.events)
@@ -446,7 +446,7 @@ class DebugLogTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.addCleanup(logs.set_level, logs.current_level())
+        self.addCleanup(logs.set_level, logs.level_set())
         logs.set_level("debug")
         self.events = EventLoggingObserver()
         globalLogPublisher.addObserver(self.events)
