@@ -505,6 +505,16 @@ class DebugLogTests(SynchronousTestCase):
             if "peer" in event:
                 self.assertEqual(event["peer"], "192.0.2.9")
 
+    def test_only_when_asked_for(self) -> None:
+        """Before any level is set nothing is dropped, yet these are not made."""
+        logs.set_level(None)
+        self.assertEqual(
+            (logs.level_set(), logs.current_level(), logs.debugging()),
+            (None, LogLevel.debug, False),
+        )
+        self.session().send(b"EHLO c\r\n")
+        self.assertEqual(self.smtp_events(), [])
+
     def test_nothing_at_info(self) -> None:
         logs.set_level("info")
         self.session().send(b"EHLO c\r\nNOOP\r\n")
