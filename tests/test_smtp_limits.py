@@ -19,9 +19,12 @@ from typing import Any
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import directlyProvides
 
 from maillaser.smtp import tls_context
 from maillaser.smtp._data import BulkData
@@ -160,6 +163,19 @@ class HandshakeTimeoutTests(LimitTestCase):
         session.protocol.handshakeCompleted()
         self.clock.advance(31)
         self.assertFalse(session.transport.disconnecting)
+
+
+class ImplicitTLSHandshakeTests(LimitTestCase):
+    def test_the_deadline_starts_with_the_connection(self) -> None:
+        """On an ssl: endpoint the handshake comes first, with the same deadline."""
+        transport = StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        session = Session(make_factory(self.sink, self.clock), transport=transport)
+        self.clock.advance(29.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(session.protocol.startedTLS)
 
 
 class InflightBudgetTests(LimitTestCase):
