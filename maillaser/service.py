@@ -137,6 +137,9 @@ class MailLaserService(MultiService):
                 hostname=config.hostname,
                 clock=reactor,
                 domains=config.target_domains,
+                spill_dir=(
+                    config.spool_dir if config.delivery_mode == "queue" else None
+                ),
             ),
             clock=reactor,
             hostname=config.hostname,
@@ -146,6 +149,10 @@ class MailLaserService(MultiService):
             max_connections=config.max_connections,
             max_connections_per_ip=config.max_connections_per_ip,
             on_reply=self.metrics.smtp_reply,
+            min_data_rate=config.min_data_rate,
+            max_inflight_bytes=config.max_inflight_bytes,
+            max_unknown_recipients=config.max_unknown_recipients,
+            bare_newline=config.bare_newline,
         )
         self.smtp_listeners = [
             Listener(

@@ -305,13 +305,17 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_INCLUDE_RAW", "--include-raw"),
                 ("MAIL_LASER_WEBHOOK_MAX_BODY", "--webhook-max-body"),
                 ("MAIL_LASER_PUBLIC_URL", "--public-url"),
+                ("MAIL_LASER_MIN_DATA_RATE", "--min-data-rate"),
+                ("MAIL_LASER_MAX_INFLIGHT_BYTES", "--max-inflight-bytes"),
+                ("MAIL_LASER_MAX_UNKNOWN_RECIPIENTS", "--max-unknown-recipients"),
+                ("MAIL_LASER_BARE_NEWLINE", "--bare-newline"),
             ],
         )
 
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 31)
+        self.assertEqual(len(literal), 35)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -326,6 +330,18 @@ class TargetEmailsTests(SettingTestCase):
             "Ops@Example.com, b@example.com,ops@example.COM ,B@EXAMPLE.COM",
             "target_emails",
             ("Ops@Example.com", "b@example.com"),
+        )
+
+    def test_duplicates_are_ascii_case_only(self) -> None:
+        """
+        The Kelvin sign (U+212A) lower-cases to C{k} in Python; the address
+        it spells is not the same target, so neither is dropped.
+        """
+        self.assertAccepted(
+            "target-emails",
+            "kim@example.com,\u212aim@example.com,KIM@example.com",
+            "target_emails",
+            ("kim@example.com", "\u212aim@example.com"),
         )
 
     def test_whitespace_only(self) -> None:
@@ -587,6 +603,8 @@ class NumberSettingsTests(SettingTestCase):
             ("spool-max-bytes", "spool_max_bytes", 1073741824, 1, None),
             ("max-connections", "max_connections", 1000, 1, None),
             ("smtp-backlog", "smtp_backlog", 1024, 1, 65535),
+            ("min-data-rate", "min_data_rate", 1000, 0, None),
+            ("max-unknown-recipients", "max_unknown_recipients", 20, 0, None),
         ]:
             self.assertEqual((option, getattr(load(), field)), (option, default))
             self.assertAccepted(option, str(low), field, low)
@@ -631,7 +649,49 @@ class NumberSettingsTests(SettingTestCase):
             )
 
 
+class InflightBytesTests(SettingTestCase):
+    def test_default_and_values(self) -> None:
+        self.assertEqual(load().max_inflight_bytes, 256 * 1024 * 1024)
+        self.assertAccepted(
+            "max-inflight-bytes", "10485760", "max_inflight_bytes", 10485760
+        )
+        self.assertRejected("max-inflight-bytes", "0", "must be at least 1, got '0'")
+
+    def test_not_less_than_one_message(self) -> None:
+        """A budget smaller than one message would refuse every large one."""
+        self.assertEqual(
+            error(
+                {
+                    "MAIL_LASER_MAX_INFLIGHT_BYTES": "2048",
+                    "MAIL_LASER_MAX_MESSAGE_SIZE": "4096",
+                }
+            ),
+            f"{label('max-inflight-bytes')}: 2048 is less than"
+            f" {label('max-message-size')} (4096)",
+        )
+        config = load(
+            {
+                "MAIL_LASER_MAX_INFLIGHT_BYTES": "4096",
+                "MAIL_LASER_MAX_MESSAGE_SIZE": "4096",
+            }
+        )
+        self.assertEqual(config.max_inflight_bytes, 4096)
+
+
 class ChoiceSettingsTests(SettingTestCase):
+    def test_bare_newline(self) -> None:
+        self.assertEqual(load().bare_newline, "normalize")
+        for text, value in [
+            ("normalize", "normalize"),
+            ("Normalise", "normalize"),
+            ("REJECT", "reject"),
+        ]:
+            self.assertAccepted("bare-newline", text, "bare_newline", value)
+        for text in ["", "strip", " reject"]:
+            self.assertRejected(
+                "bare-newline", text, f"{text!r} is not one of normalize, reject"
+            )
+
     def test_delivery_mode(self) -> None:
         self.assertEqual(load().delivery_mode, "queue")
         for text, mode in [("queue", "queue"), ("sync", "sync"), ("SYNC", "sync")]:
@@ -1272,6 +1332,10 @@ class DescribeTests(SynchronousTestCase):
                 "include_raw": False,
                 "webhook_max_body": 26214400,
                 "public_url": None,
+                "min_data_rate": 1000,
+                "max_inflight_bytes": 268435456,
+                "max_unknown_recipients": 20,
+                "bare_newline": "normalize",
             },
         )
         text = repr(describe(config))

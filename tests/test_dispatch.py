@@ -30,6 +30,7 @@ from maillaser.spool._dispatch import (
     POLL_INTERVAL,
     READY_BYTES,
     READY_PER_SLOT,
+    ROUND_BYTES,
     backoff_step,
     next_attempt_delay,
 )
@@ -205,6 +206,29 @@ class DispatcherTests(DispatcherCase):
         self.assertEqual(len(deliverer.posts), 2)
         deliverer.hanging[0].callback(WebhookResponse(200))
         self.assertEqual(len(deliverer.posts), 3)
+
+    def test_bytes_in_rounds_are_bounded(self) -> None:
+        """
+        Past ROUND_BYTES no other round starts, whatever the free slots
+        (one round always may); the spool is read again when one ends.
+        """
+        size = ROUND_BYTES // 2 + 1
+        big = []
+        for _ in range(3):
+            added = attrs.evolve(self.new_message(), raw=b"x" * size)
+            self.spool.add(added)
+            big.append(added.id)
+        [small] = self.add(1)
+        deliverer = self.deliverer(None, None, None, None)
+        self.dispatcher(deliverer, concurrency=8)
+        self.assertEqual(deliverer.posted, [big[0], small])  # a small one fits
+        deliverer.hanging[0].callback(WebhookResponse(200))
+        self.assertEqual(deliverer.posted, [big[0], small, big[1]])
+        deliverer.hanging[2].callback(WebhookResponse(200))
+        self.assertEqual(deliverer.posted, [big[0], small, *big[1:]])
+        for hanging in deliverer.hanging[1::2]:
+            hanging.callback(WebhookResponse(200))
+        self.assertEqual(self.spool.stats().pending, 0)
 
     def test_failed_round_waits_for_the_schedule_then_dead_letters(self) -> None:
         [mid] = self.add(1)

@@ -114,7 +114,7 @@ class ParsingTestCase(SynchronousTestCase):
     """Parsing the options sets the process's log level: put it back after."""
 
     def setUp(self) -> None:
-        self.addCleanup(logs.set_level, logs.current_level())
+        self.addCleanup(logs.set_level, logs.level_set())
 
 
 class OptionsTests(ParsingTestCase):

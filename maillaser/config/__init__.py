@@ -13,6 +13,7 @@ checks every value; L{describe} is what may be logged of the result.
 from maillaser.config._config import (
     DEFAULT_RETRY_SCHEDULE,
     AttachmentMode,
+    BareNewline,
     Config,
     ConfigError,
     DeliveryMode,
@@ -33,6 +34,7 @@ __all__ = [
     "SETTINGS",
     "SMTP_ENDPOINT_HELP",
     "AttachmentMode",
+    "BareNewline",
     "Config",
     "ConfigError",
     "DeliveryMode",

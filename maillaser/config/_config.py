@@ -17,6 +17,7 @@ DeliveryMode = Literal["queue", "sync"]
 PayloadHeaders = Literal["prefix", "all"]
 LogLevel = Literal["debug", "info", "warn", "error"]
 AttachmentMode = Literal["inline", "link", "metadata"]
+BareNewline = Literal["normalize", "reject"]
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
     5.0,
@@ -98,6 +99,16 @@ class Config:
     public_url: str | None = None
     """The base of attachment links (C{/attachments/...} on the health
     endpoint); C{None}: no links can be made."""
+    min_data_rate: int = 1000
+    """Bytes per second a DATA transfer must average (after a grace), so a
+    trickle cannot hold a connection slot for ever."""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    """Message bytes the front holds at once, over all sessions: past it, a
+    new DATA is answered C{452}."""
+    max_unknown_recipients: int = 20
+    """Refused recipients a session may try before it is closed."""
+    bare_newline: BareNewline = "normalize"
+    """What a bare CR or LF in DATA gets: made a CRLF, or C{550}."""
 
     def to_json(self) -> bytes:
         """The whole configuration, secrets included, for the worker's pipe."""
@@ -117,6 +128,7 @@ class Config:
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
     "AttachmentMode",
+    "BareNewline",
     "Config",
     "ConfigError",
     "DeliveryMode",

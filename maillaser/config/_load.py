@@ -119,9 +119,14 @@ def load_config(
         include_raw=value("include-raw", parsers.choice(parsers.BOOLEANS)),
         webhook_max_body=value("webhook-max-body", parsers.integer(64 * 1024)),
         public_url=value("public-url", parsers.public_url),
+        min_data_rate=value("min-data-rate", parsers.integer(0)),
+        max_inflight_bytes=value("max-inflight-bytes", parsers.integer(1)),
+        max_unknown_recipients=value("max-unknown-recipients", parsers.integer(0)),
+        bare_newline=value("bare-newline", parsers.choice(parsers.BARE_NEWLINES)),
     )
     _check_tls_pair(config)
     _check_links(config)
+    _check_inflight(config)
     return config
 
 
@@ -416,6 +421,16 @@ def link_base(config: Config) -> str | None:
         host = config.hostname
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{match['port']}"
+
+
+def _check_inflight(config: Config) -> None:
+    """A budget smaller than one message would refuse every large one."""
+    if config.max_inflight_bytes < config.max_message_size:
+        raise ConfigError(
+            f"{BY_OPTION['max-inflight-bytes'].label}: {config.max_inflight_bytes}"
+            f" is less than {BY_OPTION['max-message-size'].label}"
+            f" ({config.max_message_size})"
+        )
 
 
 def _check_tls_pair(config: Config) -> None:

@@ -14,6 +14,7 @@ import binascii
 import ipaddress
 import math
 import re
+import string
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +23,7 @@ from cryptography import x509
 
 from maillaser.config._config import (
     AttachmentMode,
+    BareNewline,
     DeliveryMode,
     LogLevel,
     PayloadHeaders,
@@ -43,6 +45,9 @@ _HEADER_PREFIX = re.compile(r"[!-9;-~]+")
 _ADDRESS_FORBIDDEN = re.compile(r"[@\s<>,\x00-\x1f\x7f]")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+"""Addresses are one target when they differ in ASCII case only: C{str.lower}
+would also fold the Kelvin sign into C{k}."""
 _SECRET_PREFIX = "whsec_"
 _MAX_DIGITS = 18
 _MAX_SHOWN = 200
@@ -63,6 +68,11 @@ BOOLEANS: dict[str, bool] = {
     "0": False,
     "yes": True,
     "no": False,
+}
+BARE_NEWLINES: dict[str, BareNewline] = {
+    "normalize": "normalize",
+    "normalise": "normalize",
+    "reject": "reject",
 }
 LOG_LEVELS: dict[str, LogLevel] = {
     "debug": "debug",
@@ -148,7 +158,7 @@ def targets(text: str) -> tuple[str, ...]:
     for address in addresses:
         if not _ADDRESS.fullmatch(address):
             raise Invalid(f"{show(address)} is not an email address")
-        unique.setdefault(address.lower(), address)
+        unique.setdefault(address.translate(_ASCII_LOWER), address)
     return tuple(unique.values())
 
 
@@ -392,6 +402,7 @@ def _is_address_literal(text: str) -> bool:
 
 
 __all__ = [
+    "BARE_NEWLINES",
     "BOOLEANS",
     "DELIVERY_MODES",
     "LOG_LEVELS",

@@ -110,6 +110,12 @@ SETTINGS: tuple[Setting, ...] = (
         "built from --health-bind-address and --health-port",
         False,
     ),
+    Setting("min-data-rate", "Bytes per second DATA must average.", "1000"),
+    Setting("max-inflight-bytes", "Message bytes held by all sessions.", "268435456"),
+    Setting("max-unknown-recipients", "Refused recipients before 421.", "20"),
+    Setting(
+        "bare-newline", "normalize or reject a bare CR or LF in DATA.", "normalize"
+    ),
 )
 
 BY_OPTION: dict[str, Setting] = {setting.option: setting for setting in SETTINGS}

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Envelope, Refusal, new_message_id
+from maillaser.smtp._content import HandOverGate
 from maillaser.smtp._message import AcceptedMessage, reply_text
 from maillaser.smtp._tls import session_tls
 
@@ -81,12 +82,18 @@ class MailLaserDeliveryFactory:
         hostname: str,
         clock: IReactorTime,
         domains: Iterable[str] = (),
+        spill_dir: str | None = None,
     ) -> None:
         """
         @param domains: domains every recipient at which is accepted, as
             well as the C{targets} addresses.
+        @param spill_dir: where large messages wait while DATA arrives
+            (L{maillaser.smtp._content}); the system's temporary directory
+            if C{None}.
         """
         self.sink = sink
+        self.spill_dir = spill_dir
+        self.gate = HandOverGate()
         self.targets = frozenset(address_key(target) for target in targets)
         self.domains = frozenset(domain.translate(_ASCII_LOWER) for domain in domains)
         self.max_recipients = max_recipients
@@ -182,6 +189,8 @@ class MailLaserDelivery:
                 tls=session_tls(self._session),
             ),
             clock=self._factory.clock,
+            spill_dir=self._factory.spill_dir,
+            gate=self._factory.gate,
         )
         return self.message
 

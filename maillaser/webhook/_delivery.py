@@ -28,7 +28,7 @@ from twisted.web.client import (
 )
 
 from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
-from maillaser.logs import observer
+from maillaser.logs import debugging, observer
 from maillaser.message import Attempt, Message, WebhookResponse
 from maillaser.webhook._breaker import CircuitBreaker
 from maillaser.webhook._signing import maillaser3_headers, request_headers
@@ -151,9 +151,11 @@ class Deliverer:
         except CancelledError:
             raise  # the round was cancelled, at shutdown: stop, do not retry
         except Exception as error:  # every transport failure is transient
+            self._log_request(message, now, describe_error(error))
             attempts.append(Attempt(now, None, describe_error(error)))
             self._log_attempt(message, attempts)
             return Failed(tuple(attempts), permanent=False, reason=attempts[-1].error)
+        self._log_request(message, now, response.status)
         if 200 <= response.status < 300:
             attempts.append(Attempt(now, response.status))
             return Delivered(tuple(attempts))
@@ -168,6 +170,15 @@ class Deliverer:
             retry_after=response.retry_after,
             reason=response.reason,
         )
+
+    def _log_request(self, message: Message, sent_at: float, status: object) -> None:
+        if debugging():
+            self._log.debug(
+                "webhook request for {message_id}: {status} in {elapsed:.3f}s",
+                message_id=message.id,
+                status=status,
+                elapsed=self.clock.seconds() - sent_at,
+            )
 
     def _log_attempt(self, message: Message, attempts: list[Attempt]) -> None:
         self._log.warn(

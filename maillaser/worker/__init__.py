@@ -44,13 +44,20 @@ from maillaser.worker._main import (
 )
 from maillaser.worker._payloads import PayloadBuilder, PayloadProtocol
 from maillaser.worker._server import DeliveryStack, WorkerProtocol, build_stack
-from maillaser.worker._sinks import BATCH_BYTES, QueueSink, SyncSink, sync_deadline
+from maillaser.worker._sinks import (
+    BATCH_BYTES,
+    STORE_WINDOW,
+    QueueSink,
+    SyncSink,
+    sync_deadline,
+)
 from maillaser.worker._stdio import ChildProtocol
 
 __all__ = [
     "BATCH_BYTES",
     "PROTOCOL_VERSION",
     "START_TIMEOUT",
+    "STORE_WINDOW",
     "BuildPayload",
     "ChildError",
     "ChildProcess",
