@@ -22,6 +22,7 @@ from zope.interface import Interface
 from maillaser.message import (
     Attempt,
     Message,
+    Payload,
     QueuedMessage,
     SpoolStats,
     WebhookResponse,
@@ -73,8 +74,24 @@ class ISpool(Interface):
         """Deferred firing with the earliest due time of an unclaimed pending
         message, or C{None} when there is none."""
 
-    def delivered(message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
-        """The webhook accepted the message: forget it."""
+    def delivered(
+        message_id: str, attempts: Sequence[Attempt], keep_until: float | None = None
+    ) -> Deferred[None]:
+        """
+        The webhook accepted the message: forget it, or, with C{keep_until},
+        keep its bytes until then (its payload had links), in the same
+        transaction.
+        """
+
+    def retained_raw(message_id: str, now: float) -> Deferred[bytes | None]:
+        """
+        The bytes a link to C{message_id} is served from: kept after
+        delivery and not expired at C{now}, or still spooled; C{None} if
+        neither.
+        """
+
+    def expire_retained(now: float) -> Deferred[int]:
+        """Forget the kept messages expired at C{now}; fires with how many."""
 
     def reschedule(
         message_id: str, at: float, attempts: Sequence[Attempt]
@@ -161,9 +178,10 @@ class IWebhookPoster(Interface):
 class IPayloadBuilder(Interface):
     """Turns an accepted message into the JSON body of its webhook request."""
 
-    def build(message: Message) -> Deferred[bytes]:
+    def build(message: Message) -> Deferred[Payload]:
         """
-        The request body for C{message}.
+        The request body for C{message}, and until when its links (if any)
+        must be served.
 
         It never fails because of what the message contains, and it fires
         within a bounded time: a message that cannot be read in time is

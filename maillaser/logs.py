@@ -52,21 +52,42 @@ attribute (or at module level), in every module of the package.
 """
 
 
-def set_level(level: str | LogLevel) -> None:
+_set: list[LogLevel | None] = [None]
+"""The level L{set_level} was given, C{None} before (or after C{None})."""
+
+
+def set_level(level: str | LogLevel | None) -> None:
     """
     Drop MailLaser's events below C{level} from now on, in this process.
 
-    @param level: a L{LogLevel} or its name, such as C{Config.log_level}.
+    @param level: a L{LogLevel} or its name, such as C{Config.log_level};
+        C{None} is as before any call: nothing dropped, and no debug events
+        of the busy paths (L{debugging}).
     """
-    if isinstance(level, str):
-        level = LogLevel.levelWithName(level)
-    _PREDICATE.setLogLevelForNamespace("", level)
+    chosen = LogLevel.levelWithName(level) if isinstance(level, str) else level
+    _set[0] = chosen
+    _PREDICATE.setLogLevelForNamespace("", LogLevel.debug if chosen is None else chosen)
 
 
 def current_level() -> LogLevel:
     """The level L{set_level} last set (C{debug} before)."""
     current: LogLevel = _PREDICATE.logLevelForNamespace("")
     return current
+
+
+def debugging() -> bool:
+    """
+    Whether L{set_level} was told C{debug}: a busy path (every SMTP
+    command, every webhook request) asks before it builds a debug event,
+    so that they cost nothing unless an operator asked for them, not even
+    before any level is set.
+    """
+    return _set[0] is LogLevel.debug
+
+
+def level_set() -> LogLevel | None:
+    """What L{set_level} was given last, C{None} if nothing: what restores it."""
+    return _set[0]
 
 
 def at_level(destination: ILogObserver) -> ILogObserver:
@@ -172,8 +193,10 @@ def _text(event: LogEvent) -> str:
 __all__ = [
     "at_level",
     "current_level",
+    "debugging",
     "json_lines",
     "json_observer",
+    "level_set",
     "observer",
     "set_level",
     "text_observer",

@@ -21,6 +21,19 @@ import attrs
 
 
 @attrs.frozen
+class TLSInfo:
+    """
+    The TLS a session ran under, as OpenSSL names it, so a receiver can
+    tell mail that crossed the network encrypted from mail that did not.
+    """
+
+    version: str
+    """The protocol, e.g. C{"TLSv1.3"}."""
+    cipher: str
+    """The cipher suite, e.g. C{"TLS_AES_256_GCM_SHA384"}."""
+
+
+@attrs.frozen
 class Envelope:
     """
     What the SMTP client told us outside the message itself.
@@ -38,6 +51,9 @@ class Envelope:
 
     helo: str = ""
     peer: str = ""
+    """The client's address as the transport gave it: a bare IP for TCP."""
+    tls: TLSInfo | None = None
+    """The session's TLS; C{None} for a cleartext session."""
 
 
 @attrs.frozen
@@ -78,6 +94,21 @@ class SpoolStats:
     pending: int = 0
     dead: int = 0
     bytes: int = 0
+    retained: int = 0
+    """Delivered messages kept for their attachment links until these expire."""
+    retained_bytes: int = 0
+
+
+@attrs.frozen
+class Payload:
+    """A webhook request body, as built for one delivery round."""
+
+    body: bytes = attrs.field(repr=lambda body: f"<{len(body)} bytes>")
+    keep_until: float | None = None
+    """
+    When the links in it expire: once delivered, the spool keeps the
+    message until then, to serve them.  C{None}: it has no link.
+    """
 
 
 @attrs.frozen
@@ -127,9 +158,11 @@ __all__ = [
     "Attempt",
     "Envelope",
     "Message",
+    "Payload",
     "QueuedMessage",
     "Refusal",
     "SpoolStats",
+    "TLSInfo",
     "WebhookResponse",
     "new_message_id",
 ]

@@ -29,11 +29,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maillaser.config import Config, describe
-from maillaser.health import FrontMetrics, Health, make_site
+from maillaser.health import AttachmentResource, FrontMetrics, Health, make_site
 from maillaser.logs import observer
 from maillaser.smtp import MailLaserDeliveryFactory, MailLaserSMTPFactory, tls_context
 from maillaser.spool import check_shared_spool, check_spool
-from maillaser.worker import DeliveryWorker
+from maillaser.webhook import LinkSigner
+from maillaser.worker import ChildError, DeliveryWorker, PartNotFound, PartUnavailable
 
 
 def makeService(config: Config, reactor: Any = None) -> MailLaserService:
@@ -50,6 +51,22 @@ def makeService(config: Config, reactor: Any = None) -> MailLaserService:
 
         reactor = default_reactor
     return MailLaserService(config, reactor)
+
+
+_TAKE_A_BACKLOG = frozenset({"tcp", "tcp6", "ssl"})
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=} added if it listens on a socket of its
+    own and names none: Twisted's default of 50 makes a burst of connects
+    wait for the client's SYN retries.  A C{systemd:} socket was set up by
+    systemd (its C{Backlog=}); other endpoint types are left as they are.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind not in _TAKE_A_BACKLOG or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 class Listener(Service):
@@ -119,6 +136,10 @@ class MailLaserService(MultiService):
                 max_recipients=config.max_recipients,
                 hostname=config.hostname,
                 clock=reactor,
+                domains=config.target_domains,
+                spill_dir=(
+                    config.spool_dir if config.delivery_mode == "queue" else None
+                ),
             ),
             clock=reactor,
             hostname=config.hostname,
@@ -128,15 +149,29 @@ class MailLaserService(MultiService):
             max_connections=config.max_connections,
             max_connections_per_ip=config.max_connections_per_ip,
             on_reply=self.metrics.smtp_reply,
+            min_data_rate=config.min_data_rate,
+            max_inflight_bytes=config.max_inflight_bytes,
+            max_unknown_recipients=config.max_unknown_recipients,
+            bare_newline=config.bare_newline,
         )
         self.smtp_listeners = [
-            Listener(serverFromString(reactor, description), self.smtp_factory, "SMTP")
+            Listener(
+                serverFromString(
+                    reactor, with_backlog(description, config.smtp_backlog)
+                ),
+                self.smtp_factory,
+                "SMTP",
+            )
             for description in config.smtp_endpoints
         ]
         self.health_listener = Listener(
             serverFromString(reactor, config.health_endpoint),
             make_site(
-                self.health, self.metrics.page, self.worker.metrics_text, clock=reactor
+                self.health,
+                self.metrics.page,
+                self.worker.metrics_text,
+                clock=reactor,
+                attachments=self._attachments(),
             ),
             "health",
         )
@@ -146,6 +181,16 @@ class MailLaserService(MultiService):
         self._started_at = reactor.seconds()
         self._checked = False
         self._stopping = False
+
+    def _attachments(self) -> AttachmentResource:
+        """Links are served where they are made (L{LinkSigner.for_config})."""
+        return AttachmentResource(
+            LinkSigner.for_config(self.config),
+            self.worker.fetch_part,
+            clock=self._reactor,
+            not_found=(PartNotFound,),
+            unavailable=(ChildError, PartUnavailable),
+        )
 
     def privilegedStartService(self) -> None:
         """Check the spool before binding, so a broken spool stops start-up."""
@@ -208,4 +253,4 @@ class MailLaserService(MultiService):
         )
 
 
-__all__ = ["Listener", "MailLaserService", "makeService"]
+__all__ = ["Listener", "MailLaserService", "makeService", "with_backlog"]

@@ -12,22 +12,28 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator, Mapping
+import resource
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 from twisted.application.service import IService, MultiService
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 from maillaser.config import (
     HEALTH_ENDPOINT_HELP,
     SETTINGS,
     SMTP_ENDPOINT_HELP,
+    Config,
     ConfigError,
     load_config,
 )
-from maillaser.logs import set_level
+from maillaser.logs import observer, set_level
+
+_log = Logger(observer=observer)
 
 
 class Options(usage.Options):
@@ -76,6 +82,17 @@ class Options(usage.Options):
 
     opt_smtp.__doc__ = SMTP_ENDPOINT_HELP
 
+    def opt_version(self) -> None:
+        """
+        Display MailLaser's version and Twisted's, and exit.
+        """
+        from maillaser import __version__
+        from twisted import copyright
+
+        print(f"MailLaser version: {__version__}")
+        print(f"Twisted version: {copyright.version}")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         """
         Load the configuration, or stop with one line and status 1.
@@ -115,9 +132,90 @@ def makeService(options: Options) -> IService:
     """
     from maillaser.service import makeService as makeMailLaserService
 
+    config = fit_open_files(options["config"], resource.getrlimit, resource.setrlimit)
     runner = _OwnProcess()
-    makeMailLaserService(options["config"]).setServiceParent(runner)
+    makeMailLaserService(config).setServiceParent(runner)
     return runner
+
+
+SPOOL_FILES = 16
+"""Descriptors the spool may hold: the database, its WAL and shared memory."""
+MARGIN = 128
+"""
+Descriptors besides connections and the spool: listeners, C{/health}
+clients, the pipes to the worker and payload processes, the log, the
+reactor's own.
+"""
+
+
+def open_files_needed(config: Config) -> int:
+    """
+    The C{RLIMIT_NOFILE} the bridge asks for: C{max-connections +
+    delivery-concurrency + SPOOL_FILES + MARGIN} (1,160 with the defaults).
+
+    The SMTP front holds the connections and the worker (which inherits the
+    limit) holds the webhook pool and the spool; one sum covers both.
+    """
+    return config.max_connections + config.delivery_concurrency + SPOOL_FILES + MARGIN
+
+
+def fit_open_files(
+    config: Config,
+    getrlimit: Callable[[int], tuple[int, int]],
+    setrlimit: Callable[[int, tuple[int, int]], None],
+) -> Config:
+    """
+    Raise the soft C{RLIMIT_NOFILE} as far as L{open_files_needed}, within
+    the hard limit; if that is not enough, lower C{max-connections} to what
+    fits, with one warning.
+
+    systemd's default soft limit is 1,024: with the default 1,000 SMTP
+    connections open, nothing was left to accept C{/health} with.  Once
+    connections are capped to fit, the bridge answers C{421} past the cap
+    rather than failing to accept at all.
+
+    @param getrlimit: L{resource.getrlimit}, injected for tests.
+    @param setrlimit: L{resource.setrlimit}, likewise.
+    @return: C{config}, or a copy with the lower connection caps.
+    """
+    needed = open_files_needed(config)
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if _at_least(soft, needed):
+        return config
+    wanted = needed if _at_least(hard, needed) else hard
+    try:
+        setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError):
+        pass
+    else:
+        soft = wanted
+    if soft >= needed:
+        _log.info(
+            "raised the open files limit to {limit} (needed: {needed})",
+            limit=soft,
+            needed=needed,
+        )
+        return config
+    cap = max(1, config.max_connections - (needed - soft))
+    _log.warn(
+        "open files limit {soft} (hard limit {hard}) is below the {needed} needed:"
+        " accepting at most {cap} SMTP connections instead of {max_connections};"
+        " raise it (systemd: LimitNOFILE=) to lift that",
+        soft=soft,
+        hard=hard,
+        needed=needed,
+        cap=cap,
+        max_connections=config.max_connections,
+    )
+    return attrs.evolve(
+        config,
+        max_connections=cap,
+        max_connections_per_ip=min(config.max_connections_per_ip, cap),
+    )
+
+
+def _at_least(limit: int, needed: int) -> bool:
+    return limit == resource.RLIM_INFINITY or limit >= needed
 
 
 class _OwnProcess(MultiService):
@@ -149,13 +247,42 @@ class _OwnProcess(MultiService):
         gc.freeze()
 
 
+class _StartUpFailed(SystemExit, Exception):
+    """
+    A start-up error that ends the process with one line, however it runs.
+
+    Python prints a L{SystemExit}'s code (C{"maillaser: reason"}) to stderr
+    and exits with status 1: that is all the foreground runners (C{twistd
+    -n}, C{twist}) do with it.  A daemonising C{twistd} needs an
+    L{Exception}: only one makes its C{postApplication} remove the pidfile
+    and write the reason to the status pipe, on which the parent waits
+    before it prints it and exits 1 (a bare L{SystemExit} skips both, and
+    the parent waited forever).  The parent prints at most 98 bytes of the
+    child's C{traceback.format_exception_only} line, C{"module.Class:
+    str"}, so the class passes for a built-in named C{maillaser} and its
+    C{str} is the bare reason: the line reads C{maillaser: reason}, as in
+    the foreground.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"maillaser: {reason}")
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+_StartUpFailed.__module__ = "builtins"
+_StartUpFailed.__qualname__ = "maillaser"
+
+
 @contextmanager
 def _start_up_errors_in_one_line() -> Iterator[None]:
     try:
         yield
     except Exception as error:
         if _is_start_up_error(error):
-            raise SystemExit(f"maillaser: {error}") from None
+            raise _StartUpFailed(str(error)) from None
         raise
 
 

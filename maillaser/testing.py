@@ -58,14 +58,26 @@ class WebhookReceiver(Resource):
     A webhook on loopback that records requests and answers from a script.
 
     Answers are taken from the script in order; when it runs out, every
-    request gets C{default}.
+    request gets C{default}.  C{on_request}, if given, is told of each
+    request as it arrives (C{maillaser-receive} prints them); with
+    C{record=False} requests are not kept in L{requests} (a receiver that
+    runs for days must not hold every body it saw), and L{wait_for} is not
+    for use.
     """
 
     isLeaf = True
 
-    def __init__(self, default: Reply = Reply(200)) -> None:
+    def __init__(
+        self,
+        default: Reply = Reply(200),
+        *,
+        on_request: Callable[[ReceivedRequest], object] | None = None,
+        record: bool = True,
+    ) -> None:
         super().__init__()
         self.default = default
+        self._on_request = on_request
+        self._record = record
         self.requests: list[ReceivedRequest] = []
         self._script: list[Reply] = []
         self._waiters: list[tuple[int, Deferred[list[ReceivedRequest]]]] = []
@@ -94,7 +106,10 @@ class WebhookReceiver(Resource):
             },
             body=request.content.read(),
         )
-        self.requests.append(received)
+        if self._record:
+            self.requests.append(received)
+        if self._on_request is not None:
+            self._on_request(received)
         reply = self._script.pop(0) if self._script else self.default
         self._notify()
         if reply is HANG:
@@ -130,7 +145,8 @@ class WebhookReceiver(Resource):
     def url(self) -> str:
         assert self._port is not None
         address: Any = self._port.getHost()
-        return f"http://{address.host}:{address.port}/hook"
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"http://{host}:{address.port}/hook"
 
     def stop(self) -> Deferred[None]:
         """
@@ -193,6 +209,8 @@ class MemorySpool:
     dead: dict[str, QueuedMessage] = attrs.field(factory=dict)
     attempts: dict[str, list[Attempt]] = attrs.field(factory=dict)
     claimed: set[str] = attrs.field(factory=set)
+    retained: dict[str, tuple[float, bytes]] = attrs.field(factory=dict)
+    """Delivered messages kept for their links: expiry and bytes."""
     broken: bool = False
 
     def add(self, message: Message) -> Deferred[None]:
@@ -227,10 +245,31 @@ class MemorySpool:
     def refresh(self) -> Deferred[SpoolStats]:
         return succeed(self.stats())
 
-    def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+    def delivered(
+        self,
+        message_id: str,
+        attempts: Sequence[Attempt],
+        keep_until: float | None = None,
+    ) -> Deferred[None]:
         self._settle(message_id, attempts)
-        del self.pending[message_id], self.due_at[message_id]
+        queued = self.pending.pop(message_id)
+        del self.due_at[message_id]
+        if keep_until is not None:
+            self.retained[message_id] = (keep_until, queued.message.raw)
         return succeed(None)
+
+    def retained_raw(self, message_id: str, now: float) -> Deferred[bytes | None]:
+        until, raw = self.retained.get(message_id, (0.0, b""))
+        if until > now:
+            return succeed(raw)
+        queued = self.pending.get(message_id) or self.dead.get(message_id)
+        return succeed(None if queued is None else queued.message.raw)
+
+    def expire_retained(self, now: float) -> Deferred[int]:
+        expired = [key for key, (until, _) in self.retained.items() if until <= now]
+        for key in expired:
+            del self.retained[key]
+        return succeed(len(expired))
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
@@ -258,6 +297,8 @@ class MemorySpool:
             pending=len(self.pending),
             dead=len(self.dead),
             bytes=sum(len(q.message.raw) for q in self.pending.values()),
+            retained=len(self.retained),
+            retained_bytes=sum(len(raw) for _, raw in self.retained.values()),
         )
 
     def writable(self) -> bool:

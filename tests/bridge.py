@@ -80,13 +80,20 @@ async def start_bridge(
     receiver = receiver or WebhookReceiver()
     url = await receiver.listen(reactor)
     test.addCleanup(receiver.stop)
-    config = make_config(url, test.mktemp(), **overrides)
+    return Bridge(await start_service(test, url, ready=ready, **overrides), receiver)
+
+
+async def start_service(
+    test: Any, webhook_url: str, *, ready: bool = True, **overrides: Any
+) -> MailLaserService:
+    """Start a bridge posting to C{webhook_url}; it is stopped when the test ends."""
+    config = make_config(webhook_url, test.mktemp(), **overrides)
     service = makeService(config, reactor)
     service.startService()
     test.addCleanup(stop_service, service)
     if ready:
         await poll(lambda: service.worker.ready, timeout=30)
-    return Bridge(service, receiver)
+    return service
 
 
 def stop_service(service: MailLaserService) -> Deferred[None] | None:

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
-from maillaser.message import Envelope, Message, WebhookResponse
+from maillaser.message import Envelope, Message, Payload, WebhookResponse
 from maillaser.webhook import encoded_payload
 
 
@@ -52,9 +52,9 @@ class InlinePayloads:
         self.header_prefixes = header_prefixes
         self.built: list[Message] = []
 
-    def build(self, message: Message) -> Deferred[bytes]:
+    def build(self, message: Message) -> Deferred[Payload]:
         self.built.append(message)
-        return succeed(encoded_payload(message, self.header_prefixes))
+        return succeed(Payload(encoded_payload(message, self.header_prefixes)))
 
 
 def message(n: int = 0, at: float = 0.0) -> Message:

@@ -55,9 +55,13 @@ class BridgeProcess(ProcessProtocol):
         command: str = "twistd",
         environment: dict[str, str] | None = None,
         tac: str | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> BridgeProcess:
+        """
+        @param prefix: a command that runs the rest, such as C{sh -c ...}.
+        """
         process = cls()
-        argv = [*runner(command)]
+        argv = [*prefix, *runner(command)]
         if tac is not None:
             argv += ["-n", "--pidfile=", "-y", tac]
         elif command == "twistd":

@@ -169,7 +169,8 @@ class UpstreamConfigTests(SettingTestCase):
     def test_missing_required(self) -> None:
         self.assertEqual(
             str(self.assertRaises(ConfigError, load_config, {}, {}, None)),
-            "MAIL_LASER_TARGET_EMAILS / --target-emails: must be set",
+            "MAIL_LASER_TARGET_EMAILS / --target-emails: must be set"
+            " (or MAIL_LASER_TARGET_DOMAINS / --target-domains)",
         )
         self.assertEqual(
             str(
@@ -291,6 +292,23 @@ class SettingsTableTests(SynchronousTestCase):
                 ("MAIL_LASER_WEBHOOK_CA_FILE", "--webhook-ca-file"),
                 ("MAIL_LASER_WORKER_TIMEOUT", "--worker-timeout"),
                 ("MAIL_LASER_PAYLOAD_TIMEOUT", "--payload-timeout"),
+                ("MAIL_LASER_SMTP_BACKLOG", "--smtp-backlog"),
+                ("MAIL_LASER_TARGET_DOMAINS", "--target-domains"),
+                ("MAIL_LASER_PAYLOAD_HEADERS", "--payload-headers"),
+                (
+                    "MAIL_LASER_WEBHOOK_MAILLASER3_SIGNATURE",
+                    "--webhook-maillaser3-signature",
+                ),
+                ("MAIL_LASER_ATTACHMENTS", "--attachments"),
+                ("MAIL_LASER_ATTACHMENT_INLINE_MAX", "--attachment-inline-max"),
+                ("MAIL_LASER_ATTACHMENT_LINK_TTL", "--attachment-link-ttl"),
+                ("MAIL_LASER_INCLUDE_RAW", "--include-raw"),
+                ("MAIL_LASER_WEBHOOK_MAX_BODY", "--webhook-max-body"),
+                ("MAIL_LASER_PUBLIC_URL", "--public-url"),
+                ("MAIL_LASER_MIN_DATA_RATE", "--min-data-rate"),
+                ("MAIL_LASER_MAX_INFLIGHT_BYTES", "--max-inflight-bytes"),
+                ("MAIL_LASER_MAX_UNKNOWN_RECIPIENTS", "--max-unknown-recipients"),
+                ("MAIL_LASER_BARE_NEWLINE", "--bare-newline"),
                 ("MAIL_LASER_SPOOL_URL", "--spool-url"),
                 ("MAIL_LASER_SPOOL_LEASE", "--spool-lease"),
             ],
@@ -299,7 +317,7 @@ class SettingsTableTests(SynchronousTestCase):
     def test_documented_defaults_are_the_defaults(self) -> None:
         """What C{--help} calls the default is what an unset setting gets."""
         literal = [setting for setting in SETTINGS if setting.default_is_literal]
-        self.assertEqual(len(literal), 24)
+        self.assertEqual(len(literal), 36)
         for setting in literal:
             self.assertEqual(
                 (setting.env, load({setting.env: setting.default})),
@@ -314,6 +332,18 @@ class TargetEmailsTests(SettingTestCase):
             "Ops@Example.com, b@example.com,ops@example.COM ,B@EXAMPLE.COM",
             "target_emails",
             ("Ops@Example.com", "b@example.com"),
+        )
+
+    def test_duplicates_are_ascii_case_only(self) -> None:
+        """
+        The Kelvin sign (U+212A) lower-cases to C{k} in Python; the address
+        it spells is not the same target, so neither is dropped.
+        """
+        self.assertAccepted(
+            "target-emails",
+            "kim@example.com,\u212aim@example.com,KIM@example.com",
+            "target_emails",
+            ("kim@example.com", "\u212aim@example.com"),
         )
 
     def test_whitespace_only(self) -> None:
@@ -574,6 +604,9 @@ class NumberSettingsTests(SettingTestCase):
             ("spool-max-messages", "spool_max_messages", 100000, 1, None),
             ("spool-max-bytes", "spool_max_bytes", 1073741824, 1, None),
             ("max-connections", "max_connections", 1000, 1, None),
+            ("smtp-backlog", "smtp_backlog", 1024, 1, 65535),
+            ("min-data-rate", "min_data_rate", 1000, 0, None),
+            ("max-unknown-recipients", "max_unknown_recipients", 20, 0, None),
         ]:
             self.assertEqual((option, getattr(load(), field)), (option, default))
             self.assertAccepted(option, str(low), field, low)
@@ -635,7 +668,49 @@ class NumberSettingsTests(SettingTestCase):
             )
 
 
+class InflightBytesTests(SettingTestCase):
+    def test_default_and_values(self) -> None:
+        self.assertEqual(load().max_inflight_bytes, 256 * 1024 * 1024)
+        self.assertAccepted(
+            "max-inflight-bytes", "10485760", "max_inflight_bytes", 10485760
+        )
+        self.assertRejected("max-inflight-bytes", "0", "must be at least 1, got '0'")
+
+    def test_not_less_than_one_message(self) -> None:
+        """A budget smaller than one message would refuse every large one."""
+        self.assertEqual(
+            error(
+                {
+                    "MAIL_LASER_MAX_INFLIGHT_BYTES": "2048",
+                    "MAIL_LASER_MAX_MESSAGE_SIZE": "4096",
+                }
+            ),
+            f"{label('max-inflight-bytes')}: 2048 is less than"
+            f" {label('max-message-size')} (4096)",
+        )
+        config = load(
+            {
+                "MAIL_LASER_MAX_INFLIGHT_BYTES": "4096",
+                "MAIL_LASER_MAX_MESSAGE_SIZE": "4096",
+            }
+        )
+        self.assertEqual(config.max_inflight_bytes, 4096)
+
+
 class ChoiceSettingsTests(SettingTestCase):
+    def test_bare_newline(self) -> None:
+        self.assertEqual(load().bare_newline, "normalize")
+        for text, value in [
+            ("normalize", "normalize"),
+            ("Normalise", "normalize"),
+            ("REJECT", "reject"),
+        ]:
+            self.assertAccepted("bare-newline", text, "bare_newline", value)
+        for text in ["", "strip", " reject"]:
+            self.assertRejected(
+                "bare-newline", text, f"{text!r} is not one of normalize, reject"
+            )
+
     def test_delivery_mode(self) -> None:
         self.assertEqual(load().delivery_mode, "queue")
         for text, mode in [("queue", "queue"), ("sync", "sync"), ("SYNC", "sync")]:
@@ -1267,6 +1342,20 @@ class DescribeTests(SynchronousTestCase):
                 "webhook_ca_file": None,
                 "worker_timeout": 10.0,
                 "payload_timeout": 10.0,
+                "smtp_backlog": 1024,
+                "target_domains": (),
+                "payload_headers": "prefix",
+                "webhook_maillaser3_signature": False,
+                "attachments": "inline",
+                "attachment_inline_max": 1048576,
+                "attachment_link_ttl": 604800.0,
+                "include_raw": False,
+                "webhook_max_body": 26214400,
+                "public_url": None,
+                "min_data_rate": 1000,
+                "max_inflight_bytes": 268435456,
+                "max_unknown_recipients": 20,
+                "bare_newline": "normalize",
                 "spool_url": "postgresql://***@db:5432/ml?sslmode=***",
                 "spool_lease": 60.0,
             },

@@ -13,7 +13,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
-from maillaser.message import Attempt, Message
+from maillaser.message import Attempt, Message, Payload
 from maillaser.webhook import (
     BreakerState,
     CircuitBreaker,
@@ -76,7 +76,7 @@ class DeliveryTests(SynchronousTestCase):
 
         @implementer(IPayloadBuilder)
         class Broken:
-            def build(self, message: Message) -> Deferred[bytes]:
+            def build(self, message: Message) -> Deferred[Payload]:
                 return fail(RuntimeError("a bug"))
 
         self.breaker.threshold = 1

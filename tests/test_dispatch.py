@@ -41,6 +41,7 @@ from maillaser.spool._dispatch import (
     POLL_INTERVAL,
     READY_BYTES,
     READY_PER_SLOT,
+    ROUND_BYTES,
     backoff_step,
     next_attempt_delay,
 )
@@ -217,6 +218,29 @@ class DispatcherTests(DispatcherCase):
         self.assertEqual(len(deliverer.posts), 2)
         deliverer.hanging[0].callback(WebhookResponse(200))
         self.assertEqual(len(deliverer.posts), 3)
+
+    def test_bytes_in_rounds_are_bounded(self) -> None:
+        """
+        Past ROUND_BYTES no other round starts, whatever the free slots
+        (one round always may); the spool is read again when one ends.
+        """
+        size = ROUND_BYTES // 2 + 1
+        big = []
+        for _ in range(3):
+            added = attrs.evolve(self.new_message(), raw=b"x" * size)
+            self.spool.add(added)
+            big.append(added.id)
+        [small] = self.add(1)
+        deliverer = self.deliverer(None, None, None, None)
+        self.dispatcher(deliverer, concurrency=8)
+        self.assertEqual(deliverer.posted, [big[0], small])  # a small one fits
+        deliverer.hanging[0].callback(WebhookResponse(200))
+        self.assertEqual(deliverer.posted, [big[0], small, big[1]])
+        deliverer.hanging[2].callback(WebhookResponse(200))
+        self.assertEqual(deliverer.posted, [big[0], small, *big[1:]])
+        for hanging in deliverer.hanging[1::2]:
+            hanging.callback(WebhookResponse(200))
+        self.assertEqual(self.spool.stats().pending, 0)
 
     def test_failed_round_waits_for_the_schedule_then_dead_letters(self) -> None:
         [mid] = self.add(1)
@@ -679,3 +703,42 @@ class SharedSpoolDispatchTests(DispatcherCase):
         self.clock.advance(0)
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(self.successResultOf(one.refresh()).pending, 0)
+
+
+class AdminRetryTests(DispatcherCase):
+    def test_retry_by_the_admin_tool_is_delivered_within_the_poll(self) -> None:
+        """
+        ``maillaser-spool retry`` changes the database behind the worker's
+        back, with no wake-up: a message rescheduled an hour ahead goes
+        within one POLL_INTERVAL of the change.
+        """
+        directory = self.mktemp()
+        spool = open_spool(directory, self.clock)
+        self.addCleanup(spool.close)
+        self.spool = spool
+        deliverer = self.deliverer(503)
+        dispatcher = Dispatcher(
+            spool=spool,
+            deliverer=deliverer,
+            breaker=self.breaker,
+            clock=self.clock,
+            concurrency=4,
+            schedule=(3600.0,),
+        )
+        [message_id] = self.add(1)
+        self.clock.advance(0)  # the commit
+        dispatcher.startService()
+        self.addCleanup(dispatcher.stopService)
+        self.clock.advance(0)  # the failed round's settlement
+        self.assertEqual(deliverer.posted, [message_id])
+        self.clock.advance(600)
+        self.assertEqual(deliverer.posted, [message_id])
+
+        admin = SpoolDatabase.open(directory, create=False)
+        with admin.transaction():
+            self.assertEqual(admin.retry(None, self.clock.seconds()), 1)
+        admin.close()
+        self.clock.advance(POLL_INTERVAL)
+        self.clock.advance(0)
+        self.assertEqual(deliverer.posted, [message_id, message_id])
+        self.assertEqual(spool.stats().pending, 0)

@@ -22,6 +22,8 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import (
     Logger,
@@ -34,9 +36,15 @@ from twisted.logger import (
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 import maillaser
 from maillaser import logs
+from maillaser.interfaces import IWebhookPoster
+from maillaser.message import WebhookResponse
+from maillaser.webhook import CircuitBreaker, Deliverer, quick_backoff
+from tests.doubles import InlinePayloads, message
+from tests.test_smtp_helpers import RecordingSink, Session, make_factory
 from tests.test_tap import run_plugin
 
 LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error)
@@ -152,7 +160,7 @@ def each_level(log: Logger) -> None:
 
 class LevelTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.addCleanup(logs.set_level, logs.current_level())
+        self.addCleanup(logs.set_level, logs.level_set())
         self.events = EventLoggingObserver()
         globalLogPublisher.addObserver(self.events)
         self.addCleanup(globalLogPublisher.removeObserver, self.events)
@@ -428,3 +436,124 @@ class RenderingTests(SynchronousTestCase):
                 logs._text(event),
                 eventAsText(event, includeTimestamp=False, includeSystem=False),
             )
+
+
+class DebugLogTests(SynchronousTestCase):
+    """
+    At debug: every SMTP command and reply, never the message's content,
+    credentials masked; every webhook request's status and time; each with
+    the message id where there is one.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(logs.set_level, logs.level_set())
+        logs.set_level("debug")
+        self.events = EventLoggingObserver()
+        globalLogPublisher.addObserver(self.events)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events)
+
+    def smtp_events(self) -> list[tuple[str, Any, Any]]:
+        """(what, text, message id) of each SMTP debug event."""
+        found = []
+        for event in self.events:
+            if event["log_level"] is LogLevel.debug and "peer" in event:
+                text = event.get("command", event.get("reply"))
+                what = "command" if "command" in event else f"reply {event['code']}"
+                found.append((what, text, event.get("message_id")))
+        return found
+
+    def session(self) -> Session:
+        return Session(make_factory(RecordingSink(), Clock()), "192.0.2.9")
+
+    def test_smtp_commands_and_replies(self) -> None:
+        session = self.session()
+        session.send(
+            b"EHLO c\r\nAUTH PLAIN c2VjcmV0\r\nMAIL FROM:<a@b.test>\r\n"
+            b"RCPT TO:<target@example.com>\r\nDATA\r\n"
+        )
+        session.send(b"Subject: secret content\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        found = self.smtp_events()
+        [message_id] = {mid for _, _, mid in found if mid is not None}
+        self.assertEqual(
+            [(what, mid) for what, _, mid in found],
+            [
+                ("reply 220", None),
+                ("command", None),
+                ("reply 250", None),
+                ("command", None),
+                ("reply 502", None),
+                ("command", None),
+                ("reply 250", message_id),
+                ("command", message_id),
+                ("reply 250", message_id),
+                ("command", message_id),
+                ("reply 354", message_id),
+                ("reply 250", message_id),
+                ("command", message_id),
+                ("reply 221", message_id),
+            ],
+        )
+        texts = [text for _, text, _ in found]
+        self.assertIn("AUTH ****", texts)
+        self.assertIn("MAIL FROM:<a@b.test>", texts)
+        self.assertIn(f"2.0.0 Ok: queued as {message_id}", texts)
+        rendered = " ".join(eventAsText(event) for event in self.events)
+        self.assertNotIn("c2VjcmV0", rendered)
+        self.assertNotIn("secret content", rendered)
+        self.assertNotIn("body", texts)
+        for event in self.events:
+            if "peer" in event:
+                self.assertEqual(event["peer"], "192.0.2.9")
+
+    def test_only_when_asked_for(self) -> None:
+        """Before any level is set nothing is dropped, yet these are not made."""
+        logs.set_level(None)
+        self.assertEqual(
+            (logs.level_set(), logs.current_level(), logs.debugging()),
+            (None, LogLevel.debug, False),
+        )
+        self.session().send(b"EHLO c\r\n")
+        self.assertEqual(self.smtp_events(), [])
+
+    def test_nothing_at_info(self) -> None:
+        logs.set_level("info")
+        self.session().send(b"EHLO c\r\nNOOP\r\n")
+        self.assertEqual(self.smtp_events(), [])
+
+    def test_webhook_requests(self) -> None:
+        clock = Clock()
+        poster = SlowPoster(clock, 0.25, 503, 204)
+        deliverer = Deliverer(
+            poster=poster,
+            payloads=InlinePayloads(),
+            clock=clock,
+            breaker=CircuitBreaker(threshold=5, reset=60.0, clock=clock),
+            max_retries=3,
+        )
+        sent = message(7)
+        delivered = deliverer.deliver(sent)
+        clock.advance(0.25)  # the 503
+        clock.advance(quick_backoff(1))
+        clock.advance(0.25)  # the 204
+        self.assertTrue(delivered.called)
+        requests = [
+            (event["message_id"], event["status"], event["elapsed"])
+            for event in self.events
+            if event["log_level"] is LogLevel.debug and "elapsed" in event
+        ]
+        self.assertEqual(requests, [(sent.id, 503, 0.25), (sent.id, 204, 0.25)])
+
+
+@implementer(IWebhookPoster)
+class SlowPoster:
+    """Answers each POST with the next status after C{delay} seconds."""
+
+    def __init__(self, clock: Clock, delay: float, *statuses: int) -> None:
+        self.clock = clock
+        self.delay = delay
+        self.statuses = list(statuses)
+
+    def post(
+        self, body: bytes, headers: dict[bytes, bytes]
+    ) -> Deferred[WebhookResponse]:
+        return deferLater(self.clock, self.delay, WebhookResponse, self.statuses.pop(0))

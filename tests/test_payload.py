@@ -23,6 +23,7 @@ from maillaser.webhook import (
     encoded_payload,
     fallback_payload,
 )
+from tests.helpers import spec_keys
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -30,7 +31,7 @@ ENVELOPE = Envelope(sender="sender@example.com", recipients=("alerts@example.com
 
 
 def parse(raw: bytes, prefixes: tuple[str, ...] = ()) -> dict[str, object]:
-    return build_payload(Message("msg_test", ENVELOPE, raw), prefixes)
+    return spec_keys(build_payload(Message("msg_test", ENVELOPE, raw), prefixes))
 
 
 def crlf(text: str) -> bytes:
@@ -75,7 +76,7 @@ class UpstreamCasesTests(SynchronousTestCase):
                 ("recipient", "alerts@example.com"),
                 ("recipients", ["alerts@example.com"]),
                 ("subject", "Test Email"),
-                ("body", "This is a test email.\r\nIt has multiple lines.\r\n"),
+                ("body", "This is a test email.\nIt has multiple lines.\n"),
             ],
         )
 
@@ -105,7 +106,7 @@ class UpstreamCasesTests(SynchronousTestCase):
             "HTML content that should be ignored.\n\n"
             "Another plain line.",
         )
-        self.assertEqual(result["html_body"], html)
+        self.assertEqual(result["html_body"], html.replace("\r\n", "\n"))
 
     def test_no_content_type_html_looking(self) -> None:
         """Without Content-Type a body is text/plain, whatever it looks like."""
@@ -124,7 +125,7 @@ class UpstreamCasesTests(SynchronousTestCase):
         result = parse(
             crlf("From: sender@example.com\nTo: r@example.com\n\nBody only.\n")
         )
-        self.assertEqual((result["subject"], result["body"]), ("", "Body only.\r\n"))
+        self.assertEqual((result["subject"], result["body"]), ("", "Body only.\n"))
 
     def test_empty_body(self) -> None:
         result = parse(crlf("From: sender@example.com\nSubject: Empty Body Test\n\n"))
@@ -167,7 +168,7 @@ class UpstreamCasesTests(SynchronousTestCase):
             '<div dir="ltr">trying to make sure all email is stripped from this '
             "message. Thanks!<br><br><b>Yours truly,</b><div><i>ME</i></div><div>"
             '<i><a href="https://govcraft.ai">https://govcraft.ai</a></i></div>'
-            "<div><i><br></i></div></div>\r\n"
+            "<div><i><br></i></div></div>\n"
         )
         self.assertEqual(
             list(parse(corpus("gmail-alternative.eml")).items()),
@@ -180,8 +181,8 @@ class UpstreamCasesTests(SynchronousTestCase):
                 (
                     "body",
                     "trying to make sure all email is stripped from this message. "
-                    "Thanks!\r\n\r\n*Yours truly,*\r\n*ME*\r\n"
-                    "*https://govcraft.ai <https://govcraft.ai>*\r\n",
+                    "Thanks!\n\n*Yours truly,*\n*ME*\n"
+                    "*https://govcraft.ai <https://govcraft.ai>*\n",
                 ),
                 ("html_body", html),
                 (
@@ -506,7 +507,7 @@ class BodySelectionTests(SynchronousTestCase):
         """As in compat32: the first line that is not a field starts the body."""
         result = parse(crlf("Subject: s\nnot a header\nmore\n"))
         self.assertEqual(
-            (result["subject"], result["body"]), ("s", "not a header\r\nmore\r\n")
+            (result["subject"], result["body"]), ("s", "not a header\nmore\n")
         )
 
 
@@ -788,7 +789,9 @@ class FallbackTests(SynchronousTestCase):
 
     def fallback(self, raw: bytes, prefixes: tuple[str, ...] = ()) -> object:
         message = Message("msg_test", ENVELOPE, raw)
-        return json.loads(fallback_payload(message, prefixes, "took too long"))
+        return spec_keys(
+            json.loads(fallback_payload(message, prefixes, "took too long"))
+        )
 
     def test_header_only(self) -> None:
         self.assertEqual(
@@ -860,7 +863,7 @@ class CorpusTests(SynchronousTestCase):
                 ("recipient", "alerts@example.com"),
                 ("recipients", ["alerts@example.com"]),
                 ("subject", "Disk usage on db-1 at 91%"),
-                ("body", "Disk usage on db-1 is 91%.\r\n"),
+                ("body", "Disk usage on db-1 is 91%.\n"),
                 ("message_id", "<small-plain@example.net>"),
             ],
         )
@@ -871,13 +874,13 @@ class CorpusTests(SynchronousTestCase):
         self.assertEqual(result["subject"], "Report für März")
         self.assertEqual(
             result["body"],
-            "Hallo,\r\n\r\nanbei der Bericht für März. Die Zahlen sind vorläufig."
-            "\r\n\r\nGrüße\r\nJörg\r\n",
+            "Hallo,\n\nanbei der Bericht für März. Die Zahlen sind vorläufig."
+            "\n\nGrüße\nJörg\n",
         )
         self.assertEqual(
             result["html_body"],
             "<html><body><p>Hallo,</p><p>anbei der <b>Bericht</b> für März. Die "
-            "Zahlen sind vorläufig.</p><p>Grüße<br>Jörg</p></body></html>\r\n",
+            "Zahlen sind vorläufig.</p><p>Grüße<br>Jörg</p></body></html>\n",
         )
         self.assertEqual(
             result["headers"], {"X-Mailer": "CorpusGen 1.0", "X-Priority": "3"}
@@ -897,12 +900,12 @@ class CorpusTests(SynchronousTestCase):
         self.assertNotIn("color: #222", body)
         html_body = result["html_body"]
         assert isinstance(html_body, str)
-        self.assertTrue(html_body.startswith("<!DOCTYPE html>\r\n"))
+        self.assertTrue(html_body.startswith("<!DOCTYPE html>\n"))
 
     def test_large_attachment(self) -> None:
         result = parse(corpus("large-attachment.eml"))
         self.assertEqual(
-            result["body"], "Nightly backup finished; the archive is attached.\r\n"
+            result["body"], "Nightly backup finished; the archive is attached.\n"
         )
         self.assertNotIn("html_body", result)
 
@@ -926,9 +929,13 @@ class EncodePayloadTests(SynchronousTestCase):
             b'{"sender":"","sender_name":"Z\xc3\xb6e","recipient":"a@example.com",'
             b'"recipients":["a@example.com","B@example.com"],'
             b'"subject":"Caf\xc3\xa9 \xe2\x98\x95",'
-            b'"body":"line \\"one\\"\\r\\nline\\ttwo",'
+            b'"body":"line \\"one\\"\\nline\\ttwo",'
             b'"html_body":"<p>\xc3\xa9</p>","headers":{"X-Ticket":"42"},'
-            b'"message_id":"<1@example.com>"}',
+            b'"message_id":"<1@example.com>",'
+            b'"from":{"address":"zoe@example.com","name":"Z\xc3\xb6e"},'
+            b'"envelope":{"mail_from":"","rcpt_to":["a@example.com","B@example.com"],'
+            b'"helo":"","client_ip":"","received_at":"1970-01-01T00:00:00Z",'
+            b'"size":%d}}' % len(raw),
         )
 
     def test_encoded_payload(self) -> None:

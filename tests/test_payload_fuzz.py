@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import email
 import json
 import re
@@ -15,7 +16,7 @@ import textwrap
 from email import policy
 from email.header import Header
 from email.message import Message as StdlibMessage
-from email.utils import formataddr
+from email.utils import format_datetime, formataddr
 
 import attrs
 from hypothesis import HealthCheck, given, settings
@@ -43,8 +44,19 @@ KEY_ORDER = [
     "html_body",
     "headers",
     "message_id",
+    "from",
+    "to",
+    "cc",
+    "reply_to",
+    "date",
+    "in_reply_to",
+    "references",
+    "envelope",
+    "header_list",
     "parse_error",
 ]
+ADDRESS_LIST_KEYS = ["to", "cc", "reply_to"]
+RFC3339_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 TEXT_KEYS = ["sender", "recipient", "subject", "body"]
 OPTIONAL_TEXT_KEYS = ["sender_name", "html_body", "message_id"]
 
@@ -91,6 +103,22 @@ FRAGMENTS = [
     b">",
     b"@",
     b",",
+    b":",
+    b";",
+    b")",
+    b"\\",
+    b"To: ",
+    b"Cc: ",
+    b"Reply-To: ",
+    b"Date: ",
+    b"In-Reply-To: ",
+    b"References: ",
+    b"Mon, 2 Dec 2026 14:02:49 +0000",
+    b"-0000",
+    b"Feb 31",
+    b"99999",
+    b"=?utf-8?q?a,b?=",
+    b"group:",
 ]
 
 soup = st.lists(
@@ -128,11 +156,66 @@ def assert_keys(case: SynchronousTestCase, result: dict[str, object]) -> None:
         for name, value in headers.items():
             case.assertIsInstance(name, str)
             case.assertIsInstance(value, str)
+    assert_newer_keys(case, result)
     case.assertEqual(json.loads(encode_payload(result)), result)
 
 
-def parse(raw: bytes, header_prefixes: list[str] | None = None) -> dict[str, object]:
-    return build_payload(Message("msg_fuzz", ENVELOPE, raw), header_prefixes or [])
+def assert_address(case: SynchronousTestCase, entry: object) -> None:
+    """C{{"address": non-empty text, "name": non-empty text}}, name optional."""
+    assert isinstance(entry, dict)
+    case.assertIn(set(entry), ({"address"}, {"address", "name"}))
+    for value in entry.values():
+        case.assertIsInstance(value, str)
+        case.assertTrue(value)
+
+
+def assert_newer_keys(case: SynchronousTestCase, result: dict[str, object]) -> None:
+    """The keys of issue 13: their types, and never present but empty."""
+    if "from" in result:
+        assert_address(case, result["from"])
+    for key in ADDRESS_LIST_KEYS:
+        if key in result:
+            entries = result[key]
+            assert isinstance(entries, list)
+            case.assertTrue(entries)
+            for entry in entries:
+                assert_address(case, entry)
+    if "date" in result:
+        date = result["date"]
+        assert isinstance(date, str)
+        case.assertRegex(date, RFC3339_UTC)
+    if "in_reply_to" in result:
+        case.assertIsInstance(result["in_reply_to"], str)
+        case.assertTrue(result["in_reply_to"])
+    if "references" in result:
+        references = result["references"]
+        assert isinstance(references, list)
+        case.assertTrue(references)
+        case.assertTrue(all(isinstance(r, str) and r for r in references))
+    for key in ("body", "html_body"):
+        case.assertNotIn("\r", result.get(key, ""))
+    envelope = result["envelope"]
+    assert isinstance(envelope, dict)
+    case.assertEqual(
+        list(envelope),
+        ["mail_from", "rcpt_to", "helo", "client_ip", "received_at", "size"],
+    )
+    case.assertEqual(envelope["mail_from"], ENVELOPE.sender)
+    case.assertEqual(envelope["rcpt_to"], list(ENVELOPE.recipients))
+    case.assertRegex(envelope["received_at"], RFC3339_UTC)
+    if "header_list" in result:
+        for field in result["header_list"]:  # type: ignore[attr-defined]
+            case.assertEqual([type(part) for part in field], [str, str])
+
+
+def parse(
+    raw: bytes, header_prefixes: list[str] | None = None, header_list: bool = True
+) -> dict[str, object]:
+    return build_payload(
+        Message("msg_fuzz", ENVELOPE, raw),
+        header_prefixes or [],
+        header_list=header_list,
+    )
 
 
 class ArbitraryBytesTests(SynchronousTestCase):
@@ -151,7 +234,9 @@ class ArbitraryBytesTests(SynchronousTestCase):
     def test_fallback(self, raw: bytes, header_prefixes: list[str]) -> None:
         """The fallback reads what the full payload reads of the header."""
         message = Message("msg_fuzz", ENVELOPE, raw)
-        result = json.loads(fallback_payload(message, header_prefixes, "late"))
+        result = json.loads(
+            fallback_payload(message, header_prefixes, "late", header_list=True)
+        )
         assert_keys(self, result)
         self.assertEqual(self.flushLoggedErrors(), [])
         full = parse(raw, header_prefixes)
@@ -425,6 +510,8 @@ class GeneratedMimeTests(SynchronousTestCase):
         assert_well_formed(self, result)
         self.assertEqual(result["subject"], subject)
         self.assertEqual(result.get("sender_name"), display_name or None)
+        named = {"name": display_name} if display_name else {}
+        self.assertEqual(result["from"], {"address": "from@example.com", **named})
 
         plain, html = first(tree, "text/plain"), first(tree, "text/html")
         if html is None:
@@ -495,5 +582,85 @@ class HeaderTests(SynchronousTestCase):
         expected: dict[str, str] = {}
         for name, lines in fields:
             if name[0].lower() in "xyzabc":
-                expected[name] = " ".join(lines).strip()
+                expected[name] = " ".join(lines).strip()  # the last field wins
         self.assertEqual(result.get("headers", {}), expected)
+        self.assertEqual(
+            result["header_list"],
+            [[name, " ".join(lines).strip()] for name, lines in fields],
+        )
+
+
+display_names = st.text(
+    alphabet=st.sampled_from(list("abcXYZ09 .,;:!?'\"()<>@\\éüßЖあ")),
+    max_size=20,
+)
+local_parts = st.text(alphabet=st.sampled_from(list("abcxyz09._+-")), min_size=1)
+zones = st.integers(-14 * 60, 14 * 60).map(
+    lambda minutes: datetime.timezone(datetime.timedelta(minutes=minutes))
+)
+
+
+class AddressTests(SynchronousTestCase):
+    """The address keys give back what a mailer wrote, whatever the names."""
+
+    @FUZZ
+    @given(
+        people=st.lists(st.tuples(display_names, local_parts), min_size=1, max_size=6),
+        field=st.sampled_from(["To", "Cc", "Reply-To"]),
+        newline=st.sampled_from([b"\r\n", b"\n"]),
+    )
+    def test_address_lists(
+        self, people: list[tuple[str, str]], field: str, newline: bytes
+    ) -> None:
+        written = [
+            formataddr((name, f"{local}@example.org"), "utf-8")
+            for name, local in people
+        ]
+        raw = (
+            field.encode()
+            + b": "
+            + ("," + newline.decode() + " ").join(written).encode()
+            + newline * 2
+            + b"body"
+        )
+        result = parse(raw)
+        assert_well_formed(self, result)
+        key = field.lower().replace("-", "_")
+        self.assertEqual(
+            result[key],
+            [
+                {"address": f"{local}@example.org", **({"name": n} if n else {})}
+                for name, local in people
+                for n in [name.strip()]
+            ],
+        )
+
+    @FUZZ
+    @given(
+        when=st.datetimes(
+            min_value=datetime.datetime(1900, 1, 1),
+            max_value=datetime.datetime(9998, 12, 31),
+            timezones=zones,
+        ),
+    )
+    def test_date_in_utc(self, when: datetime.datetime) -> None:
+        when = when.replace(microsecond=0)
+        result = parse(b"Date: " + format_datetime(when).encode() + b"\r\n\r\nx")
+        assert_well_formed(self, result)
+        utc = when.astimezone(datetime.UTC)
+        self.assertEqual(result["date"], utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    @FUZZ
+    @given(
+        field=st.sampled_from(
+            ["From", "To", "Cc", "Reply-To", "Date", "In-Reply-To", "References"]
+        ),
+        value=st.one_of(
+            st.text(max_size=200),
+            st.text(alphabet=st.sampled_from(list('()<>@,;:\\".[] =?q')), max_size=300),
+        ),
+    )
+    def test_any_value(self, field: str, value: str) -> None:
+        """Whatever the field holds, the payload is well formed."""
+        raw = field.encode() + b": " + value.encode("utf-8", "surrogatepass")
+        assert_well_formed(self, parse(raw + b"\r\n\r\nbody"))

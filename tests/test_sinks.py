@@ -22,6 +22,7 @@ from maillaser.interfaces import IMessageSink
 from maillaser.message import Envelope, Message, Refusal
 from maillaser.worker import (
     BATCH_BYTES,
+    STORE_WINDOW,
     ChildTimeout,
     QueueSink,
     SyncSink,
@@ -177,6 +178,30 @@ class QueueSinkTests(SinkTestCase):
         self.assertEqual(len(self.worker.calls), 1)
         self.clock.advance(0)
         self.assertEqual(self.worker.calls[1].arguments, {"messages": [message(2)]})
+
+    def test_stores_wait_for_the_window(self) -> None:
+        """
+        Past STORE_WINDOW unanswered bytes the next Store waits for an
+        answer (one always goes), rather than pile up in the pipe's buffer.
+        """
+        size = STORE_WINDOW // 2 + 1
+        big = [attrs.evolve(message(n), raw=b"x" * size) for n in range(3)]
+        received = [self.sink.receive(each) for each in big]
+        self.assertEqual(len(self.worker.calls), 1)
+        self.worker.calls[0].answer.callback(stored(OK, pending=1, size=size))
+        self.assertEqual(len(self.worker.calls), 2)
+        self.worker.calls[1].answer.errback(ChildTimeout("no answer"))
+        self.assertEqual(self.refusal(received[1])[:3], "451")
+        self.assertEqual(len(self.worker.calls), 3)
+        self.assertEqual(
+            [call.arguments["messages"][0].id for call in self.worker.calls],
+            ["msg_0", "msg_1", "msg_2"],
+        )
+
+    def test_small_stores_share_the_window(self) -> None:
+        self.receive(message(1))
+        self.receive(message(2))
+        self.assertEqual(len(self.worker.calls), 2)
 
     def test_the_workers_refusal(self) -> None:
         [d] = self.receive(message(1))

@@ -17,10 +17,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.smtp._protocol import MAX_COMMAND_LINE, MAX_DATA_LINE
 from tests.helpers import REPLY_LINE
-from tests.test_smtp_helpers import TARGETS, RecordingSink, Session, make_factory
+from tests.test_smtp_helpers import (
+    TARGETS,
+    RecordingSink,
+    Session,
+    after_data,
+    make_factory,
+)
 
 BYE = b"221 2.0.0 Bye"
 TOO_MANY_ERRORS = b"421 4.7.0 Too many errors, closing"
+IMPROPER_PIPELINING = b"554 5.5.0 Improper command pipelining after DATA"
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as (msg_[0-9a-f]{28})$")
 ENVELOPE = b"MAIL FROM:<sender@test.com>\r\nRCPT TO:<target@example.com>\r\nDATA\r\n"
 
@@ -33,14 +40,21 @@ def fresh_session(bulk: bool, **overrides: Any) -> tuple[Session, RecordingSink]
 
 class FuzzTestCase(SynchronousTestCase):
     def feed(self, session: Session, data: bytes, sizes: list[int]) -> None:
-        """Feed C{data} in chunks of C{sizes}, checking what is held after each."""
-        start, n = 0, 0
-        while start < len(data):
-            size = sizes[n % len(sizes)]
-            session.protocol.dataReceived(data[start : start + size])
-            start, n = start + size, n + 1
-            limit = MAX_DATA_LINE if session.protocol.mode == DATA else MAX_COMMAND_LINE
-            self.assertLess(session.buffered(), limit + 2)
+        """
+        Feed C{data} in chunks of C{sizes}, checking what is held after
+        each; a new chunk after each DATA line, as a client waits for 354.
+        """
+        n = 0
+        for piece in after_data(data):
+            start = 0
+            while start < len(piece):
+                size = sizes[n % len(sizes)]
+                session.protocol.dataReceived(piece[start : start + size])
+                start, n = start + size, n + 1
+                limit = (
+                    MAX_DATA_LINE if session.protocol.mode == DATA else MAX_COMMAND_LINE
+                )
+                self.assertLess(session.buffered(), limit + 2)
 
     def assert_well_formed(self, session: Session) -> None:
         output = session.transport.value()
@@ -62,12 +76,10 @@ class FuzzTestCase(SynchronousTestCase):
         transport.clear()
         delivered = len(sink.messages)
         if not transport.disconnecting:
-            session.protocol.dataReceived(
-                b"RSET\r\nEHLO c\r\n" + ENVELOPE + b"x\r\n.\r\n"
-            )
+            session.send(b"RSET\r\nEHLO c\r\n" + ENVELOPE + b"x\r\n.\r\n")
         if transport.disconnecting:
             last = session.transport.value().splitlines() or [BYE]
-            self.assertIn(last[-1], (BYE, TOO_MANY_ERRORS))
+            self.assertIn(last[-1], (BYE, TOO_MANY_ERRORS, IMPROPER_PIPELINING))
         else:
             self.assertRegex(session.output()[-1], QUEUED)
             self.assertEqual(len(sink.messages), delivered + 1)
@@ -244,13 +256,22 @@ class PathAgreementTests(SynchronousTestCase):
     @settings(
         max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
-    @given(_content, _ends, _chunk_sizes, st.integers(50, 600))
+    @given(
+        _content,
+        _ends,
+        _chunk_sizes,
+        st.integers(50, 600),
+        st.sampled_from(["normalize", "reject"]),
+    )
     def test_bulk_and_line_paths_agree(
-        self, content: bytes, end: bytes, sizes: list[int], max_size: int
+        self, content: bytes, end: bytes, sizes: list[int], max_size: int, bare: str
     ) -> None:
+        """Bare CRs and LFs too, made CRLFs or refused (MAIL_LASER_BARE_NEWLINE)."""
         outcomes = []
         for bulk in (True, False):
-            session, sink = fresh_session(bulk, max_message_size=max_size)
+            session, sink = fresh_session(
+                bulk, max_message_size=max_size, bare_newline=bare
+            )
             session.protocol.max_data_line = 120
             session.send(b"EHLO c\r\n" + ENVELOPE)
             session.transport.clear()

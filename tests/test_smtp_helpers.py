@@ -6,6 +6,7 @@ the factory listening on loopback for smtplib and the raw client.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,7 +112,18 @@ class Session:
         protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> list[bytes]:
-        """Feed C{data}; return the reply lines it brought."""
+        """
+        Feed C{data} as a client that waits for C{354} after each C{DATA}
+        (RFC 2920: the content never follows DATA in the same group);
+        return the reply lines it brought.
+        """
+        self.transport.clear()
+        for piece in after_data(data):
+            self.protocol.dataReceived(piece)
+        return self.output()
+
+    def send_at_once(self, data: bytes) -> list[bytes]:
+        """Feed C{data} in one piece, whatever it holds."""
         self.transport.clear()
         self.protocol.dataReceived(data)
         return self.output()
@@ -128,6 +140,12 @@ class Session:
         held = self.protocol.clearLineBuffer()
         self.protocol.dataReceived(held)
         return len(held)
+
+
+def after_data(data: bytes) -> list[bytes]:
+    """C{data} cut after every C{DATA} line, where a client waits for C{354}."""
+    pieces = re.split(rb"(?<=^DATA\r\n)", data, flags=re.MULTILINE | re.IGNORECASE)
+    return [piece for piece in pieces if piece]
 
 
 def chunks(data: bytes, size: int) -> Iterator[bytes]:

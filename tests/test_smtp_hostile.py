@@ -323,7 +323,8 @@ class DisconnectTests(TestCase):
         """The message was complete, so it is accepted, exactly once."""
         server = await listen(self)
         client = await connect_raw(self, server.port)
-        client.send(EHLO + ENVELOPE + b"Subject: complete\r\n\r\nx\r\n.\r\n")
+        await exchange(client, EHLO + ENVELOPE, 4)
+        client.send(b"Subject: complete\r\n\r\nx\r\n.\r\n")
         client.transport.loseConnection()  # type: ignore[union-attr]
         await client.wait_closed()
         await poll(lambda: len(server.sink.messages) == 1)
@@ -477,7 +478,8 @@ class LeakTests(TestCase):
             if style == 2:
                 client.send(b"MAIL FROM:<a@")
             elif style == 3:
-                await exchange(client, EHLO + ENVELOPE + b"Subject: cut\r\n", 4)
+                await exchange(client, EHLO + ENVELOPE, 4)
+                client.send(b"Subject: cut\r\n")
             await client.abort()
 
         for batch in range(0, 2000, 40):

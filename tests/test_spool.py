@@ -46,8 +46,9 @@ from maillaser.spool import (
     _postgres,
     open_spool,
 )
-from maillaser.spool._database import DUE_BYTES
-from maillaser.spool._postgres import SCHEMA_VERSION, Listener
+from maillaser.spool._database import DUE_BYTES, SCHEMA_VERSION
+from maillaser.spool._postgres import SCHEMA_VERSION as SHARED_SCHEMA_VERSION
+from maillaser.spool._postgres import Listener
 from maillaser.spool._shared import check_shared_spool, lease_owner
 from maillaser.spool._throttle import REPEAT_INTERVAL, LogThrottle, Report
 
@@ -117,6 +118,11 @@ class SpoolCase(SynchronousTestCase):
     def failing(self, operation: str) -> Any:
         return failing(operation)
 
+    @property
+    def location(self) -> tuple[str, ...]:
+        """How C{maillaser-spool} is told where this spool is."""
+        return ("--spool-dir", self.directory)
+
     def setUp(self) -> None:
         self.directory = os.path.join(self.mktemp(), "spool")
         self.path = os.path.join(self.directory, DATABASE_NAME)
@@ -164,6 +170,10 @@ class PostgresCase(SpoolCase):
     def setUp(self) -> None:
         super().setUp()
         self.path = mask_url(self.postgres_url)
+
+    @property
+    def location(self) -> tuple[str, ...]:
+        return ("--spool-url", self.postgres_url)
 
     def failing(self, operation: str) -> Any:
         def fail(database: PostgresDatabase, *args: object) -> int:
@@ -721,12 +731,13 @@ class DamagedSpoolTests(SpoolCase):
     def test_newer_schema(self) -> None:
         self.done(self.open().close())
         newer = sqlite3.connect(self.path)
-        newer.execute("PRAGMA user_version = 2")
+        newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         newer.close()
         error = self.assertRaises(SpoolError, open_spool, self.directory, self.clock)
         self.assertEqual(
             str(error),
-            f"{self.path} has spool schema version 2; this MailLaser reads version 1",
+            f"{self.path} has spool schema version {SCHEMA_VERSION + 1};"
+            f" this MailLaser reads version {SCHEMA_VERSION}",
         )
 
 
@@ -1052,7 +1063,7 @@ class SharedSpoolTests(PostgresCase):
         self.assertEqual(results, ["ok"] * 4)
         with psycopg.connect(self.postgres_url) as other:
             rows = other.execute("SELECT version FROM maillaser_schema").fetchall()
-        self.assertEqual(rows, [(SCHEMA_VERSION,)])
+        self.assertEqual(rows, [(SHARED_SCHEMA_VERSION,)])
 
     def test_no_spool_and_newer_schema(self) -> None:
         error = self.assertRaises(
@@ -1068,7 +1079,7 @@ class SharedSpoolTests(PostgresCase):
         self.assertEqual(
             str(error),
             f"{self.path} has spool schema version 99;"
-            f" this MailLaser reads version {SCHEMA_VERSION}",
+            f" this MailLaser reads version {SHARED_SCHEMA_VERSION}",
         )
 
     def test_unreachable_then_back_without_restart(self) -> None:
@@ -1148,23 +1159,3 @@ class PostgresDatabaseTests(SpoolDatabaseTests):
         error = self.assertRaises(SpoolError, self.database.apply, [insert_then_fail])
         self.assertIn("division by zero", str(error))
         self.assertEqual((inserted, self.database.counts()), (["msg_1"], SpoolStats()))
-
-    def test_retained_bytes_of_delivered_messages(self) -> None:
-        """
-        The SQL the attachment links need (SCHEMA.md): the bytes move to
-        C{retained} in the statement that deletes the delivered message.
-        """
-        database = self.database
-        with database.transaction():
-            database.insert(message("msg_1"))
-            database.insert(message("msg_2"))
-        with database.transaction():
-            self.assertEqual(database.delete("msg_1", "pending", 2000.0), len(RAW))
-            database.delete("msg_2", "pending")
-        self.assertEqual(database.retained_raw("msg_1", 1999.0), RAW)
-        self.assertIsNone(database.retained_raw("msg_1", 2000.0))
-        self.assertIsNone(database.retained_raw("msg_2", 0.0))
-        self.assertEqual(database.retained_counts(), (1, len(RAW)))
-        self.assertEqual(database.expire_retained(1999.0), 0)
-        self.assertEqual(database.expire_retained(2000.0), 1)
-        self.assertEqual(database.retained_counts(), (0, 0))

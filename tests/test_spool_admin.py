@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -23,8 +24,11 @@ import maillaser
 from maillaser.config import mask_url
 from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
 from maillaser.spool import DATABASE_NAME, PostgresDatabase, SpoolDatabase, open_spool
+from maillaser.spool._dispatch import POLL_INTERVAL
 from maillaser.spool.admin import format_duration, format_size, main, run
-from tests.helpers import wait
+from maillaser.testing import WebhookReceiver
+from tests.bridge import spool_empty, start_bridge
+from tests.helpers import poll, simple_message, wait
 from tests.process import clean_environment
 
 NOW = 1_700_000_000.0
@@ -373,6 +377,200 @@ class SpoolAdminTests(SynchronousTestCase):
             (b"", "maillaser-spool: no message msg_zzz in the spool\n"),
         )
 
+    def test_retry_one(self) -> None:
+        """A pending message is due now and keeps its rounds."""
+        self.make_spool()
+        self.assertEqual(
+            self.admin("retry", "msg_a"),
+            (0, "retried 1 pending message: due now\n", ""),
+        )
+        self.assertEqual(self.entry_state("msg_a"), ("pending", 1, NOW))
+        # Already due: it stays as due as it was.
+        self.assertEqual(self.admin("retry", "msg_b")[0], 0)
+        self.assertEqual(self.entry_state("msg_b"), ("pending", 0, NOW - 7500))
+
+    def test_retry_all(self) -> None:
+        """Every pending message not yet due is counted; dead ones stay dead."""
+        self.make_spool()
+        self.assertEqual(
+            self.admin("retry", "--all"),
+            (0, "retried 1 pending message: due now\n", ""),
+        )
+        self.assertEqual(self.entry_state("msg_a"), ("pending", 1, NOW))
+        self.assertEqual(self.entry_state("msg_b"), ("pending", 0, NOW - 7500))
+        self.assertEqual(self.entry_state("msg_c"), ("dead", 0, None))
+        self.assertEqual(
+            self.admin("retry", "--all"),
+            (0, "retried 0 pending messages: due now\n", ""),
+        )
+
+    def test_retry_not_pending(self) -> None:
+        """
+        Dead messages are for requeue; an id that is gone does not keep the
+        others from being retried.
+        """
+        self.make_spool()
+        self.assertEqual(
+            self.admin("retry", "msg_c", "msg_a", "msg_zzz"),
+            (
+                3,
+                "retried 1 pending message: due now\n",
+                "maillaser-spool: message msg_c is dead, not pending;"
+                " no message msg_zzz in the spool\n",
+            ),
+        )
+        self.assertEqual(self.entry_state("msg_a"), ("pending", 1, NOW))
+        self.assertEqual(self.entry_state("msg_c"), ("dead", 0, None))
+
+    def test_options_after_command(self) -> None:
+        """--spool-dir and --json go before or after the command."""
+        self.make_spool()
+        before = run(
+            [*self.location, "--json", "list", "--dead"],
+            out=(out_before := Output()).text,
+            err=io.StringIO(),
+            now=NOW,
+            environ={},
+        )
+        after = run(
+            ["list", "--dead", "--json", *self.location],
+            out=(out_after := Output()).text,
+            err=io.StringIO(),
+            now=NOW,
+            environ={"MAIL_LASER_SPOOL_DIR": "/nonexistent"},
+        )
+        self.assertEqual((before, after), (0, 0))
+        self.assertEqual(out_before.value(), out_after.value())
+        self.assertEqual(json.loads(out_after.value())["id"], "msg_c")
+        # Given after the command, it wins; not given there, the one before holds.
+        code, out, _ = self.admin("list", *self.location)
+        self.assertEqual((code, len(out.splitlines())), (0, 4))
+
+    def test_json_only_where_there_is_json(self) -> None:
+        self.make_spool()
+        code, out, err = self.admin("--json", "retry", "--all")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("--json applies to list, show and stats only", err)
+        self.assertEqual(self.entry_state("msg_a"), ("pending", 1, NOW + 300))
+
+    def test_stats(self) -> None:
+        self.make_spool()
+        self.assertEqual(
+            self.admin("stats"),
+            (
+                0,
+                "pending: 2 (1 due now), 2.1K\noldest pending: 2h05m\ndead: 1\n"
+                "retained: 0 (kept for attachment links), 0B\n",
+                "",
+            ),
+        )
+        code, out, _ = self.admin("stats", "--json")
+        self.assertEqual(
+            (code, json.loads(out)),
+            (
+                0,
+                {
+                    "pending": 2,
+                    "due": 1,
+                    "dead": 1,
+                    "bytes": 2048 + len(RAW),
+                    "oldest_pending_received_at": NOW - 7500,
+                    "retained": 0,
+                    "retained_bytes": 0,
+                },
+            ),
+        )
+
+    def test_show_json(self) -> None:
+        self.make_spool()
+        code, out, err = self.admin("show", "msg_c", "--json")
+        shown = json.loads(out)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            shown["headers"],
+            [
+                "From: Monitoring <alerts@example.org>",
+                "Subject: disk almost full on db1",
+                "X-Name: Caf\u00e9",
+                "X-Evil: \x1b[31mred",
+            ],
+        )
+        self.assertEqual(
+            shown["recorded_attempts"],
+            [
+                {"at": NOW - 3700, "status": 500, "error": "HTTP 500"},
+                {"at": NOW - 3600, "status": 422, "error": REJECTED},
+            ],
+        )
+        self.assertEqual(shown["state"], "dead")
+
+    def test_show_headers_as_received(self) -> None:
+        """
+        Each header on one line, unfolded as RFC 5322 says (the line end
+        goes, the space or tab stays): a tab is shown as a tab, not as an
+        escape, and nothing a parser would tidy is changed.
+        """
+        database = self.open_database(create=True)
+        raw = (
+            b"Received: from mon.example.org ([198.51.100.4])\r\n"
+            b"\tby mx.test (MailLaser) with ESMTP id msg_r;\r\n"
+            b"\tThu, 3 Dec 2026 04:00:00 +0000\r\n"
+            b"Subject:\r\n  folded  twice\r\n \r\n end\r\n"
+            b"X-Bare: bare\n lf\r\n"
+            b"\r\n"
+            b"Not-A-Header: body\r\n"
+        )
+        with database.transaction():
+            database.insert(message("msg_r", NOW, raw))
+        database.close()
+        code, out, _ = self.admin("show", "msg_r")
+        headers = out.split("headers:\n", 1)[1].split("\n\n", 1)[0]
+        self.assertEqual(
+            (code, headers.splitlines()),
+            (
+                0,
+                [
+                    "  Received: from mon.example.org ([198.51.100.4])"
+                    "\tby mx.test (MailLaser) with ESMTP id msg_r;"
+                    "\tThu, 3 Dec 2026 04:00:00 +0000",
+                    "  Subject:  folded  twice  end",
+                    "  X-Bare: bare lf",
+                ],
+            ),
+        )
+
+    def test_unwritable_spool_named(self) -> None:
+        """
+        Permission checks name the path, where SQLite would only say "unable
+        to open database file"; run as root, the check is seen through
+        os.access.
+        """
+        self.make_spool()
+        path = os.path.join(self.directory, DATABASE_NAME)
+        denied: set[tuple[str, int]] = set()
+
+        def access(name: str, mode: int, **kwargs: object) -> bool:
+            return (name, mode) not in denied and (name, os.R_OK) not in denied
+
+        self.patch(os, "access", access)
+        denied.add((path, os.R_OK | os.W_OK))
+        code, _, err = self.admin("retry", "--all")
+        self.assertEqual(
+            (code, err),
+            (
+                1,
+                f"maillaser-spool: error: permission denied: {path}"
+                " (needs read and write access)\n",
+            ),
+        )
+        # Reading needs less.
+        self.assertEqual(self.admin("stats")[0], 0)
+        denied.add((path, os.R_OK))
+        self.assertEqual(
+            self.admin("list")[2],
+            f"maillaser-spool: error: permission denied: {path} (needs read access)\n",
+        )
+
     def test_format_duration(self) -> None:
         self.assertEqual(
             [
@@ -435,6 +633,9 @@ class SharedSpoolAdminTests(SpoolAdminTests):
         raise SkipTest("a SQLite spool's directory")
 
     def test_corrupt_database(self) -> None:
+        raise SkipTest("a SQLite spool's file")
+
+    def test_unwritable_spool_named(self) -> None:
         raise SkipTest("a SQLite spool's file")
 
 
@@ -723,3 +924,239 @@ class InstalledCommandTests(TestCase):
         code, out, err = await self.admin("--help")
         self.assertEqual((code, err), (0, ""))
         self.assertTrue(out.startswith("usage: maillaser-spool"), out)
+
+
+def unprivileged() -> list[str]:
+    """
+    A prefix that runs a program subject to file permissions.  Tests run as
+    root here, and this interpreter lives where no other user may read, so
+    the program stays root but without the capabilities that override
+    permissions (setpriv, from util-linux).
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise SkipTest("running as root, and no setpriv to drop CAP_DAC_OVERRIDE")
+    capabilities = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={capabilities}", f"--bounding-set={capabilities}"]
+
+
+class InstalledCommandMoreTests(InstalledCommandTests):
+    """The installed command against the operator's first surprises (issue 15)."""
+
+    async def test_options_after_command(self) -> None:
+        self.make_spool()
+        expected = await self.run_command("--spool-dir", self.directory, "stats")
+        self.assertEqual(expected[0], 0)
+        self.assertEqual(
+            await self.run_command("stats", "--spool-dir", self.directory), expected
+        )
+        code, out, err = await self.run_command(
+            "list", "--dead", "--spool-dir", self.directory, "--json"
+        )
+        self.assertEqual((code, json.loads(out)["id"], err), (0, DEAD_ID, b""))
+
+    async def test_retry(self) -> None:
+        self.make_spool()
+        self.assertEqual(
+            await self.admin("retry", "--all"),
+            (0, "retried 1 pending message: due now\n", ""),
+        )
+        _, out, _ = await self.admin("list", "--json")
+        later = next(
+            d for d in map(json.loads, out.splitlines()) if d["id"] == LATER_ID
+        )
+        self.assertEqual((later["state"], later["rounds"]), ("pending", 1))
+        self.assertLessEqual(later["next_attempt_at"], time.time())
+        self.assertEqual(self.state_of(DEAD_ID), "dead")
+
+    async def test_closed_pipe(self) -> None:
+        """
+        ``list --json | head -1`` through a real pipe: one line out, nothing
+        on stderr, and the status a shell gives a program the pipe ended.
+        """
+        database = SpoolDatabase.open(self.directory, create=True)
+        with database.transaction():
+            for n in range(2000):  # far more than a pipe holds
+                database.insert(message(f"msg_{n:028x}", self.now - n))
+        database.close()
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        script = (
+            'set -o pipefail; "$0" --spool-dir "$1" list --json | head -1;'
+            ' echo "status ${PIPESTATUS[0]}"'
+        )
+        out, err, _ = await wait(
+            getProcessOutputAndValue(
+                "bash",
+                ["-c", script, str(self.command), self.directory],
+                env=clean_environment(),
+                path=cwd,
+                reactor=reactor,
+            ),
+            60,
+        )
+        first, status = out.decode().splitlines()
+        self.assertEqual(json.loads(first)["id"], f"msg_{1999:028x}")
+        self.assertEqual((status, err), ("status 141", b""))
+
+    async def run_unprivileged(self, *argv: str) -> tuple[int, str, str]:
+        prefix = unprivileged()
+        out, err, code = await wait(
+            getProcessOutputAndValue(
+                (prefix or [str(self.command)])[0],
+                [*prefix[1:], *([str(self.command)] if prefix else []), *argv],
+                env=clean_environment(),
+                reactor=reactor,
+            ),
+            30,
+        )
+        return code, out.decode(), err.decode()
+
+    async def test_permission_denied(self) -> None:
+        """
+        A spool this user may not open says so and names the path, rather
+        than SQLite's "unable to open database file".
+        """
+        self.make_spool()
+        path = os.path.join(self.directory, DATABASE_NAME)
+        os.chmod(path, 0)
+        self.addCleanup(os.chmod, path, 0o600)
+        for command in ("list", "retry"):
+            argv = ["--spool-dir", self.directory, command]
+            argv += ["--all"] if command == "retry" else []
+            code, out, err = await self.run_unprivileged(*argv)
+            what = "read" if command == "list" else "read and write"
+            self.assertEqual(
+                (code, out, err),
+                (
+                    1,
+                    "",
+                    f"maillaser-spool: error: permission denied: {path}"
+                    f" (needs {what} access)\n",
+                ),
+            )
+        os.chmod(self.directory, 0)
+        self.addCleanup(os.chmod, self.directory, 0o700)
+        self.assertEqual(
+            await self.run_unprivileged("--spool-dir", self.directory, "list"),
+            (1, "", f"maillaser-spool: error: permission denied: {self.directory}\n"),
+        )
+
+    async def test_read_only_spool(self) -> None:
+        """
+        A spool this user may read but not write, while the bridge has it
+        open (its -wal and -shm files exist): the commands that read work,
+        the ones that write say permission denied.  With the bridge stopped,
+        SQLite needs to create -shm even to read: that is named too.
+        """
+        self.make_spool()
+        path = os.path.join(self.directory, DATABASE_NAME)
+        bridge = SpoolDatabase.open(self.directory, create=False)
+        self.addCleanup(bridge.close)
+        bridge.counts()  # as a running bridge: the -wal and -shm files exist
+        for name in (path, path + "-wal", path + "-shm"):
+            os.chmod(name, 0o444)
+        os.chmod(self.directory, 0o555)
+        self.addCleanup(os.chmod, self.directory, 0o700)
+
+        code, out, err = await self.run_unprivileged(
+            "--spool-dir", self.directory, "list", "--json"
+        )
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            [json.loads(line)["id"] for line in out.splitlines()],
+            [DEAD_ID, LATER_ID, DUE_ID],
+        )
+        code, out, err = await self.run_unprivileged(
+            "--spool-dir", self.directory, "show", DEAD_ID
+        )
+        self.assertEqual(
+            (code, out.splitlines()[0], err), (0, f"id:           {DEAD_ID}", "")
+        )
+        self.assertEqual(
+            (await self.run_unprivileged("--spool-dir", self.directory, "stats"))[0], 0
+        )
+        self.assertEqual(
+            await self.run_unprivileged(
+                "--spool-dir", self.directory, "retry", "--all"
+            ),
+            (
+                1,
+                "",
+                f"maillaser-spool: error: permission denied: {path}"
+                " (needs read and write access)\n",
+            ),
+        )
+
+        bridge.close()
+        self.assertEqual(sorted(os.listdir(self.directory)), [DATABASE_NAME])
+        self.assertEqual(
+            await self.run_unprivileged("--spool-dir", self.directory, "list"),
+            (
+                1,
+                "",
+                f"maillaser-spool: error: permission denied: {self.directory} (needs"
+                f" write access: SQLite creates {DATABASE_NAME}-wal and -shm there,"
+                " even to read)\n",
+            ),
+        )
+
+
+class RetryWithRunningBridgeTests(TestCase):
+    async def test_retry_reaches_running_bridge(self) -> None:
+        """
+        The webhook fails once and the message is rescheduled an hour ahead;
+        the webhook recovers; ``maillaser-spool retry --all``, the installed
+        program, makes it due, and the running bridge delivers it within its
+        spool poll interval.
+        """
+        command = installed_command()
+        if not command.exists():
+            raise SkipTest(f"maillaser-spool is not installed at {command}")
+        receiver = WebhookReceiver()
+        receiver.script(503)
+        bridge = await start_bridge(
+            self,
+            receiver,
+            retry_schedule=(3600.0,),
+            webhook_max_retries=0,
+        )
+        directory = os.path.abspath(bridge.service.config.spool_dir)
+        await bridge.send(simple_message("retry me"))
+        [failed] = await wait(receiver.wait_for(1), 30)
+
+        def rescheduled() -> bool:
+            database = SpoolDatabase.open(directory, create=False, read_only=True)
+            try:
+                entries = database.entries("pending")
+            finally:
+                database.close()
+            return [
+                (e.rounds, (e.next_attempt_at or 0) > time.time() + 3000)
+                for e in entries
+            ] == [(1, True)]
+
+        await poll(rescheduled, timeout=30)
+        out, err, code = await wait(
+            getProcessOutputAndValue(
+                str(command),
+                ["retry", "--all", "--spool-dir", directory],
+                env=clean_environment(),
+                reactor=reactor,
+            ),
+            30,
+        )
+        self.assertEqual(
+            (out, err, code), (b"retried 1 pending message: due now\n", b"", 0)
+        )
+        started = time.monotonic()
+        requests = await wait(receiver.wait_for(2), POLL_INTERVAL + 10)
+        self.assertLess(time.monotonic() - started, POLL_INTERVAL + 10)
+        delivered = requests[1]
+        self.assertEqual(delivered.body, failed.body)
+        self.assertEqual(delivered.headers["webhook-id"], failed.headers["webhook-id"])
+        self.assertEqual(delivered.json()["subject"], "retry me")
+        status = await spool_empty(bridge)
+        self.assertEqual((status["pending"], status["dead"]), (0, 0))

@@ -10,6 +10,7 @@ import gc
 import os
 import subprocess
 import sys
+import traceback
 import types
 from collections.abc import Mapping, Sequence
 from unittest import mock
@@ -23,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from maillaser import logs
 from maillaser.config import SETTINGS, Config, load_config
 from maillaser.tap import Options, makeService
+from tests.process import clean_environment
 
 TARGET = "alerts@example.com"
 URL = "https://hooks.example.com/mail"
@@ -112,7 +114,7 @@ class ParsingTestCase(SynchronousTestCase):
     """Parsing the options sets the process's log level: put it back after."""
 
     def setUp(self) -> None:
-        self.addCleanup(logs.set_level, logs.current_level())
+        self.addCleanup(logs.set_level, logs.level_set())
 
 
 class OptionsTests(ParsingTestCase):
@@ -121,6 +123,15 @@ class OptionsTests(ParsingTestCase):
         names = [parameter[0] for parameter in Options.optParameters]
         self.assertEqual(names, [setting.option for setting in SETTINGS] + ["health"])
         self.assertEqual({parameter[2] for parameter in Options.optParameters}, {None})
+
+    def test_readme_lists_every_setting(self) -> None:
+        """README's configuration table: each variable and its option."""
+        with open(os.path.join(ROOT, "README.rst")) as readme:
+            text = readme.read()
+        table = text.split("   * - Environment variable\n", 1)[1].split("\n\n", 1)[0]
+        for setting in SETTINGS:
+            self.assertIn(f"``{setting.env}``", table)
+            self.assertIn(f"``--{setting.option}``", table)
 
     def test_help_names_environment_and_default(self) -> None:
         text = Options(environ={}).getUsage(width=1000)
@@ -272,7 +283,8 @@ class BadValueTests(ParsingTestCase):
     def test_missing_required(self) -> None:
         self.assertEqual(
             self.exit_message([], {}),
-            "maillaser: MAIL_LASER_TARGET_EMAILS / --target-emails: must be set",
+            "maillaser: MAIL_LASER_TARGET_EMAILS / --target-emails: must be set"
+            " (or MAIL_LASER_TARGET_DOMAINS / --target-domains)",
         )
 
     def test_secret_not_echoed(self) -> None:
@@ -404,6 +416,22 @@ class StartUpErrorTests(ParsingTestCase):
                 stopped.code, "maillaser: spool.sqlite3 is not a MailLaser spool"
             )
 
+    def test_reason_for_the_daemon_parent(self) -> None:
+        """
+        An L{Exception} too, which twistd's daemon child reports on its
+        status pipe as its one C{format_exception_only} line: that line is
+        the same as the foreground's.
+        """
+        error = CannotListenError("127.0.0.1", 25, OSError(98, "Address in use"))
+        stopped = self.assertRaises(
+            SystemExit, self.start, self.runner(error, True), True
+        )
+        self.assertIsInstance(stopped, Exception)
+        self.assertEqual(
+            traceback.format_exception_only(type(stopped), stopped),
+            [f"maillaser: {error}\n"],
+        )
+
     def test_other_errors_unchanged(self) -> None:
         """A bug is not a start-up error: its traceback is worth having."""
         for privileged in (True, False):
@@ -459,6 +487,50 @@ class RunnerTests(SynchronousTestCase):
                     1,
                     "maillaser: MAIL_LASER_PORT / --port: 'abc' is not a valid port"
                     " number (0-65535)\n",
+                    "",
+                ),
+                runner,
+            )
+
+    def test_readme_configuration_error(self) -> None:
+        """
+        The example in README's Configuration section, run as shown, prints
+        what it shows, with status 1.
+        """
+        with open(os.path.join(ROOT, "README.rst")) as readme:
+            text = readme.read()
+        example = text.split("and the exit status is 1::\n\n", 1)[1]
+        command, output = example.splitlines()[:2]
+        self.assertTrue(command.startswith("    $ "), command)
+        environment = clean_environment()
+        bin_directory = os.path.dirname(sys.executable)
+        environment["PATH"] = bin_directory + os.pathsep + environment["PATH"]
+        result = subprocess.run(
+            ["sh", "-c", command.removeprefix("    $ ")],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr),
+            (1, "", output.removeprefix("    ") + "\n"),
+        )
+
+    def test_version(self) -> None:
+        """MailLaser's version, then Twisted's, under both runners."""
+        from maillaser import __version__
+        from twisted import copyright
+
+        for runner in (["twistd"], ["twist"]):
+            result = run_plugin(runner, ["--version"], environ={})
+            self.assertEqual(
+                (result.returncode, result.stdout, result.stderr),
+                (
+                    0,
+                    f"MailLaser version: {__version__}\n"
+                    f"Twisted version: {copyright.version}\n",
                     "",
                 ),
                 runner,

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from maillaser.interfaces import IPayloadBuilder
-from maillaser.message import Envelope, Message
+from maillaser.message import Envelope, Message, Payload
 from maillaser.webhook import encoded_payload, fallback_payload
 from maillaser.worker import PayloadBuilder, payload_program
 from maillaser.worker._commands import BuildPayload
@@ -106,24 +106,32 @@ class PayloadBuilderTests(SynchronousTestCase):
 
     def test_cheap_ones_at_once(self) -> None:
         plain = message(b"Subject: hi\r\nX-Tag: t\r\n\r\nhello\r\n")
-        body = self.successResultOf(self.builder.build(plain))
+        body = self.successResultOf(self.builder.build(plain)).body
         self.assertEqual(body, encoded_payload(plain, PREFIXES))
         self.assertEqual(self.reactor.processes, [])
 
     def test_the_rest_in_a_payload_process(self) -> None:
         d = self.builder.build(html())
         [(arguments, answer)] = self.process().asked
-        self.assertEqual(arguments, {"message": html(), "header_prefixes": ["X-"]})
+        self.assertEqual(
+            arguments,
+            {
+                "message": html(),
+                "header_prefixes": ["X-"],
+                "header_list": False,
+                "parts": b"",
+            },
+        )
         answer.callback({"body": b'{"built":"there"}'})
         self.reactor.processes[-1].pump()
-        self.assertEqual(self.successResultOf(d), b'{"built":"there"}')
+        self.assertEqual(self.successResultOf(d), Payload(b'{"built":"there"}'))
 
     def test_late_is_delivered_with_a_parse_error(self) -> None:
         d = self.builder.build(html())
         self.process()
         self.reactor.advance(2.0)
         reason = "payload not built within 2s"
-        body = self.successResultOf(d)
+        body = self.successResultOf(d).body
         self.assertEqual(body, fallback_payload(html(), PREFIXES, reason))
         self.assertEqual(json.loads(body)["parse_error"], reason)
         self.assertEqual(self.reactor.processes[0].signals, ["KILL"])
@@ -143,7 +151,7 @@ class PayloadBuilderTests(SynchronousTestCase):
         self.assertEqual(arguments["message"].id, "msg_2")
         answer.callback({"body": b"{}"})
         self.reactor.processes[1].pump()
-        self.assertEqual(self.successResultOf(behind), b"{}")
+        self.assertEqual(self.successResultOf(behind), Payload(b"{}"))
 
     def test_twice_killed(self) -> None:
         d = self.builder.build(html(2))
@@ -151,7 +159,7 @@ class PayloadBuilderTests(SynchronousTestCase):
         for index in range(2):
             self.reactor.processes[index].exit(ProcessTerminated(exitCode=1))
             self.reactor.advance(1.0)
-        body = json.loads(self.successResultOf(d))
+        body = json.loads(self.successResultOf(d).body)
         self.assertTrue(
             body["parse_error"].startswith("payload not built: payload process ended")
         )
@@ -173,8 +181,8 @@ class RealPayloadProcessTests(TestCase):
 
     async def test_built_there(self) -> None:
         builder = self.builder(10.0)
-        body = await wait(builder.build(html()))
-        self.assertEqual(body, encoded_payload(html(), PREFIXES))
+        payload = await wait(builder.build(html()))
+        self.assertEqual(payload.body, encoded_payload(html(), PREFIXES))
         self.assertIsNotNone(builder.process.pid)
 
     async def test_a_pathological_message_is_cut_short(self) -> None:
@@ -188,9 +196,9 @@ class RealPayloadProcessTests(TestCase):
         started = reactor.seconds()
         deep = builder.build(nested(300, 300_000))
         behind = builder.build(html(2))
-        body = json.loads(await wait(deep))
+        body = json.loads((await wait(deep)).body)
         self.assertLess(reactor.seconds() - started, 3.0)
         self.assertEqual(body["parse_error"], "payload not built within 2s")
         self.assertEqual((body["subject"], body["headers"]), ("deep", {"X-Tag": "t"}))
-        self.assertEqual(await wait(behind), encoded_payload(html(2), PREFIXES))
+        self.assertEqual((await wait(behind)).body, encoded_payload(html(2), PREFIXES))
         self.assertNotEqual(builder.process.pid, first)

@@ -12,12 +12,14 @@ checks every value; L{describe} is what may be logged of the result.
 
 from maillaser.config._config import (
     DEFAULT_RETRY_SCHEDULE,
+    AttachmentMode,
+    BareNewline,
     Config,
     ConfigError,
     DeliveryMode,
     LogLevel,
 )
-from maillaser.config._load import describe, load_config
+from maillaser.config._load import describe, link_base, load_config
 from maillaser.config._parsers import mask_url
 from maillaser.config._settings import (
     HEALTH_ENDPOINT_HELP,
@@ -31,12 +33,15 @@ __all__ = [
     "HEALTH_ENDPOINT_HELP",
     "SETTINGS",
     "SMTP_ENDPOINT_HELP",
+    "AttachmentMode",
+    "BareNewline",
     "Config",
     "ConfigError",
     "DeliveryMode",
     "LogLevel",
     "Setting",
     "describe",
+    "link_base",
     "load_config",
     "mask_url",
 ]

@@ -14,7 +14,10 @@ from typing import Any, Literal
 import attrs
 
 DeliveryMode = Literal["queue", "sync"]
+PayloadHeaders = Literal["prefix", "all"]
 LogLevel = Literal["debug", "info", "warn", "error"]
+AttachmentMode = Literal["inline", "link", "metadata"]
+BareNewline = Literal["normalize", "reject"]
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (
     5.0,
@@ -75,6 +78,37 @@ class Config:
     payload_timeout: float = 10.0
     """Seconds building one payload may take before the message is
     delivered with what could be read and a C{parse_error}."""
+    smtp_backlog: int = 1024
+    """Connections the kernel queues for an SMTP listener before it accepts
+    them (Twisted's default is 50: a burst of connects waited for SYN
+    retries); given to every C{tcp}, C{tcp6} and C{ssl} SMTP endpoint that
+    names no C{backlog=} of its own."""
+    target_domains: tuple[str, ...] = ()
+    """Domains every recipient at which is accepted, besides L{target_emails}."""
+    payload_headers: PayloadHeaders = "prefix"
+    """C{"all"} adds C{header_list}, every top-level field, to the payload."""
+    webhook_maillaser3_signature: bool = False
+    """Also sign as MailLaser 3 does, for receivers written for it."""
+    attachments: AttachmentMode = "inline"
+    """What an attachment carries: C{content} up to L{attachment_inline_max}
+    bytes and a C{url} past it, a C{url} always, or neither."""
+    attachment_inline_max: int = 1024 * 1024
+    attachment_link_ttl: float = 7 * 86400.0
+    include_raw: bool = False
+    webhook_max_body: int = 25 * 1024 * 1024
+    public_url: str | None = None
+    """The base of attachment links (C{/attachments/...} on the health
+    endpoint); C{None}: no links can be made."""
+    min_data_rate: int = 1000
+    """Bytes per second a DATA transfer must average (after a grace), so a
+    trickle cannot hold a connection slot for ever."""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    """Message bytes the front holds at once, over all sessions: past it, a
+    new DATA is answered C{452}."""
+    max_unknown_recipients: int = 20
+    """Refused recipients a session may try before it is closed."""
+    bare_newline: BareNewline = "normalize"
+    """What a bare CR or LF in DATA gets: made a CRLF, or C{550}."""
     spool_url: str = attrs.field(default="", repr=False)
     """A libpq URL: the spool lives in PostgreSQL, shared by every bridge
     given the same URL; empty for the SQLite spool in L{spool_dir}."""
@@ -98,8 +132,11 @@ class Config:
 
 __all__ = [
     "DEFAULT_RETRY_SCHEDULE",
+    "AttachmentMode",
+    "BareNewline",
     "Config",
     "ConfigError",
     "DeliveryMode",
     "LogLevel",
+    "PayloadHeaders",
 ]

@@ -23,7 +23,7 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 
 from maillaser.config import _parsers as parsers
 from maillaser.config._config import Config, ConfigError
-from maillaser.config._settings import BY_OPTION
+from maillaser.config._settings import ALIAS_OF, BY_OPTION
 
 _DEFAULTS = Config(target_emails=(), webhook_url="")
 _DEFAULT_INTERFACE = "0.0.0.0"
@@ -72,7 +72,7 @@ def load_config(
     # Keyword order is evaluation order: as upstream, the error reported is
     # the first one in the settings table.
     config = Config(
-        target_emails=source.required("target-emails", parsers.targets),
+        target_emails=_target_emails(source),
         webhook_url=source.required("webhook-url", parsers.webhook_url),
         smtp_endpoints=endpoints.smtp(),
         health_endpoint=endpoints.health(),
@@ -105,10 +105,30 @@ def load_config(
         webhook_ca_file=value("webhook-ca-file", parsers.certificate_bundle),
         worker_timeout=value("worker-timeout", positive_seconds),
         payload_timeout=value("payload-timeout", positive_seconds),
+        smtp_backlog=value("smtp-backlog", parsers.integer(1, 65535)),
+        target_domains=value("target-domains", parsers.target_domains),
+        payload_headers=value(
+            "payload-headers", parsers.choice(parsers.PAYLOAD_HEADERS)
+        ),
+        webhook_maillaser3_signature=value(
+            "webhook-maillaser3-signature", parsers.choice(parsers.BOOLEANS)
+        ),
+        attachments=value("attachments", parsers.choice(parsers.ATTACHMENT_MODES)),
+        attachment_inline_max=value("attachment-inline-max", parsers.integer(0)),
+        attachment_link_ttl=value("attachment-link-ttl", parsers.duration),
+        include_raw=value("include-raw", parsers.choice(parsers.BOOLEANS)),
+        webhook_max_body=value("webhook-max-body", parsers.integer(64 * 1024)),
+        public_url=value("public-url", parsers.public_url),
+        min_data_rate=value("min-data-rate", parsers.integer(0)),
+        max_inflight_bytes=value("max-inflight-bytes", parsers.integer(1)),
+        max_unknown_recipients=value("max-unknown-recipients", parsers.integer(0)),
+        bare_newline=value("bare-newline", parsers.choice(parsers.BARE_NEWLINES)),
         spool_url=value("spool-url", parsers.spool_url),
         spool_lease=value("spool-lease", parsers.seconds(allow_zero=False)),
     )
     _check_tls_pair(config)
+    _check_links(config)
+    _check_inflight(config)
     return config
 
 
@@ -135,10 +155,38 @@ class _Source:
     environ: Mapping[str, str]
 
     def raw(self, option: str) -> str | None:
+        """
+        The setting's text: the option, else our variable, else MailLaser
+        3's name for it (L{ALIAS_OF}), read as MailLaser 3 reads it.  Both
+        variables set to different values is a mistake, reported rather
+        than guessed at.
+        """
         given = self.options.get(option)
         if given is not None:
             return str(given)
-        return self.environ.get(BY_OPTION[option].env)
+        ours = self.environ.get(BY_OPTION[option].env)
+        theirs = self.from_alias(option)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ConfigError(
+                f"{ALIAS_OF[option].env} (MailLaser 3's name) and"
+                f" {BY_OPTION[option].env} are both set, to different values;"
+                " set only one"
+            )
+        return theirs if ours is None else ours
+
+    def from_alias(self, option: str) -> str | None:
+        """
+        The alias's value in our setting's syntax, or C{None} when unset.
+        Only the signing secret is written differently.
+        """
+        alias = ALIAS_OF.get(option)
+        text = None if alias is None else self.environ.get(alias.env)
+        if text is None or option != "webhook-secret":
+            return text
+        try:
+            return parsers.maillaser3_secret(text)
+        except parsers.Invalid as reason:
+            raise ConfigError(f"{ALIAS_OF[option].env}: {reason}") from None
 
     def value(self, option: str, parse: Callable[[str], _T], default: _T) -> _T:
         text = self.raw(option)
@@ -290,17 +338,37 @@ def _hostname(source: _Source, getfqdn: Callable[[], str]) -> str:
         ) from None
 
 
+def _target_emails(source: _Source) -> tuple[str, ...]:
+    """
+    The target addresses: required unless target domains are set (then
+    they may be empty), so that a bridge always serves somebody.
+    """
+    emails = source.raw("target-emails")
+    no_domains: tuple[str, ...] = ()
+    domains = source.value("target-domains", parsers.target_domains, no_domains)
+    if domains and not (emails or "").strip():
+        return ()  # MailLaser 3 forks leave the addresses empty beside domains
+    if emails is None:
+        raise ConfigError(
+            f"{BY_OPTION['target-emails'].label}: must be set"
+            f" (or {BY_OPTION['target-domains'].label})"
+        )
+    return source.parse("target-emails", parsers.targets, emails)
+
+
 def _per_ip_limit(source: _Source, max_connections: int) -> int:
     """
     The per-address cap, never above the global one.
 
     Unset, its default shrinks to fit, so that lowering only the global cap
-    is not an error.
+    is not an error.  MailLaser 3's C{0} ("no limit") leaves the global cap.
     """
     option = "max-connections-per-ip"
     text = source.raw(option)
     if text is None:
         return min(_DEFAULTS.max_connections_per_ip, max_connections)
+    if text.strip() == "0" and source.from_alias(option) == text:
+        return max_connections
     limit = source.parse(option, parsers.integer(1), text)
     if limit > max_connections:
         raise ConfigError(
@@ -308,6 +376,64 @@ def _per_ip_limit(source: _Source, max_connections: int) -> int:
             f" {BY_OPTION['max-connections'].label} ({max_connections})"
         )
     return limit
+
+
+def _check_links(config: Config) -> None:
+    """
+    C{link} mode needs what every link needs: a secret to sign it with, a
+    spool to keep the message in, and an address receivers can reach.
+    """
+    if config.attachments != "link":
+        return
+    label = BY_OPTION["attachments"].label
+    if not config.webhook_secrets:
+        raise ConfigError(
+            f"{label}: link needs {BY_OPTION['webhook-secret'].env} (links are signed)"
+        )
+    if config.delivery_mode != "queue":
+        raise ConfigError(
+            f"{label}: link needs delivery mode queue (links are served from the spool)"
+        )
+    if link_base(config) is None:
+        raise ConfigError(
+            f"{label}: link needs {BY_OPTION['public-url'].env} with this --health"
+        )
+
+
+_TCP_PORT = re.compile(
+    r"tcp6?:(?P<port>[0-9]+)(?::(?:.*:)?interface=(?P<host>(?:\\.|[^:\\])*))?"
+)
+"""A plain TCP endpoint description: its port, and its interface if given."""
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def link_base(config: Config) -> str | None:
+    """
+    Where receivers reach attachment links: C{public_url}, or else
+    C{http://} and the health endpoint's address and port, with the
+    bridge's host name for an endpoint on every interface (no receiver can
+    reach C{0.0.0.0}).  C{None} when the health endpoint is not plain TCP.
+    """
+    if config.public_url is not None:
+        return config.public_url
+    match = _TCP_PORT.fullmatch(config.health_endpoint)
+    if match is None:
+        return None
+    host = _ESCAPE.sub(r"\1", match["host"] or "")
+    if host in ("", "0.0.0.0", "::"):
+        host = config.hostname
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{match['port']}"
+
+
+def _check_inflight(config: Config) -> None:
+    """A budget smaller than one message would refuse every large one."""
+    if config.max_inflight_bytes < config.max_message_size:
+        raise ConfigError(
+            f"{BY_OPTION['max-inflight-bytes'].label}: {config.max_inflight_bytes}"
+            f" is less than {BY_OPTION['max-message-size'].label}"
+            f" ({config.max_message_size})"
+        )
 
 
 def _check_tls_pair(config: Config) -> None:
@@ -337,4 +463,4 @@ def _check_pem_files(cert_path: str, key_path: str) -> None:
         ) from None
 
 
-__all__ = ["describe", "load_config"]
+__all__ = ["describe", "link_base", "load_config"]

@@ -14,13 +14,20 @@ import binascii
 import ipaddress
 import math
 import re
+import string
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 
-from maillaser.config._config import DeliveryMode, LogLevel
+from maillaser.config._config import (
+    AttachmentMode,
+    BareNewline,
+    DeliveryMode,
+    LogLevel,
+    PayloadHeaders,
+)
 
 _T = TypeVar("_T")
 
@@ -35,8 +42,12 @@ _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ADDRESS = re.compile(r"[^@\s<>\x00-\x1f\x7f]+@[^@\s<>\x00-\x1f\x7f]+")
 _HEADER_PREFIX = re.compile(r"[!-9;-~]+")
+_ADDRESS_FORBIDDEN = re.compile(r"[@\s<>,\x00-\x1f\x7f]")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+"""Addresses are one target when they differ in ASCII case only: C{str.lower}
+would also fold the Kelvin sign into C{k}."""
 _SECRET_PREFIX = "whsec_"
 _MAX_DIGITS = 18
 _MAX_SHOWN = 200
@@ -44,6 +55,25 @@ _MAX_BUNDLE = 16 * 1024 * 1024
 """Bytes read of a CA bundle: the system's whole store is a few hundred KiB."""
 
 DELIVERY_MODES: dict[str, DeliveryMode] = {"queue": "queue", "sync": "sync"}
+PAYLOAD_HEADERS: dict[str, PayloadHeaders] = {"prefix": "prefix", "all": "all"}
+ATTACHMENT_MODES: dict[str, AttachmentMode] = {
+    "inline": "inline",
+    "link": "link",
+    "metadata": "metadata",
+}
+BOOLEANS: dict[str, bool] = {
+    "true": True,
+    "false": False,
+    "1": True,
+    "0": False,
+    "yes": True,
+    "no": False,
+}
+BARE_NEWLINES: dict[str, BareNewline] = {
+    "normalize": "normalize",
+    "normalise": "normalize",
+    "reject": "reject",
+}
 LOG_LEVELS: dict[str, LogLevel] = {
     "debug": "debug",
     "info": "info",
@@ -128,8 +158,39 @@ def targets(text: str) -> tuple[str, ...]:
     for address in addresses:
         if not _ADDRESS.fullmatch(address):
             raise Invalid(f"{show(address)} is not an email address")
-        unique.setdefault(address.lower(), address)
+        unique.setdefault(address.translate(_ASCII_LOWER), address)
     return tuple(unique.values())
+
+
+def target_domains(text: str) -> tuple[str, ...]:
+    """
+    Domains, each kept as written (the SMTP side compares them with ASCII
+    letters lower-cased); a leading C{@} is forgiven.
+    """
+    unique: dict[str, str] = {}
+    for domain in _split(text):
+        name = domain.removeprefix("@")
+        valid = _is_hostname(name) or _is_address_literal(name)
+        if not (valid or _is_utf8_domain(name)):
+            raise Invalid(f"{show(domain)} is not a domain")
+        unique.setdefault(name.lower(), name)
+    return tuple(unique.values())
+
+
+def _is_utf8_domain(text: str) -> bool:
+    """An internationalised domain as SMTPUTF8 clients write it (RFC 6531)."""
+    return not text.isascii() and not _ADDRESS_FORBIDDEN.search(text) and "." in text
+
+
+def maillaser3_secret(text: str) -> str:
+    """
+    MailLaser 3's signing secret, any text whose UTF-8 bytes are the HMAC
+    key, as the equivalent Standard Webhooks secret (C{whsec_} + base64 of
+    the same bytes): both signatures then use the same key.
+    """
+    if not text:
+        raise Invalid("cannot be empty")
+    return _SECRET_PREFIX + base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 def webhook_url(text: str) -> str:
@@ -251,13 +312,37 @@ def _read_start(path: str, size: int) -> bytes:
         raise Invalid(f"cannot read {show(path)}: {one_line(err)}") from None
 
 
+def _duration_of(text: str) -> float:
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise Invalid(f"{show(text)} is not a duration like 30s, 5m, 2h or 1d")
+    return float(match[1]) * _UNIT_SECONDS[match[2].lower()]
+
+
+def duration(text: str) -> float:
+    """A duration like C{30s}, C{5m}, C{2h} or C{7d} (bare: seconds), above 0."""
+    delay = _duration_of(text.strip())
+    if not 0 < delay < math.inf:
+        raise Invalid(f"must be greater than 0, got {show(text)}")
+    return delay
+
+
+def public_url(text: str) -> str:
+    """
+    The base of attachment links: an absolute http(s) URL without query or
+    fragment (the link's own path and query follow it); no trailing slash.
+    """
+    url = webhook_url(text)
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise Invalid("must have no user, query or fragment")
+    return url.rstrip("/")
+
+
 def retry_schedule(text: str) -> tuple[float, ...]:
     delays = []
     for piece in _split(text):
-        match = _DURATION.fullmatch(piece)
-        if match is None:
-            raise Invalid(f"{show(piece)} is not a duration like 30s, 5m, 2h or 1d")
-        delay = float(match[1]) * _UNIT_SECONDS[match[2].lower()]
+        delay = _duration_of(piece)
         if not 0 < delay < math.inf:
             raise Invalid(f"delays must be greater than 0, got {show(piece)}")
         delays.append(delay)
@@ -325,8 +410,11 @@ def _is_address_literal(text: str) -> bool:
 
 
 __all__ = [
+    "BARE_NEWLINES",
+    "BOOLEANS",
     "DELIVERY_MODES",
     "LOG_LEVELS",
+    "PAYLOAD_HEADERS",
     "Invalid",
     "certificate_bundle",
     "choice",
@@ -334,6 +422,7 @@ __all__ = [
     "hostname",
     "integer",
     "interface",
+    "maillaser3_secret",
     "mask_url",
     "non_empty",
     "one_line",
@@ -342,6 +431,7 @@ __all__ = [
     "retry_schedule",
     "seconds",
     "show",
+    "target_domains",
     "targets",
     "webhook_secrets",
     "webhook_url",

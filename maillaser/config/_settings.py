@@ -42,7 +42,10 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "target-emails", "Comma-separated recipients to accept.", "required", False
+        "target-emails",
+        "Comma-separated recipients to accept.",
+        "required unless --target-domains",
+        False,
     ),
     Setting("webhook-url", "Absolute http:// or https:// URL.", "required", False),
     Setting("bind-address", "SMTP interface (not with --smtp).", "0.0.0.0"),
@@ -83,6 +86,36 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("worker-timeout", "Seconds to wait for the delivery worker.", "10"),
     Setting("payload-timeout", "Seconds to build one payload.", "10"),
+    Setting("smtp-backlog", "Listen backlog of tcp and ssl SMTP endpoints.", "1024"),
+    Setting(
+        "target-domains",
+        "Comma-separated domains: every recipient there is accepted.",
+        "none",
+        False,
+    ),
+    Setting("payload-headers", "prefix, or all to add header_list.", "prefix"),
+    Setting(
+        "webhook-maillaser3-signature",
+        "Also sign as MailLaser 3 does (X-MailLaser-Signature-256).",
+        "false",
+    ),
+    Setting("attachments", "inline, link or metadata.", "inline"),
+    Setting("attachment-inline-max", "Decoded bytes sent inline, at most.", "1048576"),
+    Setting("attachment-link-ttl", "Lifetime of a link; units s, m, h, d.", "7d"),
+    Setting("include-raw", "Add the raw message (true or false).", "false"),
+    Setting("webhook-max-body", "Bytes of a webhook request body.", "26214400"),
+    Setting(
+        "public-url",
+        "Base URL of the health endpoint, as receivers reach it (for links).",
+        "built from --health-bind-address and --health-port",
+        False,
+    ),
+    Setting("min-data-rate", "Bytes per second DATA must average.", "1000"),
+    Setting("max-inflight-bytes", "Message bytes held by all sessions.", "268435456"),
+    Setting("max-unknown-recipients", "Refused recipients before 421.", "20"),
+    Setting(
+        "bare-newline", "normalize or reject a bare CR or LF in DATA.", "normalize"
+    ),
     Setting(
         "spool-url",
         "postgresql:// URL of a spool shared by several bridges (libpq).",
@@ -93,6 +126,36 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_OPTION: dict[str, Setting] = {setting.option: setting for setting in SETTINGS}
+
+
+@attrs.frozen
+class Alias:
+    """
+    Another environment variable for a setting: the name MailLaser 3
+    (Govcraft/mail-laser) gives a setting that means the same, so that its
+    users' environment keeps working.
+    """
+
+    env: str
+    option: str
+    note: str
+    """How the value is read, when not as the setting's own is."""
+
+
+ALIASES: tuple[Alias, ...] = (
+    Alias(
+        "MAIL_LASER_WEBHOOK_SIGNING_SECRET",
+        "webhook-secret",
+        "one secret, any text; its UTF-8 bytes are the HMAC key",
+    ),
+    Alias(
+        "MAIL_LASER_MAX_CONCURRENT_PER_IP",
+        "max-connections-per-ip",
+        "0 means no limit but --max-connections",
+    ),
+)
+
+ALIAS_OF: dict[str, Alias] = {alias.option: alias for alias in ALIASES}
 
 SMTP_ENDPOINT_HELP = (
     "Twisted endpoint for SMTP, e.g. tcp:2525:interface=127.0.0.1 or"
@@ -105,9 +168,12 @@ HEALTH_ENDPOINT_HELP = (
 )
 
 __all__ = [
+    "ALIASES",
+    "ALIAS_OF",
     "BY_OPTION",
     "HEALTH_ENDPOINT_HELP",
     "SETTINGS",
     "SMTP_ENDPOINT_HELP",
+    "Alias",
     "Setting",
 ]

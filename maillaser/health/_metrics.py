@@ -237,6 +237,16 @@ def _delivery_gauges(
             _gauge(
                 "spool_bytes", "Size of the pending messages, in bytes.", stats.bytes
             ),
+            _gauge(
+                "spool_retained_messages",
+                "Delivered messages kept until their attachment links expire.",
+                stats.retained,
+            ),
+            _gauge(
+                "spool_retained_bytes",
+                "Size of the messages kept for their links, in bytes.",
+                stats.retained_bytes,
+            ),
         ]
     return gauges
 

@@ -206,9 +206,11 @@ def make_site(
     *,
     clock: IReactorTime,
     timeout: float = METRICS_TIMEOUT,
+    attachments: IResource | None = None,
 ) -> Site:
     """
-    The site serving ``/health`` and ``/metrics``, and nothing else.
+    The site serving ``/health`` and ``/metrics``, and ``/attachments``
+    when given (L{maillaser.health.AttachmentResource}); nothing else.
 
     @param health: the verdict, asked at each request of ``/health``.
     @param metrics: the ``/metrics`` page given the worker's part, or
@@ -224,6 +226,8 @@ def make_site(
         b"metrics",
         MetricsResource(metrics, worker_metrics, clock=clock, timeout=timeout),
     )
+    if attachments is not None:
+        root.putChild(b"attachments", attachments)
     return QuietSite(root, reactor=clock)
 
 

@@ -17,6 +17,7 @@ from maillaser.smtp._tls import (
     UnusableCertificate,
     load_pem_pair,
     self_signed,
+    session_tls,
     tls_context,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "UnusableCertificate",
     "load_pem_pair",
     "self_signed",
+    "session_tls",
     "tls_context",
 ]

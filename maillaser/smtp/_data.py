@@ -11,17 +11,38 @@ as RFC 1870 does (CRLFs in, dot-stuffing out), the first limit a line
 crosses is the one reported, and a message that starts with a line that
 is neither a header nor empty gets the blank line Twisted inserts after
 the trace header.
+
+A bare CR or LF inside a line (RFC 5321 2.3.8 forbids both) is made a CRLF
+after dot-unstuffing, or refuses the message, as C{bare_newline} says: a
+bare LF in the header block could start a header that other parsers see
+and we do not.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Literal
 
 _CRLF = b"\r\n"
 _END = b"\r\n.\r\n"
 
 TOO_BIG = (552, b"5.3.4 Message size exceeds fixed maximum")
 LINE_TOO_LONG = (500, b"5.5.2 Line too long")
+BARE_NEWLINE = (550, b"5.5.2 Bare CR or LF in message, use CRLF")
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def has_bare_newline(content: bytes) -> bool:
+    """Whether C{content} holds a CR or an LF that is not part of a CRLF."""
+    pairs = content.count(_CRLF)
+    return content.count(b"\r") != pairs or content.count(b"\n") != pairs
+
+
+def normalize_newlines(content: bytes) -> bytes:
+    """Every bare CR and bare LF of C{content} made a CRLF."""
+    return _LINE_END.sub(_CRLF, content)
 
 
 class BulkData:
@@ -34,9 +55,15 @@ class BulkData:
     """
 
     def __init__(
-        self, write: Callable[[bytes], object], *, max_size: int, max_line: int
+        self,
+        write: Callable[[bytes], object],
+        *,
+        max_size: int,
+        max_line: int,
+        bare_newline: Literal["normalize", "reject"] = "normalize",
     ) -> None:
         self._write = write
+        self._reject_bare = bare_newline == "reject"
         self._max_size = max_size
         self._max_line = max_line
         self.size = 0
@@ -88,7 +115,9 @@ class BulkData:
         long_line = len(lines) > self._max_line + len(_CRLF) and any(
             len(line) > self._max_line for line in lines[2:].split(_CRLF)
         )
-        if long_line or self.size + len(content) > self._max_size:
+        bare = has_bare_newline(content)
+        too_big = self.size + len(content) > self._max_size
+        if long_line or too_big or (bare and self._reject_bare):
             self._fail(self._first_limit_crossed(lines))
             return
         self.size += len(content)  # counts a CRLF per line, in place of the first
@@ -99,7 +128,7 @@ class BulkData:
             first = content if end < 0 else content[:end]
             if first and b":" not in first:
                 self._write(_CRLF)
-        self._write(content)
+        self._write(normalize_newlines(content) if bare else content)
 
     def _first_limit_crossed(self, lines: bytes) -> tuple[int, bytes]:
         """Which limit a line-at-a-time reader would have met first."""
@@ -110,6 +139,8 @@ class BulkData:
             size += len(line) + len(_CRLF) - line.startswith(b".")
             if size > self._max_size:
                 break
+            if self._reject_bare and has_bare_newline(line):
+                return BARE_NEWLINE
         return TOO_BIG
 
     def _fail(self, error: tuple[int, bytes]) -> None:

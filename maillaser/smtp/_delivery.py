@@ -29,7 +29,9 @@ from zope.interface import implementer
 
 from maillaser.interfaces import IMessageSink
 from maillaser.message import Envelope, Refusal, new_message_id
+from maillaser.smtp._content import HandOverGate
 from maillaser.smtp._message import AcceptedMessage, reply_text
+from maillaser.smtp._tls import session_tls
 
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
@@ -41,6 +43,17 @@ def address_key(address: str) -> str:
     the Kelvin sign to C{k}, and C{casefold} the long s, U+017F, to C{s}).
     """
     return address.translate(_ASCII_LOWER)
+
+
+def domain_key(address: str) -> str:
+    """
+    The domain of C{address} (after its last C{@}) as
+    C{MAIL_LASER_TARGET_DOMAINS} entries are matched: ASCII letters
+    lower-cased and nothing else folded, for the reason L{address_key}
+    gives; C{""} when there is no C{@}.
+    """
+    local, at, domain = address.rpartition("@")
+    return domain.translate(_ASCII_LOWER) if at and local else ""
 
 
 @lru_cache(maxsize=1)
@@ -68,15 +81,31 @@ class MailLaserDeliveryFactory:
         max_recipients: int,
         hostname: str,
         clock: IReactorTime,
+        domains: Iterable[str] = (),
+        spill_dir: str | None = None,
     ) -> None:
+        """
+        @param domains: domains every recipient at which is accepted, as
+            well as the C{targets} addresses.
+        @param spill_dir: where large messages wait while DATA arrives
+            (L{maillaser.smtp._content}); the system's temporary directory
+            if C{None}.
+        """
         self.sink = sink
+        self.spill_dir = spill_dir
+        self.gate = HandOverGate()
         self.targets = frozenset(address_key(target) for target in targets)
+        self.domains = frozenset(domain.translate(_ASCII_LOWER) for domain in domains)
         self.max_recipients = max_recipients
         self.hostname = hostname
         self.clock = clock
 
     def getMessageDelivery(self) -> MailLaserDelivery:
         return MailLaserDelivery(self)
+
+    def serves(self, address: str, key: str) -> bool:
+        """Whether C{address} (whose L{address_key} is C{key}) is ours."""
+        return key in self.targets or domain_key(address) in self.domains
 
 
 @implementer(IMessageDelivery)
@@ -99,6 +128,7 @@ class MailLaserDelivery:
         self._sender = ""
         self._helo: tuple[Any, Any] = (None, "")
         self._header: bytes | None = None
+        self._session: object = None
 
     def validateFrom(self, helo: tuple[Any, Any], origin: Address) -> Address:
         """
@@ -121,9 +151,10 @@ class MailLaserDelivery:
         return origin
 
     def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
+        self._session = user.protocol
         address = str(user.dest)
         key = address_key(address)
-        if key not in self._factory.targets:
+        if not self._factory.serves(address, key):
             raise SMTPBadRcpt(user, 550, "5.1.1 No such user here")
         if key not in self._keys:
             if len(self.recipients) >= self._factory.max_recipients:
@@ -155,8 +186,11 @@ class MailLaserDelivery:
                 recipients=tuple(self.recipients),
                 helo=_text(self._helo[0]),
                 peer=_text(self._helo[1]),
+                tls=session_tls(self._session),
             ),
             clock=self._factory.clock,
+            spill_dir=self._factory.spill_dir,
+            gate=self._factory.gate,
         )
         return self.message
 

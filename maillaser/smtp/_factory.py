@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 
+from maillaser.config import BareNewline
 from maillaser.logs import observer
 from maillaser.smtp._protocol import MailLaserESMTP
 from maillaser.timers import cancel_timer
@@ -50,6 +51,10 @@ class MailLaserSMTPFactory(smtp.SMTPFactory):
         max_connections: int = 1000,
         max_connections_per_ip: int = 50,
         on_reply: Callable[[int], object] = lambda code: None,
+        min_data_rate: int = 1000,
+        max_inflight_bytes: int = 256 * 1024 * 1024,
+        max_unknown_recipients: int = 20,
+        bare_newline: BareNewline = "normalize",
     ) -> None:
         super().__init__()
         self.delivery_factory = delivery_factory
@@ -63,6 +68,14 @@ class MailLaserSMTPFactory(smtp.SMTPFactory):
         self.max_connections_per_ip = max_connections_per_ip
         self.on_reply = on_reply
         """Told C{250} at the end of DATA, and every 4xx/5xx reply."""
+        self.min_data_rate = min_data_rate
+        """Bytes per second DATA must average after L{DATA_RATE_GRACE}; 0: any."""
+        self.max_inflight_bytes = max_inflight_bytes
+        self.inflight_bytes = 0
+        """Message bytes held now, by sessions in DATA and messages waiting
+        for their reply, as L{reserve} counted them."""
+        self.max_unknown_recipients = max_unknown_recipients
+        self.bare_newline: BareNewline = bare_newline
         self.draining = False
         self.sessions: set[MailLaserESMTP] = set()
         self._per_host: Counter[str] = Counter()
@@ -92,6 +105,20 @@ class MailLaserSMTPFactory(smtp.SMTPFactory):
         self.sessions.add(session)
         self._per_host[host] += 1
         return None
+
+    def reserve(self, size: int) -> bool:
+        """
+        Hold C{size} more message bytes, unless that would take the front
+        past C{max_inflight_bytes}: every session's DATA counts against one
+        budget, so memory stays bounded however many clients send at once.
+        """
+        if self.inflight_bytes + size > self.max_inflight_bytes:
+            return False
+        self.inflight_bytes += size
+        return True
+
+    def unreserve(self, size: int) -> None:
+        self.inflight_bytes -= size
 
     def release(self, session: MailLaserESMTP) -> None:
         if session in self.sessions:

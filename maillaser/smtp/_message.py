@@ -21,6 +21,7 @@ from zope.interface import implementer
 from maillaser.interfaces import IMessageSink
 from maillaser.logs import observer
 from maillaser.message import Envelope, Message, Refusal
+from maillaser.smtp._content import HandOverGate, MessageContent
 from maillaser.smtp._replies import printable
 
 _CRLF = b"\r\n"
@@ -47,24 +48,33 @@ class AcceptedMessage:
         message_id: str,
         envelope: Envelope,
         clock: IReactorTime,
+        spill_dir: str | None = None,
+        gate: HandOverGate | None = None,
     ) -> None:
+        """
+        @param spill_dir: where a large message's content waits (see
+            L{MessageContent}); the system's temporary directory if C{None}.
+        @param gate: shared by the messages of all sessions, it bounds how
+            many are in memory whole; a gate of their own if C{None}.
+        """
         self.id = message_id
         self.envelope = envelope
         self._sink = sink
         self._clock = clock
-        self._parts: list[bytes] = []
+        self._content = MessageContent(spill_dir)
+        self._gate = gate or HandOverGate()
         self._outcome: bytes | Failure | None = None
         self._waiters: list[Deferred[bytes]] = []
 
     def lineReceived(self, line: bytes) -> None:
-        self._parts += (line, _CRLF)
+        self._content.write(line + _CRLF)
 
     def write(self, data: bytes) -> None:
         """Content in bulk: unstuffed bytes, lines ending in CRLF."""
-        self._parts.append(data)
+        self._content.write(data)
 
     def connectionLost(self) -> None:
-        self._parts = []
+        self._content.discard()
 
     def eomReceived(self) -> Deferred[bytes]:
         outcome = Deferred.fromCoroutine(self._hand_over())
@@ -84,11 +94,23 @@ class AcceptedMessage:
             _fire(waiter, self._outcome)
         return waiter
 
+    def _take_message(self) -> Message:
+        raw = self._content.read()
+        return Message(self.id, self.envelope, raw, self._clock.seconds())
+
     async def _hand_over(self) -> bytes:
-        raw, self._parts = b"".join(self._parts), []
-        message = Message(self.id, self.envelope, raw, self._clock.seconds())
+        size = self._content.size
+        await self._gate.acquire(size)
         try:
-            await maybeDeferred(self._sink.receive, message)
+            return await self._handed_over(size)
+        finally:
+            self._gate.release(size)
+
+    async def _handed_over(self, size: int) -> bytes:
+        # The message is not kept here while the sink works: its bytes
+        # are the sink's to drop once they are on their way.
+        try:
+            await maybeDeferred(self._sink.receive, self._take_message())
         except Refusal as refusal:
             self._log.info(
                 "refused {message_id} from {peer}: {code} {reason}",
@@ -107,7 +129,7 @@ class AcceptedMessage:
             "accepted {message_id} from {peer}: {size} bytes for {count} recipient(s)",
             message_id=self.id,
             peer=self.envelope.peer,
-            size=len(raw),
+            size=size,
             count=len(self.envelope.recipients),
         )
         return f"2.0.0 Ok: queued as {self.id}".encode()

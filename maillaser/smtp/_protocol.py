@@ -23,17 +23,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageSMTP
 from twisted.protocols import basic
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from maillaser.logs import observer
+from maillaser.logs import debugging, observer
 from maillaser.smtp._address import Mailbox, Recipient, parse_path, valid_address
-from maillaser.smtp._data import TOO_BIG, BulkData
+from maillaser.smtp._data import (
+    BARE_NEWLINE,
+    TOO_BIG,
+    BulkData,
+    has_bare_newline,
+    normalize_newlines,
+)
 from maillaser.smtp._delivery import MailLaserDelivery
 from maillaser.smtp._replies import with_status
 
@@ -62,9 +69,31 @@ MAX_INPUT_BACKLOG = 64 * 1024
 CLOSE_GRACE = 10.0
 """Seconds a closing connection has to take its last reply before it is cut."""
 
+DATA_RATE_GRACE = 10.0
+"""
+Seconds of DATA not judged by the minimum rate: a small message may come
+in one late packet, and a slow start (TCP's, a busy client) is no attack.
+After it, the bytes received must keep up with the rate from the start.
+"""
+
+HANDSHAKE_TIMEOUT = 30.0
+"""Seconds a TLS handshake (STARTTLS or implicit TLS) may take."""
+
 _HELO_DOMAIN = re.compile(rb"[\x21-\x7e]{1,255}")
 
+_SECRET_VERBS = (b"AUTH",)
+"""Commands whose arguments are credentials: never logged."""
 
+
+def loggable_command(line: bytes) -> str:
+    """A command line for the debug log: printable, credentials masked."""
+    verb, space, _ = line.partition(b" ")
+    if verb.upper() in _SECRET_VERBS:
+        line = verb + space + b"****" if space else verb
+    return line.decode("ascii", "backslashreplace")
+
+
+@implementer(IHandshakeListener)
 class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     """
     One SMTP connection, built by L{maillaser.smtp.MailLaserSMTPFactory}.
@@ -81,6 +110,9 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
 
     max_data_line = MAX_DATA_LINE
     """The longest DATA line, CRLF excluded."""
+
+    data_rate_grace = DATA_RATE_GRACE
+    handshake_timeout = HANDSHAKE_TIMEOUT
 
     noisy = False  # else Twisted logs every envelope at DATA
     smtputf8 = False
@@ -110,6 +142,21 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         self._data_size = 0
         self._reader: BulkData | None = None
         self._abort_timer: IDelayedCall | None = None
+        self._unconsumed = 0
+        """Bytes of a command line begun but not ended (or held)."""
+        self._deadline: IDelayedCall | None = None
+        """The DATA rate check, or the TLS handshake's deadline."""
+        self._data_started = 0.0
+        self._data_received = 0
+        self._unknown_recipients = 0
+        self._reserved = 0
+        """Bytes of the budget this session holds for its message."""
+        self._content = 0
+        """Bytes of the current message written so far."""
+        self._answering_data = False
+        """The end of DATA came; its reply releases the reservation."""
+        self._declared_size = 0
+        """The transaction's C{SIZE=}, reserved at DATA (RFC 1870)."""
 
     # The connection
 
@@ -127,13 +174,17 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         self._producing = True
         super().connectionMade()
         self.startedTLS = ISSLTransport.providedBy(self.transport)
+        if self.startedTLS:
+            self._start_handshake_deadline()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self.paused = True
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
+        self._cancel_deadline()
         super().connectionLost(reason)
+        self._release_reservation()
         self.factory.release(self)
 
     def greeting(self) -> bytes:
@@ -145,10 +196,63 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         return self.factory.clock.callLater(period, func)
 
     def timeoutConnection(self) -> None:
-        """Idle too long: our reply, and a close that works with TLS."""
-        self._log.info("idle timeout for {peer}", peer=self.peer_host)
-        self._reply(421, b"4.4.2 " + self.host + b" Idle timeout, closing")
+        """
+        Idle too long, or a command line not ended within the timeout of
+        its first byte: our reply, and a close that works with TLS.
+        """
+        self._time_out("idle timeout", b"Idle timeout, closing")
+
+    def _time_out(self, why: str, text: bytes) -> None:
+        self._log.info("{why} for {peer}", why=why, peer=self.peer_host)
+        self._reply(421, b"4.4.2 " + self.host + b" " + text)
         self._close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _start_handshake_deadline(self) -> None:
+        self._cancel_deadline()
+        self._deadline = self.callLater(
+            self.handshake_timeout, self._handshake_too_slow
+        )
+
+    def _handshake_too_slow(self) -> None:
+        self._deadline = None
+        self._time_out("TLS handshake timeout", b"TLS handshake timeout, closing")
+        if not self._write_blocked:
+            # Nothing reaches a client whose handshake did not finish.
+            self._transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        """L{IHandshakeListener}: the TLS layer finished its handshake."""
+        self._cancel_deadline()
+
+    def _start_data_rate_check(self) -> None:
+        self._data_started = self.factory.clock.seconds()
+        self._data_received = 0
+        self._content = 0
+        if self.factory.min_data_rate > 0:
+            self._deadline = self.callLater(self.data_rate_grace, self._check_data_rate)
+
+    def _check_data_rate(self) -> None:
+        """
+        The bytes received must average C{min_data_rate} since DATA began
+        (less the grace): a client trickling its message would otherwise
+        hold a connection slot for as long as it likes.  The next check is
+        when what was received stops being enough.
+        """
+        self._deadline = None
+        rate = self.factory.min_data_rate
+        elapsed = (
+            self.factory.clock.seconds() - self._data_started - self.data_rate_grace
+        )
+        if self._data_received < rate * elapsed:
+            self._time_out("data rate too low", b"Data rate too low, closing")
+            return
+        due = self._data_received / rate - elapsed
+        self._deadline = self.callLater(max(due, 1.0), self._check_data_rate)
 
     @property
     def busy(self) -> bool:
@@ -201,16 +305,45 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             data = self._skip_long_line(data)
             if self._skipping is not None:
                 return
-        super().dataReceived(data)
+        self._feed(data)
         while self._after_long_line:
             rest, self._after_long_line = self._after_long_line, b""
-            super().dataReceived(rest)
+            self._feed(rest)
         if not self.paused:  # all handled but an incomplete line
             self._held = 0
             self._update_reading()
 
+    def _feed(self, data: bytes) -> None:
+        """
+        Hand C{data} to the line parser.  The timeout runs from the first
+        byte of a line, not from the last: Twisted resets it when a line
+        ends, and here when a line begins, but never for the bytes between.
+        """
+        if self.line_mode and data:
+            if not self._unconsumed:
+                self.resetTimeout()
+            self._unconsumed += len(data)
+        super().dataReceived(data)
+
+    def setLineMode(self, extra: bytes = b"") -> Any:
+        self._unconsumed = 0
+        return super().setLineMode(extra)
+
     def lineReceived(self, line: bytes) -> None:
+        self._unconsumed = max(0, self._unconsumed - len(line) - 2)
+        if self.mode == smtp.DATA:
+            self._data_received += len(line) + 2
+        elif debugging():
+            self._log.debug(
+                "{peer} sent: {command}",
+                peer=self.peer_host,
+                command=loggable_command(line),
+                **self._log_ids(),
+            )
         expects_reply = self.mode != smtp.DATA or line == b"."
+        if self.mode == smtp.DATA and line == b".":
+            self._cancel_deadline()
+            self._answering_data = True
         replies = self._replies
         smtp.ESMTP.lineReceived(self, line)
         if expects_reply and self._replies == replies and not self._closing:
@@ -239,6 +372,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         else:
             self._reply(500, b"5.5.2 Line too long")
         _, crlf, rest = line.partition(b"\r\n")
+        self._unconsumed = 0
         if crlf:
             self._after_long_line = rest
         else:
@@ -314,7 +448,18 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
     def _reply(self, code: int, message: bytes) -> None:
         """Send a finished reply; count it; go on if it was awaited."""
         smtp.ESMTP.sendCode(self, code, message)
+        if debugging():
+            self._log.debug(
+                "{peer} got: {code} {reply}",
+                peer=self.peer_host,
+                code=code,
+                reply=message.decode("ascii", "backslashreplace"),
+                **self._log_ids(),
+            )
         self._replies += 1
+        if self._answering_data:
+            self._answering_data = False
+            self._release_reservation()
         if code >= 400:
             self.factory.on_reply(code)
         if code in _PROTOCOL_ERRORS and not self._closing:
@@ -329,6 +474,13 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
                 return
             self.setTimeout(self.timeout)
             self._update_flow()
+
+    def _log_ids(self) -> dict[str, str]:
+        """The transaction's message id, once MAIL FROM has made one."""
+        delivery = self.delivery
+        if isinstance(delivery, MailLaserDelivery) and delivery.message_id:
+            return {"message_id": delivery.message_id}
+        return {}
 
     def _messageHandled(self, results: list[tuple[bool, Any]]) -> None:
         # twisted#4904: SMTP._messageHandled answers 550 to every failure,
@@ -400,6 +552,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
                 return
             self._to = []
             self.smtputf8 = "SMTPUTF8" in params
+            self._declared_size = int(params.get("SIZE") or 0)
             validated = maybeDeferred(self.validateFrom, self._helo, Mailbox(address))
             validated.addCallbacks(self._cbFromValidate, self._ebFromValidate)
 
@@ -441,6 +594,21 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             self._cbToValidate, self._ebToValidate, callbackArgs=(user,)
         )
 
+    def _ebToValidate(self, failure: Failure) -> None:
+        """
+        Twisted's refusal, counted: a session trying recipient after
+        recipient (a directory harvest) is ended past the limit.
+        """
+        super()._ebToValidate(failure)
+        if failure.check(smtp.SMTPBadRcpt) and not self._closing:
+            self._unknown_recipients += 1
+            if self._unknown_recipients > self.factory.max_unknown_recipients:
+                self._log.info(
+                    "too many unknown recipients from {peer}", peer=self.peer_host
+                )
+                self._reply(421, b"4.7.0 Too many unknown recipients, closing")
+                self._close()
+
     def validateTo(self, user: smtp.User) -> Any:
         """
         Twisted's, noting each message it makes at DATA, so that a message
@@ -461,17 +629,66 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
         return noted
 
     def do_DATA(self, rest: bytes) -> None:
-        if rest.strip():
+        if self.clearLineBuffer():
+            # RFC 2920 3.1: DATA ends a pipelined group; the content may
+            # only follow its 354.  Content sent ahead would run as commands
+            # if DATA were refused.  Postfix's "improper command pipelining".
+            self._log.info("data before 354 from {peer}", peer=self.peer_host)
+            self._reply(554, b"5.5.0 Improper command pipelining after DATA")
+            self._close()
+        elif rest.strip():
             self._reply(501, b"5.5.4 DATA takes no arguments")
         elif self._from is None:
             self._reply(503, b"5.5.1 Need MAIL command first")
         elif not self._to:
             self._reply(503, b"5.5.1 No valid recipients")
+        elif not self._reserve(min(self._declared_size, self.factory.max_message_size)):
+            self._log.info(
+                "in-flight message bytes at their limit, DATA refused for {peer}",
+                peer=self.peer_host,
+            )
+            self._reply(452, b"4.3.1 Insufficient system storage, try again later")
         else:
             self._messages = []
             self._data_size = 0
             super().do_DATA(rest)
-            self._maybe_take_data_in_bulk()
+            if self.mode == smtp.DATA:
+                self._start_data_rate_check()
+                self._maybe_take_data_in_bulk()
+            else:
+                self._release_reservation()
+
+    def _reserve(self, size: int) -> bool:
+        """Take C{size} more bytes of the front's in-flight budget (at least one)."""
+        if not self.factory.reserve(max(size, 1)):
+            return False
+        self._reserved += max(size, 1)
+        return True
+
+    def _release_reservation(self) -> None:
+        reserved, self._reserved = self._reserved, 0
+        self.factory.unreserve(reserved)
+
+    def _count_content(self, size: int) -> None:
+        """
+        C{size} more bytes of the message are held: past what was reserved
+        (a client that declared no SIZE, or too small a one), take more of
+        the budget, or refuse the message and drop what it held.
+        """
+        self._content += size
+        if self._content > self._reserved and not self._reserve(
+            self._content - self._reserved
+        ):
+            self._fail_data(452, b"4.3.1 Insufficient system storage, try again later")
+
+    def _counted(self, write: Callable[[bytes], object]) -> Callable[[bytes], None]:
+        def counted(data: bytes) -> None:
+            if self.datafailed is None:  # a refused message holds nothing
+                self._count_content(len(data))
+            if self.datafailed is None:
+                write(data)
+
+        return counted
 
     def _maybe_take_data_in_bulk(self) -> None:
         delivery = self.delivery
@@ -482,9 +699,10 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             and delivery.message is not None
         ):
             self._reader = BulkData(
-                delivery.message.write,
+                self._counted(delivery.message.write),
                 max_size=self.factory.max_message_size,
                 max_line=self.max_data_line,
+                bare_newline=self.factory.bare_newline,
             )
             self.setRawMode()
 
@@ -497,12 +715,20 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             self._data_size += len(line) + 2 - line.startswith(b".")
             if self._data_size > self.factory.max_message_size:
                 self._fail_data(*TOO_BIG)
+            elif has_bare_newline(line):
+                if self.factory.bare_newline == "reject":
+                    self._fail_data(*BARE_NEWLINE)
+                else:
+                    line = normalize_newlines(line)
+            if self.datafailed is None:
+                self._count_content(len(line) + 2)
         smtp.SMTP.dataLineReceived(self, line)
 
     def rawDataReceived(self, data: bytes) -> None:
         """DATA in bulk: see L{BulkData}; the end goes Twisted's way."""
         assert self._reader is not None
-        self.resetTimeout()
+        self.resetTimeout()  # DATA_RATE_GRACE and the rate bound a trickle
+        self._data_received += len(data)
         rest = self._reader.feed(data)
         if self._reader.error is not None:
             self._fail_data(*self._reader.error)
@@ -518,6 +744,7 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             self.datafailed = smtp.SMTPServerError(code, resp)
             for message in self._messages:
                 message.connectionLost()
+            self._release_reservation()
 
     def ext_STARTTLS(self, rest: bytes) -> None:
         if rest.strip():
@@ -534,6 +761,8 @@ class MailLaserESMTP(basic.LineReceiver, smtp.ESMTP):
             self._transport.abortConnection()
             return
         super().ext_STARTTLS(rest)
+        if starting and self.startedTLS:
+            self._start_handshake_deadline()
         if starting:
             # RFC 3207 4.2 (no Twisted ticket found): ESMTP keeps what it
             # learnt in cleartext (HELO, sender, recipients) across the

@@ -21,6 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
+from twisted.internet.interfaces import ISSLTransport
+
+from maillaser.message import TLSInfo
 
 
 def tls_context(
@@ -127,3 +130,22 @@ def _names(hostname: str) -> list[x509.GeneralName]:
         if hostname != "localhost":
             names.append(x509.DNSName(hostname))
     return names
+
+
+def session_tls(session: object) -> TLSInfo | None:
+    """
+    The TLS an SMTP session runs under, or C{None} in cleartext: read from
+    the OpenSSL connection that L{ISSLTransport.getHandle} gives once TLS
+    has started (by STARTTLS or on an implicit-TLS endpoint).  A client
+    reaches RCPT only after the handshake, so both names are known then;
+    a handle that is not an OpenSSL connection counts as unknown.
+    """
+    transport = getattr(session, "transport", None)
+    if not ISSLTransport.providedBy(transport):
+        return None
+    handle = getattr(transport, "getHandle", lambda: None)()  # ISystemHandle
+    version = getattr(handle, "get_protocol_version_name", None)
+    cipher = getattr(handle, "get_cipher_name", None)
+    if version is None or cipher is None:
+        return TLSInfo(version="unknown", cipher="unknown")
+    return TLSInfo(version=str(version()), cipher=str(cipher() or "unknown"))

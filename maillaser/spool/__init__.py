@@ -20,6 +20,7 @@ from maillaser.spool._database import (
 )
 from maillaser.spool._dispatch import Dispatcher, next_attempt_delay
 from maillaser.spool._postgres import INSTALL_HINT, PostgresDatabase
+from maillaser.spool._retention import SWEEP_INTERVAL, RetentionSweep
 from maillaser.spool._shared import (
     PostgresSpool,
     check_shared_spool,
@@ -30,11 +31,13 @@ from maillaser.spool._sqlite import SqliteSpool, check_spool, open_spool
 __all__ = [
     "DATABASE_NAME",
     "INSTALL_HINT",
+    "SWEEP_INTERVAL",
     "Dispatcher",
     "DuplicateMessage",
     "MessageNotFound",
     "PostgresDatabase",
     "PostgresSpool",
+    "RetentionSweep",
     "SpoolDatabase",
     "SpoolEntry",
     "SpoolError",

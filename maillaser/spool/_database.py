@@ -34,12 +34,22 @@ from urllib.parse import quote
 import attrs
 from twisted.python.failure import Failure
 
-from maillaser.message import Attempt, Envelope, Message, QueuedMessage, SpoolStats
+from maillaser.message import (
+    Attempt,
+    Envelope,
+    Message,
+    QueuedMessage,
+    SpoolStats,
+    TLSInfo,
+)
 
 DATABASE_NAME = "spool.sqlite3"
 
-SCHEMA_VERSION = 1
-"""Stored in C{PRAGMA user_version}; a later schema bumps it and migrates."""
+SCHEMA_VERSION = 3
+"""
+Stored in C{PRAGMA user_version}; a later schema bumps it and migrates
+(L{_MIGRATIONS}), so a spool left by an older MailLaser keeps its mail.
+"""
 
 APPLICATION_ID = 0x4D4C5350
 """C{PRAGMA application_id} ("MLSP"): tells our database from any other."""
@@ -76,6 +86,7 @@ _SCHEMA = (
         last_error TEXT NOT NULL DEFAULT '',
         dead_at REAL,
         attempt_count INTEGER NOT NULL DEFAULT 0,
+        tls TEXT NOT NULL DEFAULT '',
         -- Last: reading any other column never walks a large message's
         -- overflow pages.
         raw BLOB NOT NULL
@@ -92,8 +103,43 @@ _SCHEMA = (
     """,
     "CREATE INDEX attempts_message ON attempts (message_id)",
     f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
+    "PRAGMA user_version = 1",
 )
+
+
+def _add_tls_column(connection: sqlite3.Connection) -> None:
+    """
+    1 -> 2: the session's TLS, as compact JSON; C{''} for cleartext, and
+    for every message spooled before it was recorded.
+    """
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(messages)")}
+    if "tls" not in columns:
+        connection.execute(
+            "ALTER TABLE messages ADD COLUMN tls TEXT NOT NULL DEFAULT ''"
+        )
+
+
+def _add_retained_table(connection: sqlite3.Connection) -> None:
+    """2 -> 3: delivered messages kept for their attachment links."""
+    connection.execute(
+        """
+        CREATE TABLE IF NOT EXISTS retained (
+            message_id TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL,
+            raw BLOB NOT NULL
+        )
+        """
+    )
+    connection.execute(
+        "CREATE INDEX IF NOT EXISTS retained_expiry ON retained (expires_at)"
+    )
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _add_tls_column,
+    2: _add_retained_table,
+}
+"""What takes a spool from each older version to the next; each is idempotent."""
 
 _UNCLAIMED_PENDING = "state = 'pending' AND id NOT IN (SELECT value FROM json_each(?))"
 
@@ -101,7 +147,7 @@ _PROBE = Message("probe", Envelope("", ()), bytes(PROBE_SIZE))
 """Never a real message: real ids are C{msg_} and 28 hex digits."""
 
 _ENTRY_COLUMNS = (
-    "id, state, sender, recipients, helo, peer, size, received_at, rounds,"
+    "id, state, sender, recipients, helo, peer, tls, size, received_at, rounds,"
     " attempt_count, next_attempt_at, last_error, dead_at"
 )
 
@@ -159,7 +205,9 @@ class SpoolDatabase:
     """Whether commits wait for the disk (C{synchronous = FULL}, as set)."""
 
     @classmethod
-    def open(cls, directory: str, *, create: bool) -> SpoolDatabase:
+    def open(
+        cls, directory: str, *, create: bool, read_only: bool = False
+    ) -> SpoolDatabase:
         """
         Connect to the spool in C{directory}, checking it is intact and ours.
 
@@ -169,6 +217,9 @@ class SpoolDatabase:
         @param create: make the directory and an empty spool if there is
             none; the admin tool passes C{False}, so a typo in a path can
             never leave a stray spool behind.
+        @param read_only: open it for reading only (SQLite's C{mode=ro}), so
+            an operator who may read the spool but not write it can still
+            look into it; any write then fails.
         """
         path = os.path.join(directory, DATABASE_NAME)
         if create:
@@ -178,9 +229,13 @@ class SpoolDatabase:
                 raise SpoolError(
                     f"cannot create spool directory {directory}: {e.strerror}"
                 ) from e
-        elif not os.path.isfile(path):
-            raise SpoolError(f"no spool at {directory}")
-        uri = f"file:{quote(os.path.abspath(path))}?mode={'rwc' if create else 'rw'}"
+        else:
+            _check_searchable(directory)
+            if not os.path.isfile(path):
+                raise SpoolError(f"no spool at {directory}")
+        _check_access(directory, path, read_only=read_only)
+        mode = "ro" if read_only else "rwc" if create else "rw"
+        uri = f"file:{quote(os.path.abspath(path))}?mode={mode}"
         try:
             connection = sqlite3.connect(uri, uri=True, isolation_level=None)
         except sqlite3.Error as e:
@@ -188,13 +243,13 @@ class SpoolDatabase:
         connection.row_factory = sqlite3.Row
         database = cls(path, connection)
         try:
-            database._prepare(create)
+            database._prepare(create, read_only)
         except BaseException:
             connection.close()
             raise
         return database
 
-    def _prepare(self, create: bool) -> None:
+    def _prepare(self, create: bool, read_only: bool = False) -> None:
         with self._errors("is unreadable or corrupt"):
             self._connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             checked = self._connection.execute("PRAGMA quick_check")
@@ -211,6 +266,15 @@ class SpoolDatabase:
                     raise SpoolError(f"{self.path} is empty, not a MailLaser spool")
                 for statement in _SCHEMA:
                     self._connection.execute(statement)
+        if self._pragma("user_version") < SCHEMA_VERSION:
+            if read_only:
+                raise SpoolError(
+                    f"{self.path} has an older schema: start the bridge or run"
+                    " a command that writes to upgrade it"
+                )
+            self._migrate()
+        if read_only:
+            return  # the writers set the journal up; a reader cannot
         with self._errors("cannot be set up"):
             (mode,) = self._connection.execute("PRAGMA journal_mode = WAL").fetchone()
             self._connection.execute("PRAGMA synchronous = FULL")
@@ -226,12 +290,26 @@ class SpoolDatabase:
             return True
         if application_id != APPLICATION_ID:
             raise SpoolError(f"{self.path} is not a MailLaser spool database")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION and version not in _MIGRATIONS:
             raise SpoolError(
                 f"{self.path} has spool schema version {version};"
                 f" this MailLaser reads version {SCHEMA_VERSION}"
             )
         return False
+
+    def _migrate(self) -> None:
+        """
+        Bring an older spool to L{SCHEMA_VERSION}, one version per
+        transaction; the version is read again inside each, so two
+        processes opening the same old spool migrate it once.
+        """
+        while True:
+            with self.transaction():
+                version = self._pragma("user_version")
+                if version >= SCHEMA_VERSION:
+                    return
+                _MIGRATIONS[version](self._connection)
+                self._connection.execute(f"PRAGMA user_version = {version + 1}")
 
     def _pragma(self, name: str) -> int:
         (value,) = self._connection.execute(f"PRAGMA {name}").fetchone()
@@ -307,14 +385,15 @@ class SpoolDatabase:
         try:
             self._connection.execute(
                 "INSERT INTO messages (id, state, sender, recipients, helo, peer,"
-                " raw, size, received_at, next_attempt_at)"
-                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " tls, raw, size, received_at, next_attempt_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     message.id,
                     envelope.sender,
                     json.dumps(envelope.recipients),
                     envelope.helo,
                     envelope.peer,
+                    _tls_column(envelope.tls),
                     message.raw,
                     len(message.raw),
                     message.received_at,
@@ -337,6 +416,49 @@ class SpoolDatabase:
             "DELETE FROM attempts WHERE message_id = ?", (message_id,)
         )
         return size
+
+    def retain(self, message_id: str, until: float) -> int:
+        """
+        Keep a pending message's bytes until C{until}, for its links, as it
+        is deleted (the caller deletes it in the same transaction); returns
+        its size.
+        """
+        row = self._connection.execute(
+            "INSERT OR REPLACE INTO retained (message_id, expires_at, raw)"
+            " SELECT id, ?, raw FROM messages WHERE id = ? AND state = 'pending'"
+            " RETURNING length(raw)",
+            (until, message_id),
+        ).fetchone()
+        if row is None:
+            raise self._not_found(message_id, "pending")
+        return int(row[0])
+
+    def retained_raw(self, message_id: str, now: float) -> bytes | None:
+        """
+        The bytes a link to C{message_id} is served from: kept after
+        delivery and not yet expired, or still spooled (a link works
+        before its message is delivered too).
+        """
+        with self.transaction(write=False):
+            row = self._connection.execute(
+                "SELECT raw FROM retained WHERE message_id = ? AND expires_at > ?",
+                (message_id, now),
+            ).fetchone()
+            if row is None:
+                row = self._connection.execute(
+                    "SELECT raw FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def expire_retained(self, now: float) -> tuple[int, int]:
+        """Forget what expired at C{now}; returns how many and their bytes."""
+        row = self._connection.execute(
+            "SELECT count(*), coalesce(sum(length(raw)), 0) FROM retained"
+            " WHERE expires_at <= ?",
+            (now,),
+        ).fetchone()
+        self._connection.execute("DELETE FROM retained WHERE expires_at <= ?", (now,))
+        return int(row[0]), int(row[1])
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]
@@ -403,6 +525,28 @@ class SpoolDatabase:
         )
         return 1
 
+    def retry(self, message_id: str | None, now: float) -> int:
+        """
+        Make one pending message (or, with C{None}, every one) due at
+        C{now}, keeping its rounds: its schedule goes on where it was, and
+        it is still buried when the schedule ends.  Returns how many were
+        made due; with C{None}, those already due are not counted.
+        """
+        if message_id is None:
+            return self._connection.execute(
+                "UPDATE messages SET next_attempt_at = ?"
+                " WHERE state = 'pending' AND next_attempt_at > ?",
+                (now, now),
+            ).rowcount
+        self._change(
+            "UPDATE messages SET next_attempt_at = min(next_attempt_at, ?)"
+            " WHERE state = 'pending' AND id = ? RETURNING size",
+            (now, message_id),
+            message_id,
+            "pending",
+        )
+        return 1
+
     def _change(
         self,
         statement: str,
@@ -440,7 +584,8 @@ class SpoolDatabase:
             ).fetchall()
             chosen = list(_within(DUE_BYTES, sizes))
             rows = self._connection.execute(
-                "SELECT id, sender, recipients, helo, peer, raw, received_at, rounds"
+                "SELECT id, sender, recipients, helo, peer, tls, raw, received_at,"
+                " rounds"
                 " FROM messages WHERE id IN (SELECT value FROM json_each(?))"
                 " ORDER BY next_attempt_at, received_at",
                 (json.dumps(chosen),),
@@ -470,10 +615,19 @@ class SpoolDatabase:
                 "SELECT state, count(*), coalesce(sum(size), 0)"
                 " FROM messages GROUP BY state"
             ).fetchall()
+            retained, retained_bytes = self._connection.execute(
+                "SELECT count(*), coalesce(sum(length(raw)), 0) FROM retained"
+            ).fetchone()
         by_state = {state: (count, size) for state, count, size in rows}
         pending, size = by_state.get("pending", (0, 0))
         dead, _ = by_state.get("dead", (0, 0))
-        return SpoolStats(pending=pending, dead=dead, bytes=size)
+        return SpoolStats(
+            pending=pending,
+            dead=dead,
+            bytes=size,
+            retained=retained,
+            retained_bytes=retained_bytes,
+        )
 
     def entries(self, state: State | None = None) -> list[SpoolEntry]:
         """Every message in C{state} (or all), oldest first."""
@@ -519,6 +673,41 @@ class SpoolDatabase:
         self._connection.close()
 
 
+def _check_searchable(directory: str) -> None:
+    """A spool directory we may not enter looks like no spool at all: say why."""
+    if os.path.isdir(directory) and not _may(directory, os.X_OK):
+        raise SpoolError(f"permission denied: {directory}")
+
+
+def _check_access(directory: str, path: str, *, read_only: bool) -> None:
+    """
+    Name the file or directory this process may not use, before SQLite
+    tries: it would only say "unable to open database file", or open the
+    database read-only without a word and fail at the first write.
+
+    The C{-wal} and C{-shm} files sit next to the database; whichever is
+    missing is created in the directory on opening, even to read.
+    """
+    need, what = (
+        (os.R_OK, "read") if read_only else (os.R_OK | os.W_OK, "read and write")
+    )
+    companions = [path + "-wal", path + "-shm"]
+    for name in (path, *companions):
+        if os.path.exists(name) and not _may(name, need):
+            raise SpoolError(f"permission denied: {name} (needs {what} access)")
+    missing = not all(os.path.exists(name) for name in companions)
+    if missing and not _may(directory, os.W_OK | os.X_OK):
+        raise SpoolError(
+            f"permission denied: {directory} (needs write access: SQLite creates"
+            f" {DATABASE_NAME}-wal and -shm there, even to read)"
+        )
+
+
+def _may(name: str, mode: int) -> bool:
+    """Whether this process, as it runs now (its effective ids), may."""
+    return os.access(name, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
 def _within(budget: int, sizes: Iterable[tuple[str, int]]) -> Iterator[str]:
     """The ids, in order, while their sizes add up to C{budget}; the first always."""
     total = 0
@@ -536,9 +725,21 @@ def _not_found(message_id: str, state: str | None, wanted: State) -> MessageNotF
     return MessageNotFound(f"message {message_id} is {state}, not {wanted}")
 
 
+def _tls_column(tls: TLSInfo | None) -> str:
+    """The C{tls} column: compact JSON, or C{''} for a cleartext session."""
+    if tls is None:
+        return ""
+    return json.dumps(attrs.asdict(tls), separators=(",", ":"))
+
+
 def _envelope(row: Mapping[str, Any]) -> Envelope:
+    tls = json.loads(row["tls"]) if row["tls"] else None
     return Envelope(
-        row["sender"], tuple(json.loads(row["recipients"])), row["helo"], row["peer"]
+        row["sender"],
+        tuple(json.loads(row["recipients"])),
+        row["helo"],
+        row["peer"],
+        None if tls is None else TLSInfo(**tls),
     )
 
 

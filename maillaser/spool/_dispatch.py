@@ -45,7 +45,10 @@ from maillaser.webhook import (
 )
 
 POLL_INTERVAL = 5.0
-"""Look at the spool at least this often, to notice requeues by the admin tool."""
+"""
+Look at the spool at least this often: the admin tool changes it with no
+wake-up (requeue, retry), and this bounds how long such a message waits.
+"""
 
 MIN_SLEEP = 0.01
 """Never spin: even an overdue message waits this long for the next look."""
@@ -58,6 +61,13 @@ read back when due.
 """
 
 READY_BYTES = 16 * 1024 * 1024
+
+ROUND_BYTES = 16 * 1024 * 1024
+"""
+Message bytes in rounds at once, past which no other round starts (one
+always may).  A round holds its message, its payload and the request
+body: a few large messages at once, not C{concurrency} of them.
+"""
 
 
 class RoundDeliverer(Protocol):
@@ -121,6 +131,7 @@ class Dispatcher(Service):
     retry, rejected or dead.
     """
     _in_flight: dict[str, Deferred[None]] = attrs.field(factory=dict)
+    _in_flight_bytes: int = 0
     _timer: IDelayedCall | None = None
     _pumping: bool = False
     _pump_done: Deferred[None] | None = None
@@ -187,6 +198,7 @@ class Dispatcher(Service):
             self._ready
             and self.running
             and len(self._in_flight) < self.concurrency
+            and self._room_for(self._ready[0])
             and self.breaker.acquire()
         ):
             queued = self._ready.popleft()
@@ -201,6 +213,8 @@ class Dispatcher(Service):
         if allowance is not None:
             slots = min(slots, allowance)
         batch: list[QueuedMessage] = []
+        if self._in_flight_bytes > ROUND_BYTES // 2:
+            slots = 0  # a round's end looks again (see ROUND_BYTES)
         if slots > 0 and self._backlog:
             self._backlog = False  # an offer that overflows meanwhile sets it again
             batch = await self.spool.due(self.clock.seconds(), slots)
@@ -257,16 +271,27 @@ class Dispatcher(Service):
             self._timer.cancel()
         self._timer = None
 
+    def _room_for(self, queued: QueuedMessage) -> bool:
+        size = len(queued.message.raw)
+        return not self._in_flight_bytes or self._in_flight_bytes + size <= ROUND_BYTES
+
     def _start_or_release(self, queued: QueuedMessage) -> None:
         """Start a claimed message's round if allowed, else give the claim back."""
-        if self.running and self.breaker.acquire():
+        if not self._room_for(queued):
+            self.spool.release(queued.message.id)
+            self._backlog = True  # read again when a round ends
+        elif self.running and self.breaker.acquire():
             self._start(queued)
         else:
             self.spool.release(queued.message.id)
 
     def _start(self, queued: QueuedMessage) -> None:
+        size = len(queued.message.raw)
+        self._in_flight_bytes += size
         d = Deferred.fromCoroutine(self._run(queued))
-        if not d.called:
+        if d.called:
+            self._in_flight_bytes -= size
+        else:
             self._in_flight[queued.message.id] = d
 
     async def _run(self, queued: QueuedMessage) -> None:
@@ -278,7 +303,8 @@ class Dispatcher(Service):
         finally:
             # The slot is free once the webhook answered; the claim keeps
             # the message from being handed out again until it is settled.
-            self._in_flight.pop(message_id, None)
+            if self._in_flight.pop(message_id, None) is not None:
+                self._in_flight_bytes -= len(queued.message.raw)
             self._fill()
             if self._backlog:
                 self._look()
@@ -311,7 +337,9 @@ class Dispatcher(Service):
         message_id = queued.message.id
         how = settlement(outcome)
         if isinstance(outcome, Delivered):
-            await self.spool.delivered(message_id, outcome.attempts)
+            await self.spool.delivered(
+                message_id, outcome.attempts, keep_until=outcome.keep_until
+            )
             return how
         delay = self._retry_delay(outcome, queued)
         if delay is None:

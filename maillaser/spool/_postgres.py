@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from maillaser.config import mask_url
 from maillaser.message import Attempt, Message, QueuedMessage, SpoolStats
 from maillaser.spool._database import (
+    _ENTRY_COLUMNS,
     _PROBE,
     DUE_BYTES,
     KEPT_ATTEMPTS,
@@ -42,6 +43,7 @@ from maillaser.spool._database import (
     _entry,
     _envelope,
     _not_found,
+    _tls_column,
     _within,
 )
 
@@ -124,11 +126,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 """Step I{n} takes the schema from version I{n} to I{n + 1}."""
-
-_ENTRY_COLUMNS = (
-    "id, state, sender, recipients, helo, peer, size, received_at, rounds,"
-    " attempt_count, next_attempt_at, last_error, dead_at"
-)
 
 _FREE = (
     f"(lease_owner IS NULL OR lease_expires < {_NOW} OR lease_owner = %(owner)s)"
@@ -319,10 +316,11 @@ class PostgresDatabase:
         row = (
             self._connected()
             .execute(
-                "INSERT INTO messages (id, state, sender, recipients, helo, peer, raw,"
-                " size, received_at, next_attempt_at, lease_owner, lease_expires)"
-                " VALUES (%(id)s, 'pending', %(sender)s, %(recipients)s, %(helo)s,"
-                " %(peer)s, %(raw)s, %(size)s, %(at)s, %(at)s, %(owner)s,"
+                "INSERT INTO messages (id, state, sender, recipients, helo, peer,"
+                " tls, raw, size, received_at, next_attempt_at, lease_owner,"
+                " lease_expires) VALUES (%(id)s, 'pending', %(sender)s,"
+                " %(recipients)s, %(helo)s, %(peer)s, %(tls)s, %(raw)s, %(size)s,"
+                " %(at)s, %(at)s, %(owner)s,"
                 " CASE WHEN %(owner)s::text IS NULL THEN NULL"
                 f" ELSE {_NOW} + %(lease)s END)"
                 " ON CONFLICT (id) DO NOTHING RETURNING size",
@@ -332,6 +330,7 @@ class PostgresDatabase:
                     "recipients": json.dumps(envelope.recipients),
                     "helo": envelope.helo,
                     "peer": envelope.peer,
+                    "tls": _tls_column(envelope.tls),
                     "raw": message.raw,
                     "size": len(message.raw),
                     "at": message.received_at,
@@ -346,57 +345,63 @@ class PostgresDatabase:
             raise DuplicateMessage(f"message {message.id} is already spooled")
         return len(message.raw)
 
-    def delete(
-        self, message_id: str, state: State, keep_until: float | None = None
-    ) -> int:
+    def delete(self, message_id: str, state: State) -> int:
         """
         Forget a message in C{state} and its attempts; returns its size.  A
         delivered message is forgotten whoever holds it now: the webhook
         has it.
-
-        @param keep_until: keep the raw bytes in C{retained} until then, in
-            the same statement (for attachment links).
         """
         return self._change(
-            "WITH gone AS (DELETE FROM messages WHERE id = %(id)s"
-            " AND state = %(state)s RETURNING id, size, raw),"
-            " attempts AS (DELETE FROM attempts"
-            " WHERE message_id IN (SELECT id FROM gone)),"
-            " kept AS (INSERT INTO retained (message_id, expires_at, raw)"
-            " SELECT id, %(until)s::float8, raw FROM gone"
-            " WHERE %(until)s::float8 IS NOT NULL"
-            " ON CONFLICT (message_id) DO UPDATE"
-            " SET expires_at = excluded.expires_at, raw = excluded.raw)"
+            "WITH gone AS (DELETE FROM messages WHERE id = %s AND state = %s"
+            " RETURNING id, size), attempts AS (DELETE FROM attempts"
+            " WHERE message_id IN (SELECT id FROM gone))"
             " SELECT size FROM gone",
-            {"id": message_id, "state": state, "until": keep_until},
+            (message_id, state),
             message_id,
             state,
         )
 
+    def retain(self, message_id: str, until: float) -> int:
+        """
+        Keep a pending message's bytes until C{until}, for its links, as it
+        is deleted (the caller deletes it in the same transaction); returns
+        its size.
+        """
+        return self._change(
+            "INSERT INTO retained (message_id, expires_at, raw)"
+            " SELECT id, %s, raw FROM messages WHERE id = %s AND state = 'pending'"
+            " ON CONFLICT (message_id) DO UPDATE"
+            " SET expires_at = excluded.expires_at, raw = excluded.raw"
+            " RETURNING length(raw) AS size",
+            (until, message_id),
+            message_id,
+            "pending",
+        )
+
     def retained_raw(self, message_id: str, now: float) -> bytes | None:
-        """The bytes of a delivered message kept until after C{now}, if any."""
+        """
+        The bytes a link to C{message_id} is served from: kept after
+        delivery and not yet expired, or still spooled.
+        """
         with self.transaction(write=False):
             row = self._execute(
                 "SELECT raw FROM retained WHERE message_id = %s AND expires_at > %s",
                 (message_id, now),
             ).fetchone()
+            if row is None:
+                row = self._execute(
+                    "SELECT raw FROM messages WHERE id = %s", (message_id,)
+                ).fetchone()
         return None if row is None else bytes(row["raw"])
 
-    def expire_retained(self, now: float) -> int:
-        """Forget the kept bytes whose time is over; how many."""
-        with self.transaction():
-            expired: int = self._execute(
-                "DELETE FROM retained WHERE expires_at <= %s", (now,)
-            ).rowcount
-        return expired
-
-    def retained_counts(self) -> tuple[int, int]:
-        """How many messages' bytes are kept, and how many bytes."""
-        with self.transaction(write=False):
-            row = self._execute(
-                "SELECT count(*) AS count, coalesce(sum(length(raw)), 0) AS size"
-                " FROM retained"
-            ).fetchone()
+    def expire_retained(self, now: float) -> tuple[int, int]:
+        """Forget what expired at C{now}; returns how many and their bytes."""
+        row = self._execute(
+            "WITH gone AS (DELETE FROM retained WHERE expires_at <= %s"
+            " RETURNING length(raw) AS size)"
+            " SELECT count(*) AS count, coalesce(sum(size), 0) AS size FROM gone",
+            (now,),
+        ).fetchone()
         return int(row["count"]), int(row["size"])
 
     def reschedule(
@@ -474,6 +479,30 @@ class PostgresDatabase:
                 (now, message_id),
                 message_id,
                 "dead",
+            )
+            count = 1
+        self._notify()
+        return count
+
+    def retry(self, message_id: str | None, now: float) -> int:
+        """
+        Make one pending message (or, with C{None}, every one) due at
+        C{now}, keeping its rounds; returns how many were made due, and
+        tells the bridges.
+        """
+        if message_id is None:
+            count: int = self._execute(
+                "UPDATE messages SET next_attempt_at = %s"
+                " WHERE state = 'pending' AND next_attempt_at > %s",
+                (now, now),
+            ).rowcount
+        else:
+            self._change(
+                "UPDATE messages SET next_attempt_at = least(next_attempt_at, %s)"
+                " WHERE state = 'pending' AND id = %s RETURNING size",
+                (now, message_id),
+                message_id,
+                "pending",
             )
             count = 1
         self._notify()
@@ -608,7 +637,7 @@ class PostgresDatabase:
                 .execute(
                     f"UPDATE messages SET lease_owner = %s, lease_expires = {_NOW} + %s"
                     " WHERE id = ANY(%s) RETURNING id, sender, recipients, helo, peer,"
-                    " raw, received_at, rounds, next_attempt_at",
+                    " tls, raw, received_at, rounds, next_attempt_at",
                     (self.owner, self.lease, chosen),
                     binary=True,
                 )
@@ -640,10 +669,20 @@ class PostgresDatabase:
                 "SELECT state, count(*) AS count, coalesce(sum(size), 0) AS size"
                 " FROM messages GROUP BY state"
             ).fetchall()
+            kept = self._execute(
+                "SELECT count(*) AS count, coalesce(sum(length(raw)), 0) AS size"
+                " FROM retained"
+            ).fetchone()
         by_state = {row["state"]: (row["count"], row["size"]) for row in rows}
         pending, size = by_state.get("pending", (0, 0))
         dead, _ = by_state.get("dead", (0, 0))
-        return SpoolStats(pending=pending, dead=dead, bytes=int(size))
+        return SpoolStats(
+            pending=pending,
+            dead=dead,
+            bytes=int(size),
+            retained=kept["count"],
+            retained_bytes=int(kept["size"]),
+        )
 
     def entries(self, state: State | None = None) -> list[SpoolEntry]:
         """Every message in C{state} (or all), oldest first."""

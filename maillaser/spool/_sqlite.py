@@ -196,11 +196,21 @@ class SqliteSpool:
             self._log, "spool commit of {count} write(s) failed", failure, count=count
         )
 
-    def _count(self, pending: int = 0, dead: int = 0, size: int = 0) -> None:
+    def _count(
+        self,
+        pending: int = 0,
+        dead: int = 0,
+        size: int = 0,
+        retained: int = 0,
+        retained_bytes: int = 0,
+    ) -> None:
+        stats = self._stats
         self._stats = SpoolStats(
-            pending=self._stats.pending + pending,
-            dead=self._stats.dead + dead,
-            bytes=self._stats.bytes + size,
+            pending=stats.pending + pending,
+            dead=stats.dead + dead,
+            bytes=stats.bytes + size,
+            retained=stats.retained + retained,
+            retained_bytes=stats.retained_bytes + retained_bytes,
         )
 
     def _settled(self, message_id: str, **counts: int) -> _Committed:
@@ -249,12 +259,38 @@ class SqliteSpool:
         """What L{due} must not hand out: what is claimed already."""
         return frozenset(self._claimed)
 
-    def delivered(self, message_id: str, attempts: Sequence[Attempt]) -> Deferred[None]:
+    def delivered(
+        self,
+        message_id: str,
+        attempts: Sequence[Attempt],
+        keep_until: float | None = None,
+    ) -> Deferred[None]:
         def delete(database: SpoolDatabase) -> _Committed:
+            kept = 0 if keep_until is None else database.retain(message_id, keep_until)
             size = database.delete(message_id, "pending")
-            return self._settled(message_id, pending=-1, size=-size)
+            return self._settled(
+                message_id,
+                pending=-1,
+                size=-size,
+                retained=1 if kept else 0,
+                retained_bytes=kept,
+            )
 
         return self._write(delete)
+
+    def retained_raw(self, message_id: str, now: float) -> Deferred[bytes | None]:
+        return self._read(lambda database: database.retained_raw(message_id, now))
+
+    def expire_retained(self, now: float) -> Deferred[int]:
+        """Forget what expired; the count is committed before it is answered."""
+        expired: list[int] = []
+
+        def expire(database: SpoolDatabase) -> _Committed:
+            count, size = database.expire_retained(now)
+            expired.append(count)
+            return lambda: self._count(retained=-count, retained_bytes=-size)
+
+        return self._write(expire).addCallback(lambda _: expired[0])
 
     def reschedule(
         self, message_id: str, at: float, attempts: Sequence[Attempt]

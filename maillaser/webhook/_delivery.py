@@ -28,10 +28,10 @@ from twisted.web.client import (
 )
 
 from maillaser.interfaces import IPayloadBuilder, IWebhookPoster
-from maillaser.logs import observer
+from maillaser.logs import debugging, observer
 from maillaser.message import Attempt, Message, WebhookResponse
 from maillaser.webhook._breaker import CircuitBreaker
-from maillaser.webhook._signing import request_headers
+from maillaser.webhook._signing import maillaser3_headers, request_headers
 
 QUICK_BACKOFF = 0.1
 """Seconds before the first quick retry; doubled for each one after."""
@@ -40,6 +40,8 @@ QUICK_BACKOFF = 0.1
 @attrs.frozen
 class Delivered:
     attempts: tuple[Attempt, ...]
+    keep_until: float | None = None
+    """Until when the payload's links must be served (C{None}: it had none)."""
 
 
 @attrs.frozen
@@ -85,6 +87,8 @@ class Deliverer:
     breaker: CircuitBreaker
     max_retries: int
     secrets: Sequence[str] = attrs.field(default=(), repr=False)
+    maillaser3_signature: bool = False
+    """Also sign as MailLaser 3 does (L{maillaser3_headers})."""
     _log = Logger(observer=observer)
 
     def deliver(self, message: Message) -> Deferred[Outcome]:
@@ -116,13 +120,13 @@ class Deliverer:
         return outcome
 
     async def _attempts(self, message: Message) -> Outcome:
-        body = await self.payloads.build(message)
+        payload = await self.payloads.build(message)
         attempts: list[Attempt] = []
         outcome: Outcome | None = None
         for retry in range(self.max_retries + 1):
             if retry:
                 await deferLater(self.clock, quick_backoff(retry))
-            outcome = await self._attempt(message, body, attempts)
+            outcome = await self._attempt(message, payload.body, attempts)
             if not isinstance(outcome, Failed) or outcome.permanent:
                 break
             if outcome.retry_after is not None and (
@@ -131,6 +135,8 @@ class Deliverer:
             ):
                 break  # the receiver asked for more patience than a quick retry has
         assert outcome is not None
+        if isinstance(outcome, Delivered) and payload.keep_until is not None:
+            return attrs.evolve(outcome, keep_until=payload.keep_until)
         return outcome
 
     async def _attempt(
@@ -138,14 +144,18 @@ class Deliverer:
     ) -> Outcome:
         now = self.clock.seconds()
         headers = request_headers(self.secrets, message.id, int(now), body)
+        if self.maillaser3_signature and self.secrets:
+            headers.update(maillaser3_headers(self.secrets[0], int(now), body))
         try:
             response: WebhookResponse = await self.poster.post(body, headers)
         except CancelledError:
             raise  # the round was cancelled, at shutdown: stop, do not retry
         except Exception as error:  # every transport failure is transient
+            self._log_request(message, now, describe_error(error))
             attempts.append(Attempt(now, None, describe_error(error)))
             self._log_attempt(message, attempts)
             return Failed(tuple(attempts), permanent=False, reason=attempts[-1].error)
+        self._log_request(message, now, response.status)
         if 200 <= response.status < 300:
             attempts.append(Attempt(now, response.status))
             return Delivered(tuple(attempts))
@@ -160,6 +170,15 @@ class Deliverer:
             retry_after=response.retry_after,
             reason=response.reason,
         )
+
+    def _log_request(self, message: Message, sent_at: float, status: object) -> None:
+        if debugging():
+            self._log.debug(
+                "webhook request for {message_id}: {status} in {elapsed:.3f}s",
+                message_id=message.id,
+                status=status,
+                elapsed=self.clock.seconds() - sent_at,
+            )
 
     def _log_attempt(self, message: Message, attempts: list[Attempt]) -> None:
         self._log.warn(

@@ -21,17 +21,19 @@ falls back to L{fallback_payload}, whose cost is bounded by construction.
 from __future__ import annotations
 
 import codecs
+import datetime
 import functools
+import ipaddress
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from email.errors import HeaderParseError
 from email.header import decode_header
 from email.message import Message as MIMEMessage
 from email.parser import BytesParser
 from email.policy import compat32
-from email.utils import getaddresses
-from typing import TypeVar, cast
+from email.utils import getaddresses, parsedate_to_datetime
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import attrs
 import html2text
@@ -39,6 +41,9 @@ from twisted.logger import Logger, LogLevel
 
 from maillaser.logs import observer
 from maillaser.message import Envelope, Message
+
+if TYPE_CHECKING:
+    from maillaser.webhook._attachments import PartOptions
 
 FALLBACK_HEADER_LIMIT = 64 * 1024
 """Bytes of a message L{fallback_payload} reads its header from."""
@@ -59,6 +64,18 @@ conversion stops here and keeps what it has.
 
 _ADDRESS_LIMIT = 2048
 """Characters of From given to getaddresses, whose cost grows with them."""
+
+_ADDRESS_LIST_LIMIT = 16 * 1024
+"""
+Characters of each address field (every To, say, together) read for the
+address keys: getaddresses takes about 20 ms for that many.
+"""
+
+_ADDRESS_FIELDS = (("to", "to"), ("cc", "cc"), ("reply_to", "reply-to"))
+"""Payload key and field name of the address lists."""
+
+_MESSAGE_ID = re.compile(r"<[^<>\s]*>")
+_LINE_END = re.compile(r"\r\n?")
 
 _CHARSET_LABEL_LIMIT = 64
 
@@ -93,31 +110,50 @@ _T = TypeVar("_T")
 
 
 def build_payload(
-    message: Message, header_prefixes: Sequence[str]
+    message: Message,
+    header_prefixes: Sequence[str],
+    parts: PartOptions | None = None,
+    *,
+    header_list: bool = False,
 ) -> dict[str, object]:
     """
-    The webhook payload for C{message}: SPEC §4 keys, in order, optional
-    keys omitted, and C{parse_error} when a step failed.  Never raises.
+    The webhook payload for C{message}: SPEC §4 keys, in order, then the
+    keys of issue 13, optional keys omitted, and C{parse_error} when a
+    step failed.  Never raises.
+
+    @param parts: what attachments and the raw message carry; C{None}
+        for neither key.
+    @param header_list: add C{header_list}, every top-level field in order
+        (C{MAIL_LASER_PAYLOAD_HEADERS=all}).
     """
-    reading = _Reading(message.id)
+    reading = _Reading(message.id, header_list=header_list)
     root = reading.attempt("MIME structure", _PARSER.parsebytes, message.raw)
     if root is None:
         reading.attempt("header", reading.top_header, message.raw, header_prefixes)
-        return reading.payload(message.envelope)
+        return reading.payload(message)
     reading.attempt("header", reading.header, root, header_prefixes)
     reading.attempt("body", reading.bodies, root)
     if reading.text is None and reading.html is not None:
         reading.rendered = reading.attempt("HTML", _html_to_text, reading.html)
-    return reading.payload(message.envelope)
+    more = parts and reading.attempt("attachments", parts.keys, message, root)
+    return reading.payload(message, more or {})
 
 
-def encoded_payload(message: Message, header_prefixes: Sequence[str]) -> bytes:
+def encoded_payload(
+    message: Message, header_prefixes: Sequence[str], *, header_list: bool = False
+) -> bytes:
     """The request body for C{message}: what a payload process makes."""
-    return encode_payload(build_payload(message, header_prefixes))
+    return encode_payload(
+        build_payload(message, header_prefixes, header_list=header_list)
+    )
 
 
 def fallback_payload(
-    message: Message, header_prefixes: Sequence[str], error: str
+    message: Message,
+    header_prefixes: Sequence[str],
+    error: str,
+    *,
+    header_list: bool = False,
 ) -> bytes:
     """
     The request body for C{message} when L{encoded_payload} failed or took
@@ -125,9 +161,9 @@ def fallback_payload(
     L{FALLBACK_HEADER_LIMIT} bytes), an empty body, and C{error} as
     C{parse_error}.  Its cost is bounded whatever the message holds.
     """
-    reading = _Reading(message.id, [error])
+    reading = _Reading(message.id, [error], header_list=header_list)
     reading.attempt("header", reading.top_header, message.raw, header_prefixes)
-    return encode_payload(reading.payload(message.envelope))
+    return encode_payload(reading.payload(message))
 
 
 def encode_payload(payload: Mapping[str, object]) -> bytes:
@@ -147,6 +183,10 @@ class _Reading:
     for_message: str
     """The id of the message being read, for the log."""
     errors: list[str] = attrs.Factory(list)
+    header_list: bool = False
+    """Whether the payload lists every top-level field."""
+    fields: list[tuple[str, str]] = attrs.Factory(list)
+    """The top-level fields, raw, in order."""
     subject: str = ""
     sender_name: str = ""
     headers: dict[str, str] = attrs.Factory(dict)
@@ -180,11 +220,15 @@ class _Reading:
         """
         The top-level fields.  Raw values are read rather than
         C{root.get()}, which hands raw 8-bit text back as an opaque
-        C{Header}; the first field of a name wins, as C{get} has it.
+        C{Header}.  For subject, sender and message id the first field of
+        a name wins, as C{get} has it; in C{headers} the last one does, as
+        it always has (receivers depend on it), and C{header_list} has them
+        all.
         """
         first: dict[str, str] = {}
         prefixes = tuple(p.strip().lower() for p in header_prefixes if p.strip())
-        for name, value in root.raw_items():
+        self.fields = list(root.raw_items())
+        for name, value in self.fields:
             lower = name.lower()
             first.setdefault(lower, value)
             if prefixes and lower.startswith(prefixes):
@@ -216,7 +260,26 @@ class _Reading:
                 elif content_type == "text/html" and self.html is None:
                     self.html = _part_text(part)
 
-    def payload(self, envelope: Envelope) -> dict[str, object]:
+    def payload(
+        self, message: Message, more: Mapping[str, object] | None = None
+    ) -> dict[str, object]:
+        """
+        Each step adds its keys, in the order receivers see them, C{more}
+        (attachments, raw message) after them; C{parse_error} comes last,
+        so that it names every step that failed.
+        """
+        payload = self.summary(message.envelope)
+        self.attempt("addresses", self.add_addresses, payload)
+        payload["envelope"] = _envelope(message)
+        if self.header_list:
+            self.attempt("header list", self.add_header_list, payload)
+        payload.update(more or {})
+        if self.errors:
+            payload["parse_error"] = "; ".join(self.errors)
+        return payload
+
+    def summary(self, envelope: Envelope) -> dict[str, object]:
+        """The keys of SPEC §4, which MailLaser 3's receivers read."""
         payload: dict[str, object] = {"sender": envelope.sender}
         if self.sender_name:
             payload["sender_name"] = self.sender_name
@@ -224,16 +287,144 @@ class _Reading:
         payload["recipients"] = list(envelope.recipients)
         payload["subject"] = self.subject
         body = self.text if self.text is not None else self.rendered
-        payload["body"] = body or ""
+        payload["body"] = _lf(body or "")
         if self.html is not None:
-            payload["html_body"] = self.html
+            payload["html_body"] = _lf(self.html)
         if self.headers:
             payload["headers"] = self.headers
         if self.message_id:
             payload["message_id"] = self.message_id
-        if self.errors:
-            payload["parse_error"] = "; ".join(self.errors)
         return payload
+
+    def add_addresses(self, payload: dict[str, object]) -> None:
+        """
+        C{from} (the first From address), the C{to}, C{cc} and C{reply_to}
+        lists (every field of the name, in order), C{date}, C{in_reply_to}
+        and C{references}: each only when the message has one.
+        """
+        sender = _addresses(self._values("from")[:1])[:1]
+        if sender:
+            payload["from"] = sender[0]
+        for key, name in _ADDRESS_FIELDS:
+            addresses = _addresses(self._values(name))
+            if addresses:
+                payload[key] = addresses
+        date = _rfc3339_date(self._values("date")[:1])
+        if date:
+            payload["date"] = date
+        in_reply_to = " ".join(_header_text(v) for v in self._values("in-reply-to")[:1])
+        if in_reply_to:
+            payload["in_reply_to"] = in_reply_to
+        references = _message_ids(self._values("references")[:1])
+        if references:
+            payload["references"] = references
+
+    def add_header_list(self, payload: dict[str, object]) -> None:
+        """Every top-level field as C{[name, decoded value]}, repeats included."""
+        payload["header_list"] = [
+            [_unfolded_text(name), _header_text(value)] for name, value in self.fields
+        ]
+
+    def _values(self, lower_name: str) -> list[str]:
+        """The raw values of every top-level field of this name, in order."""
+        return [value for name, value in self.fields if name.lower() == lower_name]
+
+
+def _lf(text: str) -> str:
+    """Line ends as LF: the CRLF of SMTP is the wire's, not the text's."""
+    return _LINE_END.sub("\n", text) if "\r" in text else text
+
+
+def _addresses(values: Iterable[str]) -> list[dict[str, str]]:
+    """
+    C{{"address", "name"}} for each address in raw field C{values}, the
+    name RFC 2047 decoded after parsing (see L{_display_name}) and left out
+    when empty; the address as written.  Groups give their members; what
+    parses to no address is skipped.
+    """
+    text = ", ".join(_unfolded_text(value) for value in values)
+    if not text:
+        return []
+    try:
+        pairs = _address_pairs(text[:_ADDRESS_LIST_LIMIT])
+    except RecursionError:  # deeply nested comments or groups
+        return []
+    found: list[dict[str, str]] = []
+    for name, address in pairs:
+        if not address:
+            continue
+        entry = {"address": address}
+        decoded = _decode_words(name).strip()
+        if decoded:
+            entry["name"] = decoded
+        found.append(entry)
+    return found
+
+
+def _rfc3339_date(values: Sequence[str]) -> str:
+    """
+    The Date field in UTC as RFC 3339 (C{2026-12-03T04:05:06Z}), or C{""}
+    when there is none or it does not parse; C{-0000} (no zone known)
+    counts as UTC, as RFC 5322 says it means.
+    """
+    if not values:
+        return ""
+    try:
+        when = parsedate_to_datetime(_unfolded_text(values[0])[:_ADDRESS_LIMIT])
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return _utc(when.astimezone(datetime.UTC))
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return ""
+
+
+def _utc(when: datetime.datetime) -> str:
+    return (
+        f"{when.year:04d}-{when.month:02d}-{when.day:02d}"
+        f"T{when.hour:02d}:{when.minute:02d}:{when.second:02d}Z"
+    )
+
+
+def _message_ids(values: Sequence[str]) -> list[str]:
+    """
+    The C{<id>}s of a References field, in order; a field written without
+    angle brackets gives its words.
+    """
+    text = " ".join(_header_text(value) for value in values)
+    return _MESSAGE_ID.findall(text) or text.split()
+
+
+def _envelope(message: Message) -> dict[str, object]:
+    """What the SMTP session told us, as the C{envelope} key."""
+    envelope = message.envelope
+    fields: dict[str, object] = {
+        "mail_from": envelope.sender,
+        "rcpt_to": list(envelope.recipients),
+        "helo": envelope.helo,
+        "client_ip": _client_ip(envelope.peer),
+        "received_at": _utc(
+            datetime.datetime.fromtimestamp(int(message.received_at), datetime.UTC)
+        ),
+        "size": len(message.raw),
+    }
+    if envelope.tls is not None:
+        fields["tls"] = {"version": envelope.tls.version, "cipher": envelope.tls.cipher}
+    return fields
+
+
+def _client_ip(peer: str) -> str:
+    """
+    The client's IP address, bare: an IPv4 client of a dual-stack listener
+    is shown as IPv4, not as C{::ffff:192.0.2.7}; C{""} when the peer is
+    not an IP address (a UNIX socket, say).
+    """
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def _part_text(part: MIMEMessage) -> str:
@@ -297,8 +488,17 @@ def _display_name(value: str) -> str:
     The display name of the first From address, decoded after the address is
     parsed (decoding first would let an encoded comma split the name).
     """
-    addresses = getaddresses([_unfolded_text(value)[:_ADDRESS_LIMIT]])
+    addresses = _address_pairs(_unfolded_text(value)[:_ADDRESS_LIMIT])
     return _decode_words(addresses[0][0]).strip() if addresses else ""
+
+
+@functools.lru_cache(maxsize=16)
+def _address_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """
+    C{getaddresses} of C{text}, kept for the next caller: the From field
+    is read for C{sender_name} and again for C{from}.
+    """
+    return tuple(getaddresses([text]))
 
 
 def _decode_words(text: str) -> str:

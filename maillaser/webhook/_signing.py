@@ -79,6 +79,23 @@ def request_headers(
     return headers
 
 
+def maillaser3_headers(secret: str, timestamp: int, body: bytes) -> dict[bytes, bytes]:
+    """
+    MailLaser 3's signature (Govcraft/mail-laser, C{src/webhook/mod.rs}),
+    for receivers written for it: C{X-MailLaser-Timestamp} (Unix seconds)
+    and C{X-MailLaser-Signature-256: sha256=<hex>}, the lowercase hex
+    HMAC-SHA256 of C{<timestamp>.<body>}, keyed with the first secret's
+    bytes (its C{MAIL_LASER_WEBHOOK_SIGNING_SECRET} text, as UTF-8, when
+    set by that name).  It does not cover the C{webhook-id}.
+    """
+    content = f"{timestamp}.".encode() + body
+    digest = hmac.new(parse_secret(secret), content, "sha256").hexdigest()
+    return {
+        b"X-MailLaser-Timestamp": str(timestamp).encode(),
+        b"X-MailLaser-Signature-256": f"sha256={digest}".encode(),
+    }
+
+
 def verify(
     secret_or_secrets: str | Sequence[str],
     headers: Mapping[str, str] | Mapping[bytes, bytes],

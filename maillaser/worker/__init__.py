@@ -2,8 +2,9 @@
 The delivery worker: a child process of the SMTP front that owns the spool,
 the dispatcher, payload building, the webhook poster and the breaker, and
 the AMP protocol between the two: L{Hello}, L{Store}, L{Deliver},
-L{Status}, L{Metrics}, L{Stop}, and L{BuildPayload} between the worker and
-its payload processes (documented in L{maillaser.worker._commands}).
+L{Status}, L{Metrics}, L{FetchPart}, L{Stop}, and L{BuildPayload} and
+L{ExtractPart} between the worker and its payload processes
+(documented in L{maillaser.worker._commands}).
 
 The front creates a L{DeliveryWorker} (a service: it starts the worker
 process, checks its version, watches it, and stops it) and hands accepted
@@ -21,8 +22,12 @@ from maillaser.worker._commands import (
     PROTOCOL_VERSION,
     BuildPayload,
     Deliver,
+    ExtractPart,
+    FetchPart,
     Hello,
     Metrics,
+    PartNotFound,
+    PartUnavailable,
     Reply,
     StartFailed,
     Status,
@@ -39,13 +44,20 @@ from maillaser.worker._main import (
 )
 from maillaser.worker._payloads import PayloadBuilder, PayloadProtocol
 from maillaser.worker._server import DeliveryStack, WorkerProtocol, build_stack
-from maillaser.worker._sinks import BATCH_BYTES, QueueSink, SyncSink, sync_deadline
+from maillaser.worker._sinks import (
+    BATCH_BYTES,
+    STORE_WINDOW,
+    QueueSink,
+    SyncSink,
+    sync_deadline,
+)
 from maillaser.worker._stdio import ChildProtocol
 
 __all__ = [
     "BATCH_BYTES",
     "PROTOCOL_VERSION",
     "START_TIMEOUT",
+    "STORE_WINDOW",
     "BuildPayload",
     "ChildError",
     "ChildProcess",
@@ -55,9 +67,13 @@ __all__ = [
     "Deliver",
     "DeliveryStack",
     "DeliveryWorker",
+    "ExtractPart",
+    "FetchPart",
     "Hello",
     "LogRelay",
     "Metrics",
+    "PartNotFound",
+    "PartUnavailable",
     "PayloadBuilder",
     "PayloadProtocol",
     "QueueSink",

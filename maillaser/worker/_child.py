@@ -299,9 +299,11 @@ class ChildProcess:
         request.connection = connection
         request.sent_at = self._reactor.seconds()
         connection.requests.add(request)
-        sent = maybeDeferred(
-            connection.amp.callRemote, request.command, **request.arguments
-        )
+        arguments, request.arguments = request.arguments, {}
+        # Sent, the arguments are in the pipe's buffer: a message's bytes
+        # are not held a second time until the answer comes.
+        sent = maybeDeferred(connection.amp.callRemote, request.command, **arguments)
+        del arguments
         sent.addBoth(self._answered, request, connection)
 
     def _answered(

@@ -30,9 +30,9 @@ from typing import Any
 import attrs
 from twisted.protocols import amp
 
-from maillaser.message import Envelope, Message
+from maillaser.message import Envelope, Message, TLSInfo
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 def _identifier(name: bytes) -> str:
@@ -114,7 +114,8 @@ class _Value(BigBytes):
 class MessageList(_Value):
     """
     L{Message}s: for each, a line of JSON (id, sender, recipients, HELO,
-    peer, time received, size), then its bytes as received.  JSON never
+    peer, time received, size, TLS as C{[version, cipher]} or C{null}),
+    then its bytes as received.  JSON never
     holds a raw line break, so the line ends where the bytes start.
     """
 
@@ -130,6 +131,7 @@ class MessageList(_Value):
                 envelope.peer,
                 message.received_at,
                 len(message.raw),
+                None if envelope.tls is None else attrs.astuple(envelope.tls),
             ]
             pieces += (_JSON.encode(head).encode("utf-8"), b"\n", message.raw)
         return b"".join(pieces)
@@ -139,11 +141,12 @@ class MessageList(_Value):
         start = 0
         while start < len(data):
             end = data.index(b"\n", start)
-            id, sender, recipients, helo, peer, received_at, size = json.loads(
+            id, sender, recipients, helo, peer, received_at, size, tls = json.loads(
                 data[start:end]
             )
             start = end + 1 + size
-            envelope = Envelope(sender, tuple(recipients), helo, peer)
+            tls_info = None if tls is None else TLSInfo(*tls)
+            envelope = Envelope(sender, tuple(recipients), helo, peer, tls_info)
             messages.append(Message(id, envelope, data[end + 1 : start], received_at))
         return messages
 
@@ -287,17 +290,60 @@ class Stop(amp.Command):
     response = [(b"pending", amp.Integer())]
 
 
+class PartNotFound(Exception):
+    """No such message (or it expired), or no part at that index."""
+
+
+class PartUnavailable(Exception):
+    """The part could not be extracted now (its payload process failed)."""
+
+
+class FetchPart(amp.Command):
+    """
+    Front to worker, for an attachment link the front has checked (its
+    signature and expiry): the part's bytes, from the spool (a delivered
+    message kept for its links, or one still pending), extracted as the
+    payload was built, so indexes agree.  A large message is parsed in a
+    payload process, as for its payload.
+    """
+
+    arguments = [(b"message_id", amp.Unicode()), (b"index", amp.Unicode())]
+    response = [
+        (b"content_type", amp.Unicode()),
+        (b"filename", amp.Unicode()),
+        (b"data", BigBytes()),
+    ]
+    errors = {PartNotFound: b"PART_NOT_FOUND", PartUnavailable: b"PART_UNAVAILABLE"}
+
+
 class BuildPayload(amp.Command):
     """
-    Worker to one of its payload processes: the request body for a message.
-    The worker's deadline on it bounds what one message can cost.
+    Worker to one of its payload processes: the request body for a message,
+    and until when it links to the message's parts (C{keep_until}, absent
+    if it does not).  The worker's deadline on it bounds what one message
+    can cost.  C{parts} is the round's
+    L{maillaser.webhook.PartOptions}, as JSON.
     """
 
     arguments = [
         (b"message", One(MessageList())),
         (b"header_prefixes", amp.ListOf(amp.Unicode())),
+        (b"header_list", amp.Boolean()),
+        (b"parts", BigBytes()),
     ]
-    response = [(b"body", BigBytes())]
+    response = [(b"body", BigBytes()), (b"keep_until", amp.Float(optional=True))]
+
+
+class ExtractPart(amp.Command):
+    """
+    Worker to one of its payload processes: one part of a message, for
+    L{FetchPart}, when the message is too large to parse on the worker's
+    reactor.
+    """
+
+    arguments = [(b"raw", BigBytes()), (b"index", amp.Unicode())]
+    response = FetchPart.response
+    errors = FetchPart.errors
 
 
 __all__ = [
@@ -305,10 +351,14 @@ __all__ = [
     "BigBytes",
     "BuildPayload",
     "Deliver",
+    "ExtractPart",
+    "FetchPart",
     "Hello",
     "MessageList",
     "Metrics",
     "One",
+    "PartNotFound",
+    "PartUnavailable",
     "Reply",
     "ReplyList",
     "SpoolCounts",

@@ -28,6 +28,7 @@ from maillaser.logs import observer
 from maillaser.worker._child import Answer, Ask, ChildError, ChildProcess, ChildProgram
 from maillaser.worker._commands import (
     PROTOCOL_VERSION,
+    FetchPart,
     Hello,
     Metrics,
     Status,
@@ -35,6 +36,7 @@ from maillaser.worker._commands import (
     VersionMismatch,
 )
 from maillaser.worker._main import worker_program
+from maillaser.worker._payloads import payload_deadline
 from maillaser.worker._sinks import QueueSink, SyncSink, sync_deadline
 
 HEARTBEAT = 1.0
@@ -216,6 +218,24 @@ class DeliveryWorker(Service):
             return fail(ChildError("delivery worker is not ready"))
         d = self.call(Metrics, timeout=self.config.worker_timeout)
         return d.addCallback(lambda answer: answer["text"])
+
+    def fetch_part(self, message_id: str, index: str) -> Deferred[Answer]:
+        """
+        The part an attachment link names (L{FetchPart}); L{ChildError} if
+        no worker is ready.  Its deadline allows for a payload process's
+        (a large message is parsed there); a slow answer is no sign of a
+        stuck worker.
+        """
+        if not self.ready:
+            return fail(ChildError("delivery worker is not ready"))
+        config = self.config
+        return self.call(
+            FetchPart,
+            timeout=config.worker_timeout + payload_deadline(config.payload_timeout),
+            slow=True,
+            message_id=message_id,
+            index=index,
+        )
 
     def stop(self, grace: float) -> Deferred[int]:
         """

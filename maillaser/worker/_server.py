@@ -35,23 +35,34 @@ from maillaser.health import DeliveryMetrics
 from maillaser.interfaces import IBreakerStore, ISpool, IWebhookPoster
 from maillaser.logs import observer
 from maillaser.message import Message
-from maillaser.spool import Dispatcher, open_shared_spool, open_spool
+from maillaser.spool import (
+    Dispatcher,
+    RetentionSweep,
+    open_shared_spool,
+    open_spool,
+)
 from maillaser.timers import cancel_timer
 from maillaser.webhook import (
     CircuitBreaker,
     Deliverer,
     Failed,
+    LinkSigner,
     Outcome,
+    PartOptions,
     SharedBreaker,
     WebhookPoster,
     settlement,
     webhook_key,
 )
+from maillaser.worker._child import ChildError
 from maillaser.worker._commands import (
     PROTOCOL_VERSION,
     Deliver,
+    FetchPart,
     Hello,
     Metrics,
+    PartNotFound,
+    PartUnavailable,
     Reply,
     StartFailed,
     Status,
@@ -100,6 +111,7 @@ class DeliveryStack:
     payloads: PayloadBuilder
     spool: ISpool | None = None
     dispatcher: Dispatcher | None = None
+    sweep: RetentionSweep | None = None
     closing: Sequence[Callable[[], Deferred[None]]] = ()
     _rounds: set[Deferred[Outcome]] = attrs.field(factory=set)
     """Sync-mode rounds in flight."""
@@ -142,9 +154,11 @@ class DeliveryStack:
             breaker=breaker,
             max_retries=config.webhook_max_retries,
             secrets=config.webhook_secrets,
+            maillaser3_signature=config.webhook_maillaser3_signature,
         )
-        dispatcher = None
+        dispatcher = sweep = None
         if spool is not None:
+            sweep = RetentionSweep(spool, clock)
             dispatcher = Dispatcher(
                 spool=spool,
                 deliverer=deliverer,
@@ -164,6 +178,7 @@ class DeliveryStack:
             payloads=payloads,
             spool=spool,
             dispatcher=dispatcher,
+            sweep=sweep,
             closing=closing,
         )
 
@@ -177,6 +192,24 @@ class DeliveryStack:
                 shared.wake = self.dispatcher.wake
         if shared is not None:
             shared.start(self.breaker)
+        if self.sweep is not None:
+            self.sweep.start()
+
+    async def fetch_part(self, message_id: str, index: str) -> Answer:
+        """
+        A part for a link the front checked: from a message kept for its
+        links, or still spooled; L{PartNotFound} if neither (or no spool).
+        """
+        if self.spool is None or self._stopped is not None:
+            raise PartNotFound(message_id)
+        raw = await self.spool.retained_raw(message_id, self.clock.seconds())
+        if raw is None:
+            raise PartNotFound(message_id)
+        try:
+            answer: Answer = await self.payloads.part(raw, index)
+        except ChildError as error:
+            raise PartUnavailable(str(error)) from error
+        return answer
 
     async def store(self, messages: Sequence[Message]) -> Answer:
         """
@@ -260,6 +293,8 @@ class DeliveryStack:
     async def _stop(self, grace: float) -> int:
         if self.breaker.shared is not None:
             self.breaker.shared.stop()
+        if self.sweep is not None:
+            self.sweep.stop()
         if self.dispatcher is not None:
             self.dispatcher.grace = grace
             await self.dispatcher.stopService()
@@ -307,6 +342,9 @@ def build_stack(config: Config, reactor: Any) -> DeliveryStack:
         config.header_prefixes,
         config.payload_timeout,
         payload_program(config.log_level),
+        header_list=config.payload_headers == "all",
+        parts=part_options(config),
+        link_ttl=config.attachment_link_ttl,
     )
     return DeliveryStack.assemble(
         config,
@@ -315,6 +353,17 @@ def build_stack(config: Config, reactor: Any) -> DeliveryStack:
         poster=poster,
         payloads=payloads,
         closing=[poster.close],
+    )
+
+
+def part_options(config: Config) -> PartOptions:
+    """What attachments carry, as C{config} says."""
+    return PartOptions(
+        mode=config.attachments,
+        inline_max=config.attachment_inline_max,
+        include_raw=config.include_raw,
+        max_body=config.webhook_max_body,
+        links=LinkSigner.for_config(config),
     )
 
 
@@ -381,6 +430,10 @@ class WorkerProtocol(ChildProtocol):
     def metrics(self) -> Answer:
         return {"text": self._started().metrics.text()}
 
+    @FetchPart.responder
+    def fetch_part(self, message_id: str, index: str) -> Deferred[Answer]:
+        return Deferred.fromCoroutine(self._started().fetch_part(message_id, index))
+
     @Stop.responder
     def stop(self, grace: float) -> Deferred[Answer]:
         stopped = self._started().stop(grace)
@@ -394,4 +447,4 @@ class WorkerProtocol(ChildProtocol):
         return None if self.stack is None else maybeDeferred(self.stack.stop, 0.0)
 
 
-__all__ = ["DeliveryStack", "WorkerProtocol", "build_stack"]
+__all__ = ["DeliveryStack", "WorkerProtocol", "build_stack", "part_options"]

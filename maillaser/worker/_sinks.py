@@ -15,6 +15,7 @@ client keeps the message and tries again later.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -83,11 +84,11 @@ def _ready_status(worker: Worker) -> WorkerStatus:
     return status
 
 
-def _no_answer(log: Logger, what: str, message: Message, failure: Failure) -> None:
+def _no_answer(log: Logger, what: str, message_id: str, failure: Failure) -> None:
     log.warn(
         "the delivery worker could not {what} {message_id}: {error}",
         what=what,
-        message_id=message.id,
+        message_id=message_id,
         error=failure.getErrorMessage(),
     )
 
@@ -101,6 +102,16 @@ def _refusal(reply: Reply) -> Refusal | None:
 
 BATCH_BYTES = 1024 * 1024
 """Message bytes past which a L{Store} goes at once, not at the end of the turn."""
+
+STORE_WINDOW = 8 * 1024 * 1024
+"""
+Message bytes sent to the worker and not yet answered, past which the next
+L{Store} waits for an answer (one always goes).  What is sent sits in the
+pipe's buffer, which Twisted copies whole when it refills its send buffer;
+what waits here is only the message, once.
+"""
+
+_Batch = list[tuple[Message, Deferred[None]]]
 
 
 @implementer(IMessageSink)
@@ -120,9 +131,13 @@ class QueueSink:
     max_bytes: int
     timeout: float
     """Seconds the worker has to answer L{Store}."""
-    _batch: list[tuple[Message, Deferred[None]]] = attrs.field(factory=list)
+    _batch: _Batch = attrs.field(factory=list)
     _batch_bytes: int = 0
     _sending: IDelayedCall | None = None
+    _queued: deque[tuple[_Batch, int]] = attrs.field(factory=deque)
+    """Batches waiting for the window, with their bytes."""
+    _unanswered: int = 0
+    """Bytes of the L{Store}s sent and not answered yet."""
     _log = Logger(observer=observer)
 
     def check_capacity(self) -> None:
@@ -146,15 +161,38 @@ class QueueSink:
         if self._sending is not None and self._sending.active():
             self._sending.cancel()
         self._sending = None
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        messages = [message for message, _ in batch]
-        d = self.worker.call(Store, timeout=self.timeout, messages=messages)
-        d.addCallbacks(
-            self._stored, self._not_stored, callbackArgs=(batch,), errbackArgs=(batch,)
-        )
+        self._queued.append((self._batch, self._batch_bytes))
+        self._batch, self._batch_bytes = [], 0
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        while self._queued and (
+            not self._unanswered
+            or self._unanswered + self._queued[0][1] <= STORE_WINDOW
+        ):
+            queued, size = self._queued.popleft()
+            messages = [message for message, _ in queued]
+            # Only the ids are kept for the answer: the bytes, once encoded
+            # for the pipe, are not held twice while the worker commits them.
+            batch = [(message.id, stored) for message, stored in queued]
+            del queued
+            self._unanswered += size
+            d = self.worker.call(Store, timeout=self.timeout, messages=messages)
+            del messages
+            d.addCallbacks(
+                self._stored,
+                self._not_stored,
+                callbackArgs=(batch,),
+                errbackArgs=(batch,),
+            )
+            d.addBoth(self._answered, size)
+
+    def _answered(self, result: object, size: int) -> None:
+        self._unanswered -= size
+        self._send_queued()
 
     def _stored(
-        self, answer: dict[str, Any], batch: list[tuple[Message, Deferred[None]]]
+        self, answer: dict[str, Any], batch: list[tuple[str, Deferred[None]]]
     ) -> None:
         self.worker.spool_changed(*answer["spool"])
         for (_, stored), reply in zip(batch, answer["replies"], strict=True):
@@ -165,10 +203,10 @@ class QueueSink:
                 stored.errback(refusal)
 
     def _not_stored(
-        self, failure: Failure, batch: list[tuple[Message, Deferred[None]]]
+        self, failure: Failure, batch: list[tuple[str, Deferred[None]]]
     ) -> None:
-        for message, stored in batch:
-            _no_answer(self._log, "store", message, failure)
+        for message_id, stored in batch:
+            _no_answer(self._log, "store", message_id, failure)
             stored.errback(_store_failed())
 
 
@@ -217,8 +255,15 @@ class SyncSink:
             raise refusal
 
     def _not_delivered(self, failure: Failure, message: Message) -> None:
-        _no_answer(self._log, "deliver", message, failure)
+        _no_answer(self._log, "deliver", message.id, failure)
         raise Refusal(451, "4.3.0", "Temporary failure, try again later")
 
 
-__all__ = ["BATCH_BYTES", "QueueSink", "SyncSink", "Worker", "sync_deadline"]
+__all__ = [
+    "BATCH_BYTES",
+    "STORE_WINDOW",
+    "QueueSink",
+    "SyncSink",
+    "Worker",
+    "sync_deadline",
+]
