@@ -41,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def _run(reactor: Any, arguments: argparse.Namespace) -> None:
+    # react() calls us before the reactor runs, and the reactor installs its
+    # SIGTERM handler only then: listen (and say so) once it runs, so that a
+    # SIGTERM sent right after the listening line ends us cleanly.
+    running: Deferred[None] = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    await running
     try:
         receiver = await listen(reactor, arguments, sys.stdout)
     except CannotListenError as e:
