@@ -88,8 +88,10 @@ class SharedSpoolProcessTests(ProcessTestCase):
         """
         200 messages split across two bridges while the webhook answers
         503; one is killed mid-rounds; the webhook comes back: the survivor
-        delivers all 200 once its leases expired, each exactly once (no 200
-        was answered before the kill).
+        delivers all 200 once its leases expired.  An id arrives twice only
+        where the kill interrupted a round: the killed bridge's worker (its
+        child) ends the rounds it had in flight, which the webhook may
+        accept, and cannot record them any more.
         """
         receiver = await self.receiver(Reply(503))
         args = self.shared(
@@ -119,7 +121,9 @@ class SharedSpoolProcessTests(ProcessTestCase):
 
         await poll(lambda: set(delivered()) >= set(ids), timeout=60)
         self.assertEqual(set(delivered()), set(ids))
-        self.assertEqual(max(delivered().values()), 1, delivered().most_common(3))
+        repeated = [mid for mid, count in delivered().items() if count > 1]
+        self.assertLessEqual(len(repeated), CONCURRENCY, delivered().most_common(3))
+        self.assertLessEqual(max(delivered().values()), 2)
 
     async def test_a_bridge_stopped_cleanly_gives_its_messages_back(self) -> None:
         """
