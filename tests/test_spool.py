@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import psycopg
 import pytest
@@ -791,6 +792,26 @@ class CrashTests(SpoolCase):
         self.assertEqual(self.ids(spool.due(1.0, 10)), ["msg_0", "msg_1", "msg_2"])
 
 
+class DriverTests(SynchronousTestCase):
+    def test_a_sqlite_bridge_never_imports_the_postgresql_driver(self) -> None:
+        """
+        Both processes import L{maillaser.spool}; the driver, some megabytes
+        in each, is imported by the first shared spool only.
+        """
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, maillaser.service, maillaser.worker._main;"
+                " print('psycopg' in sys.modules)",
+            ],
+            capture_output=True,
+            check=True,
+            text=True,
+        )
+        self.assertEqual(child.stdout, "False\n")
+
+
 class ReactorTests(TestCase):
     async def test_one_commit_per_reactor_turn(self) -> None:
         """On the real reactor, the writes of one turn share one commit."""
@@ -1115,6 +1136,9 @@ class SharedSpoolTests(PostgresCase):
 
     def test_without_psycopg_one_line_says_what_to_install(self) -> None:
         self.patch(_postgres, "psycopg", None)
+        missing = mock.patch.dict(sys.modules, {"psycopg": None})
+        missing.start()
+        self.addCleanup(missing.stop)
         error = self.assertRaises(SpoolError, check_shared_spool, self.postgres_url)
         self.assertEqual(
             str(error), "a spool URL needs psycopg: pip install 'maillaser[postgresql]'"

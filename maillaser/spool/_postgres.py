@@ -23,7 +23,7 @@ import json
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from twisted.python.failure import Failure
@@ -47,11 +47,13 @@ from maillaser.spool._database import (
     _within,
 )
 
-try:
+if TYPE_CHECKING:
     import psycopg
-    from psycopg.rows import dict_row
-except ImportError:  # pragma: no cover - the extra is installed for the tests
-    psycopg = None  # type: ignore[assignment]
+    import psycopg.rows
+else:
+    # Imported by require_psycopg on first use: the driver costs each process
+    # some megabytes, and a bridge with a SQLite spool never needs it.
+    psycopg = None
 
 _T = TypeVar("_T")
 
@@ -139,9 +141,22 @@ or its lease expired), or this one does but has not claimed it in memory
 
 
 def require_psycopg() -> None:
-    """Stop start-up with one line when the optional driver is missing."""
-    if psycopg is None:
-        raise SpoolError(f"a spool URL needs psycopg: {INSTALL_HINT}")
+    """
+    Import the optional driver, or stop start-up with one line when it is
+    missing.
+    """
+    global psycopg
+    if psycopg is not None:
+        return
+    try:
+        import psycopg.rows
+    except ImportError:
+        raise SpoolError(f"a spool URL needs psycopg: {INSTALL_HINT}") from None
+
+
+def _connect(url: str, **options: Any) -> psycopg.Connection[Any]:
+    require_psycopg()
+    return psycopg.connect(**_conninfo(url), autocommit=True, **options)
 
 
 def _conninfo(url: str) -> dict[str, Any]:
@@ -247,10 +262,9 @@ class PostgresDatabase:
 
     def _connected(self) -> Any:
         if self._connection is None or self._connection.closed:
+            require_psycopg()
             with self._errors("is unreachable"):
-                self._connection = psycopg.connect(
-                    **_conninfo(self.url), autocommit=True, row_factory=dict_row
-                )
+                self._connection = _connect(self.url, row_factory=psycopg.rows.dict_row)
             self._durable = True
         return self._connection
 
@@ -748,6 +762,7 @@ class Listener:
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
+        require_psycopg()
         self._thread = threading.Thread(
             target=self._run, name="maillaser-spool-listener", daemon=True
         )
@@ -760,9 +775,7 @@ class Listener:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(
-                    **_conninfo(self.url), autocommit=True
-                ) as connection:
+                with _connect(self.url) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
                     self.call(self.wake)  # anything freed while we were away
                     while not self._stop.is_set():
