@@ -37,11 +37,13 @@ from maillaser.message import Message, Payload
 from maillaser.webhook._links import RAW, LinkSigner
 from maillaser.webhook._payload import (
     _PARSER,
+    Leaf,
     _decode_words,
     _header_text,
     _unfolded_text,
     build_payload,
     encode_payload,
+    leaves,
 )
 
 _CONTENT_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
@@ -68,34 +70,21 @@ def leaf_parts(root: MIMEMessage) -> Iterator[MIMEMessage]:
     Every part with no parts of its own, depth first, as the bodies are
     looked for; a C{message/*} part counts as one.
     """
-    stack = [root]
-    while stack:
-        part = stack.pop()
-        if part.get_content_maintype() == "multipart" and part.is_multipart():
-            stack.extend(reversed(cast(list[MIMEMessage], part.get_payload())))
-        else:
-            yield part
+    return (leaf.part for leaf in leaves(root))
 
 
-def attachment_parts(root: MIMEMessage) -> list[Part]:
+def attachment_parts(
+    root: MIMEMessage, walked: Sequence[Leaf] | None = None
+) -> list[Part]:
     """
     The attachments, in index order: every leaf but the first C{text/plain}
     and the first C{text/html} that are not attachments (the bodies, as
     L{maillaser.webhook.build_payload} chooses them).
+
+    @param walked: C{leaves(root)}, when the bodies' step has it.
     """
-    bodies: set[str] = set()
-    parts = []
-    for leaf in leaf_parts(root):
-        content_type = leaf.get_content_type()
-        if (
-            content_type in ("text/plain", "text/html")
-            and content_type not in bodies
-            and leaf.get_content_disposition() != "attachment"
-        ):
-            bodies.add(content_type)
-            continue
-        parts.append(_part(leaf, content_type))
-    return parts
+    found = leaves(root) if walked is None else walked
+    return [_part(leaf.part, leaf.content_type) for leaf in found if not leaf.body]
 
 
 def _part(leaf: MIMEMessage, content_type: str) -> Part:
@@ -198,12 +187,18 @@ class PartOptions:
         )
         return cls(links=signer, **fields)
 
-    def keys(self, message: Message, root: MIMEMessage) -> dict[str, object]:
-        """C{attachments} (when there are any) and C{raw} or C{raw_url}."""
+    def keys(
+        self, message: Message, root: MIMEMessage, walked: Sequence[Leaf] | None = None
+    ) -> dict[str, object]:
+        """
+        C{attachments} (when there are any) and C{raw} or C{raw_url}.
+
+        @param walked: C{leaves(root)}, when the bodies' step has it.
+        """
         keys: dict[str, object] = {}
         described = [
             self._describe(message.id, str(index), part)
-            for index, part in enumerate(attachment_parts(root))
+            for index, part in enumerate(attachment_parts(root, walked))
         ]
         if described:
             keys["attachments"] = described

@@ -132,10 +132,10 @@ def build_payload(
         reading.attempt("header", reading.top_header, message.raw, header_prefixes)
         return reading.payload(message)
     reading.attempt("header", reading.header, root, header_prefixes)
-    reading.attempt("body", reading.bodies, root)
+    leaves = reading.attempt("body", reading.bodies, root)
     if reading.text is None and reading.html is not None:
         reading.rendered = reading.attempt("HTML", _html_to_text, reading.html)
-    more = parts and reading.attempt("attachments", parts.keys, message, root)
+    more = parts and reading.attempt("attachments", parts.keys, message, root, leaves)
     return reading.payload(message, more or {})
 
 
@@ -240,25 +240,19 @@ class _Reading:
         if "message-id" in first:
             self.message_id = _header_text(first["message-id"])
 
-    def bodies(self, root: MIMEMessage) -> None:
+    def bodies(self, root: MIMEMessage) -> list[Leaf]:
         """
-        Depth first, like upstream: the first text/plain and text/html
-        parts that are not attachments.  A message/rfc822 part is a message
-        of its own, not a body of this one.
+        The first text/plain and text/html parts that are not attachments,
+        as L{leaves} chooses them; the leaves, for the attachments.
         """
-        stack = [root]
-        while stack and (self.text is None or self.html is None):
-            part = stack.pop()
-            if part.get_content_maintype() == "multipart":
-                # Without a delimiter in its body, a multipart's payload is text.
-                if part.is_multipart():
-                    stack.extend(reversed(cast(list[MIMEMessage], part.get_payload())))
-            elif part.get_content_disposition() != "attachment":
-                content_type = part.get_content_type()
-                if content_type == "text/plain" and self.text is None:
-                    self.text = _part_text(part)
-                elif content_type == "text/html" and self.html is None:
-                    self.html = _part_text(part)
+        found = leaves(root)
+        for leaf in found:
+            if leaf.body:
+                if leaf.content_type == "text/plain":
+                    self.text = _part_text(leaf.part)
+                else:
+                    self.html = _part_text(leaf.part)
+        return found
 
     def payload(
         self, message: Message, more: Mapping[str, object] | None = None
@@ -328,6 +322,44 @@ class _Reading:
     def _values(self, lower_name: str) -> list[str]:
         """The raw values of every top-level field of this name, in order."""
         return [value for name, value in self.fields if name.lower() == lower_name]
+
+
+@attrs.frozen
+class Leaf:
+    """A part with no parts of its own, and what L{leaves} read of it."""
+
+    part: MIMEMessage
+    content_type: str
+    body: bool
+    """Whether it is the text or the HTML body; if not, an attachment."""
+
+
+def leaves(root: MIMEMessage) -> list[Leaf]:
+    """
+    Every leaf part, depth first, like upstream; a C{message/*} part (a
+    message of its own, not a body of this one) counts as one.  The bodies
+    are the first C{text/plain} and the first C{text/html} that are not
+    attachments.  One walk, with each part's type read once, serves the
+    bodies and the attachments, so that the two always agree.
+    """
+    found: list[Leaf] = []
+    bodies: set[str] = set()
+    stack = [root]
+    while stack:
+        part = stack.pop()
+        content_type = part.get_content_type()
+        if content_type.startswith("multipart/") and part.is_multipart():
+            stack.extend(reversed(cast(list[MIMEMessage], part.get_payload())))
+            continue
+        body = (
+            content_type in ("text/plain", "text/html")
+            and content_type not in bodies
+            and part.get_content_disposition() != "attachment"
+        )
+        if body:
+            bodies.add(content_type)
+        found.append(Leaf(part, content_type, body))
+    return found
 
 
 def _lf(text: str) -> str:
