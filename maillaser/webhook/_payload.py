@@ -296,20 +296,24 @@ class _Reading:
         lists (every field of the name, in order), C{date}, C{in_reply_to}
         and C{references}: each only when the message has one.
         """
-        sender = _addresses(self._values("from")[:1])[:1]
+        values: dict[str, list[str]] = {}
+        for name, value in self.fields:
+            values.setdefault(name.lower(), []).append(value)
+        sender = _addresses(values.get("from", [])[:1])[:1]
         if sender:
             payload["from"] = sender[0]
         for key, name in _ADDRESS_FIELDS:
-            addresses = _addresses(self._values(name))
+            addresses = _addresses(values.get(name, []))
             if addresses:
                 payload[key] = addresses
-        date = _rfc3339_date(self._values("date")[:1])
+        date = _rfc3339_date(values.get("date", [])[:1])
         if date:
             payload["date"] = date
-        in_reply_to = " ".join(_header_text(v) for v in self._values("in-reply-to")[:1])
+        first_reply_to = values.get("in-reply-to", [])[:1]
+        in_reply_to = " ".join(_header_text(v) for v in first_reply_to)
         if in_reply_to:
             payload["in_reply_to"] = in_reply_to
-        references = _message_ids(self._values("references")[:1])
+        references = _message_ids(values.get("references", [])[:1])
         if references:
             payload["references"] = references
 
@@ -318,10 +322,6 @@ class _Reading:
         payload["header_list"] = [
             [_unfolded_text(name), _header_text(value)] for name, value in self.fields
         ]
-
-    def _values(self, lower_name: str) -> list[str]:
-        """The raw values of every top-level field of this name, in order."""
-        return [value for name, value in self.fields if name.lower() == lower_name]
 
 
 @attrs.frozen
@@ -386,7 +386,7 @@ def _addresses(values: Iterable[str]) -> list[dict[str, str]]:
         if not address:
             continue
         entry = {"address": address}
-        decoded = _decode_words(name).strip()
+        decoded = _decoded_name(name)
         if decoded:
             entry["name"] = decoded
         found.append(entry)
@@ -444,11 +444,13 @@ def _envelope(message: Message) -> dict[str, object]:
     return fields
 
 
+@functools.lru_cache(maxsize=64)
 def _client_ip(peer: str) -> str:
     """
     The client's IP address, bare: an IPv4 client of a dual-stack listener
     is shown as IPv4, not as C{::ffff:192.0.2.7}; C{""} when the peer is
-    not an IP address (a UNIX socket, say).
+    not an IP address (a UNIX socket, say).  Kept for the next message:
+    a client sends many.
     """
     try:
         address = ipaddress.ip_address(peer)
@@ -521,7 +523,16 @@ def _display_name(value: str) -> str:
     parsed (decoding first would let an encoded comma split the name).
     """
     addresses = _address_pairs(_unfolded_text(value)[:_ADDRESS_LIMIT])
-    return _decode_words(addresses[0][0]).strip() if addresses else ""
+    return _decoded_name(addresses[0][0]) if addresses else ""
+
+
+@functools.lru_cache(maxsize=16)
+def _decoded_name(name: str) -> str:
+    """
+    A display name, decoded and kept for the next caller: the From field's
+    is decoded for C{sender_name} and again for C{from}.
+    """
+    return _decode_words(name).strip()
 
 
 @functools.lru_cache(maxsize=16)
