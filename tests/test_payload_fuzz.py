@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.message import Envelope, Message
 from maillaser.webhook import _payload, build_payload, encode_payload, fallback_payload
+from tests.helpers import PAYLOAD_KEYS
 
 FUZZ = settings(
     max_examples=200,
@@ -34,27 +35,6 @@ FUZZ = settings(
 
 ENVELOPE = Envelope(sender="s@example.com", recipients=("a@example.com", "b@x"))
 
-KEY_ORDER = [
-    "sender",
-    "sender_name",
-    "recipient",
-    "recipients",
-    "subject",
-    "body",
-    "html_body",
-    "headers",
-    "message_id",
-    "from",
-    "to",
-    "cc",
-    "reply_to",
-    "date",
-    "in_reply_to",
-    "references",
-    "envelope",
-    "header_list",
-    "parse_error",
-]
 ADDRESS_LIST_KEYS = ["to", "cc", "reply_to"]
 RFC3339_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 TEXT_KEYS = ["sender", "recipient", "subject", "body"]
@@ -138,7 +118,7 @@ def assert_well_formed(case: SynchronousTestCase, result: dict[str, object]) -> 
 
 def assert_keys(case: SynchronousTestCase, result: dict[str, object]) -> None:
     """Keys in order, of the right types, optional ones omitted when empty."""
-    case.assertEqual(list(result), [key for key in KEY_ORDER if key in result])
+    case.assertEqual(list(result), [key for key in PAYLOAD_KEYS if key in result])
     for key in TEXT_KEYS:
         case.assertIsInstance(result[key], str)
     case.assertEqual(result["sender"], ENVELOPE.sender)
@@ -240,7 +220,7 @@ class ArbitraryBytesTests(SynchronousTestCase):
         assert_keys(self, result)
         self.assertEqual(self.flushLoggedErrors(), [])
         full = parse(raw, header_prefixes)
-        expected = {key: full[key] for key in KEY_ORDER if key in full}
+        expected = {key: full[key] for key in PAYLOAD_KEYS if key in full}
         expected.update(body="", parse_error="late")
         expected.pop("html_body", None)
         self.assertEqual(result, expected)

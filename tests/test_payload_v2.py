@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maillaser.message import Envelope, Message, TLSInfo
 from maillaser.webhook import build_payload, fallback_payload
+from tests.helpers import PAYLOAD_KEYS
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -60,27 +61,7 @@ class KeyOrderTests(SynchronousTestCase):
             corpus("outlook-inline-images.eml"), ("X-MS-Has",), header_list=True
         )
         self.assertEqual(
-            list(result),
-            [
-                "sender",
-                "sender_name",
-                "recipient",
-                "recipients",
-                "subject",
-                "body",
-                "html_body",
-                "headers",
-                "message_id",
-                "from",
-                "to",
-                "cc",
-                "reply_to",
-                "date",
-                "in_reply_to",
-                "references",
-                "envelope",
-                "header_list",
-            ],
+            list(result), list(PAYLOAD_KEYS[: PAYLOAD_KEYS.index("attachments")])
         )
 
     def test_bounce_address_and_author(self) -> None:
