@@ -137,9 +137,7 @@ class MailLaserService(MultiService):
                 hostname=config.hostname,
                 clock=reactor,
                 domains=config.target_domains,
-                spill_dir=(
-                    config.spool_dir if config.delivery_mode == "queue" else None
-                ),
+                spill_dir=_spill_dir(config),
             ),
             clock=reactor,
             hostname=config.hostname,
@@ -251,6 +249,17 @@ class MailLaserService(MultiService):
             "clean shutdown; {pending} message(s) stay spooled for the next start",
             pending=pending,
         )
+
+
+def _spill_dir(config: Config) -> str | None:
+    """
+    Where large messages wait during DATA: beside the SQLite spool, on the
+    disk that will hold them anyway; the system's temporary directory in
+    sync mode and with a shared spool, which have no spool directory.
+    """
+    if config.delivery_mode == "queue" and config.spool_url is None:
+        return config.spool_dir
+    return None
 
 
 __all__ = ["Listener", "MailLaserService", "makeService", "with_backlog"]

@@ -8,6 +8,7 @@ costs 451s, never mail.
 from __future__ import annotations
 
 import json
+import os
 import re
 import smtplib
 import threading
@@ -21,9 +22,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
 
+from maillaser.smtp._content import SPILL_AT
 from maillaser.testing import HANG, Reply, WebhookReceiver
-from tests.helpers import TARGET, poll, simple_message
+from tests.bridge import start_bridge
+from tests.helpers import TARGET, poll, simple_message, wait
 from tests.postgres import Cluster
 from tests.process import BridgeProcess
 from tests.test_process import CLEAN_SIGTERM, ProcessTestCase
@@ -234,3 +238,24 @@ async def poll_health(
         if reactor.seconds() > deadline:
             raise AssertionError(f"/health never changed: {found[-1]}")
         await deferLater(reactor, 0.1)
+
+
+@pytest.mark.usefixtures("postgres_url")
+class SharedSpoolLargeMessageTests(TestCase):
+    """A bridge on a shared spool has no spool directory of its own."""
+
+    postgres_url: str
+
+    async def test_large_message_waits_in_the_temporary_directory(self) -> None:
+        """
+        A message large enough to wait on disk during DATA is accepted and
+        delivered: with a shared spool it waits in the system's temporary
+        directory, not in C{MAIL_LASER_SPOOL_DIR}, which need not exist.
+        """
+        bridge = await start_bridge(self, spool_url=self.postgres_url)
+        self.assertFalse(os.path.exists(bridge.service.config.spool_dir))
+        body = "large enough to wait on disk\n" * (2 * SPILL_AT // 29)
+        result = await bridge.send(simple_message(body=body))
+        self.assertEqual(result["code"], 250)
+        [request] = await wait(bridge.receiver.wait_for(1))
+        self.assertEqual(request.json()["body"], body)
