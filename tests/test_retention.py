@@ -149,18 +149,23 @@ class MemorySpoolTests(SynchronousTestCase):
 SECRET = "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0"
 
 
+def link_settings(config: Config) -> tuple[object, ...]:
+    """The settings of attachments, links and the raw message."""
+    return (
+        config.attachments,
+        config.attachment_inline_max,
+        config.attachment_link_ttl,
+        config.include_raw,
+        config.webhook_max_body,
+        config.public_url,
+    )
+
+
 class SettingsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         config = load()
         self.assertEqual(
-            (
-                config.attachments,
-                config.attachment_inline_max,
-                config.attachment_link_ttl,
-                config.include_raw,
-                config.webhook_max_body,
-                config.public_url,
-            ),
+            link_settings(config),
             ("inline", 1024 * 1024, 7 * 86400.0, False, 25 * 1024 * 1024, None),
         )
 
@@ -177,14 +182,7 @@ class SettingsTests(SynchronousTestCase):
             }
         )
         self.assertEqual(
-            (
-                config.attachments,
-                config.attachment_inline_max,
-                config.attachment_link_ttl,
-                config.include_raw,
-                config.webhook_max_body,
-                config.public_url,
-            ),
+            link_settings(config),
             ("link", 0, 36 * 3600.0, True, 65536, "https://mx.example.com/maillaser"),
         )
 

@@ -363,14 +363,8 @@ class SpoolDatabase:
             deleted, a round's outcome recorded).
         """
         self._set_durable(durable)
-        results: list[_T | Failure] = []
         with self.transaction():
-            for operation in operations:
-                try:
-                    results.append(operation(self))
-                except (DuplicateMessage, MessageNotFound):
-                    results.append(Failure())
-        return results
+            return _each(operations, self)
 
     def _set_durable(self, durable: bool) -> None:
         if durable != self._durable:
@@ -590,13 +584,7 @@ class SpoolDatabase:
                 " ORDER BY next_attempt_at, received_at",
                 (json.dumps(chosen),),
             ).fetchall()
-        return [
-            QueuedMessage(
-                Message(row["id"], _envelope(row), row["raw"], row["received_at"]),
-                row["rounds"],
-            )
-            for row in rows
-        ]
+        return [_queued(row) for row in rows]
 
     def next_due(self, claimed: Collection[str]) -> float | None:
         """The earliest due time of a pending message not in C{claimed}."""
@@ -730,6 +718,32 @@ def _tls_column(tls: TLSInfo | None) -> str:
     if tls is None:
         return ""
     return json.dumps(attrs.asdict(tls), separators=(",", ":"))
+
+
+def _queued(row: Mapping[str, Any]) -> QueuedMessage:
+    """A message handed out for a round, from its row."""
+    return QueuedMessage(
+        Message(row["id"], _envelope(row), row["raw"], row["received_at"]),
+        row["rounds"],
+    )
+
+
+_D = TypeVar("_D")
+
+
+def _each(operations: Sequence[Callable[[_D], _T]], database: _D) -> list[_T | Failure]:
+    """
+    Run every operation of a group commit on C{database}: one that finds
+    its message missing or already there gets its own L{Failure}, and the
+    others still run; any other error propagates and rolls the group back.
+    """
+    results: list[_T | Failure] = []
+    for operation in operations:
+        try:
+            results.append(operation(database))
+        except (DuplicateMessage, MessageNotFound):
+            results.append(Failure())
+    return results
 
 
 def _envelope(row: Mapping[str, Any]) -> Envelope:

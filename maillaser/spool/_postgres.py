@@ -40,9 +40,10 @@ from maillaser.spool._database import (
     SpoolEntry,
     SpoolError,
     State,
+    _each,
     _entry,
-    _envelope,
     _not_found,
+    _queued,
     _tls_column,
     _within,
 )
@@ -310,16 +311,10 @@ class PostgresDatabase:
             reach the disk (C{synchronous_commit = off}): for settlements,
             whose loss costs a repeat, never a message.
         """
-        results: list[_T | Failure] = []
         with self.transaction():
             if not durable:
                 self._execute("SET LOCAL synchronous_commit = off")
-            for operation in operations:
-                try:
-                    results.append(operation(self))
-                except (DuplicateMessage, MessageNotFound):
-                    results.append(Failure())
-        return results
+            return _each(operations, self)
 
     def insert(self, message: Message) -> int:
         """
@@ -658,13 +653,7 @@ class PostgresDatabase:
                 .fetchall()
             )
         rows.sort(key=lambda row: (row["next_attempt_at"], row["received_at"]))
-        return [
-            QueuedMessage(
-                Message(row["id"], _envelope(row), row["raw"], row["received_at"]),
-                row["rounds"],
-            )
-            for row in rows
-        ]
+        return [_queued(row) for row in rows]
 
     def next_due(self, claimed: Collection[str]) -> float | None:
         """The earliest due time of a pending message nobody holds."""
