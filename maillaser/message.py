@@ -15,6 +15,7 @@ plain data.
 from __future__ import annotations
 
 import os
+import string
 import time
 
 import attrs
@@ -31,6 +32,19 @@ class TLSInfo:
     """The protocol, e.g. C{"TLSv1.3"}."""
     cipher: str
     """The cipher suite, e.g. C{"TLS_AES_256_GCM_SHA384"}."""
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def ascii_lower(text: str) -> str:
+    """
+    C{text} with its ASCII letters lower-cased and nothing else folded: how
+    addresses and domains compare, in the configuration and in SMTP alike
+    (C{str.lower} maps the Kelvin sign, U+212A, to C{k}, and C{casefold} the
+    long s, U+017F, to C{s}).
+    """
+    return text.translate(_ASCII_LOWER)
 
 
 @attrs.frozen
@@ -164,5 +178,6 @@ __all__ = [
     "SpoolStats",
     "TLSInfo",
     "WebhookResponse",
+    "ascii_lower",
     "new_message_id",
 ]

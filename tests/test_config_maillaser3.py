@@ -139,6 +139,18 @@ class TargetDomainsTests(SynchronousTestCase):
             ),
         )
 
+    def test_duplicates_are_ascii_case_only(self) -> None:
+        """
+        The Kelvin sign (U+212A) lower-cases to C{k} in Python, but SMTP
+        matches domains by ASCII case only: it is another domain, kept.
+        """
+        config = load(
+            {"MAIL_LASER_TARGET_DOMAINS": "kelvin.example,\u212aelvin.example"}
+        )
+        self.assertEqual(
+            config.target_domains, ("kelvin.example", "\u212aelvin.example")
+        )
+
     def test_domains_only_without_emails_variable(self) -> None:
         config = load_without_emails({"MAIL_LASER_TARGET_DOMAINS": "example.com"})
         self.assertEqual(

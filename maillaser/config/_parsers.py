@@ -14,7 +14,6 @@ import binascii
 import ipaddress
 import math
 import re
-import string
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +27,7 @@ from maillaser.config._config import (
     LogLevel,
     PayloadHeaders,
 )
+from maillaser.message import ascii_lower
 
 _T = TypeVar("_T")
 
@@ -45,9 +45,6 @@ _HEADER_PREFIX = re.compile(r"[!-9;-~]+")
 _ADDRESS_FORBIDDEN = re.compile(r"[@\s<>,\x00-\x1f\x7f]")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-"""Addresses are one target when they differ in ASCII case only: C{str.lower}
-would also fold the Kelvin sign into C{k}."""
 _SECRET_PREFIX = "whsec_"
 _MAX_DIGITS = 18
 _MAX_SHOWN = 200
@@ -158,7 +155,7 @@ def targets(text: str) -> tuple[str, ...]:
     for address in addresses:
         if not _ADDRESS.fullmatch(address):
             raise Invalid(f"{show(address)} is not an email address")
-        unique.setdefault(address.translate(_ASCII_LOWER), address)
+        unique.setdefault(ascii_lower(address), address)
     return tuple(unique.values())
 
 
@@ -173,7 +170,7 @@ def target_domains(text: str) -> tuple[str, ...]:
         valid = _is_hostname(name) or _is_address_literal(name)
         if not (valid or _is_utf8_domain(name)):
             raise Invalid(f"{show(domain)} is not a domain")
-        unique.setdefault(name.lower(), name)
+        unique.setdefault(ascii_lower(name), name)
     return tuple(unique.values())
 
 

@@ -12,7 +12,6 @@ with L{maillaser.smtp.MailLaserESMTP}.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable, Iterable, Sequence
 from email.utils import formatdate
 from functools import lru_cache
@@ -28,32 +27,25 @@ from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPServerError, User
 from zope.interface import implementer
 
 from maillaser.interfaces import IMessageSink
-from maillaser.message import Envelope, Refusal, new_message_id
+from maillaser.message import Envelope, Refusal, ascii_lower, new_message_id
 from maillaser.smtp._content import HandOverGate
 from maillaser.smtp._message import AcceptedMessage, reply_text
 from maillaser.smtp._tls import session_tls
 
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
 
 def address_key(address: str) -> str:
-    """
-    What two addresses must share to be the same target: the address with
-    ASCII letters lower-cased, and nothing else folded (C{str.lower} maps
-    the Kelvin sign to C{k}, and C{casefold} the long s, U+017F, to C{s}).
-    """
-    return address.translate(_ASCII_LOWER)
+    """What two addresses must share to be the same target (L{ascii_lower})."""
+    return ascii_lower(address)
 
 
 def domain_key(address: str) -> str:
     """
     The domain of C{address} (after its last C{@}) as
-    C{MAIL_LASER_TARGET_DOMAINS} entries are matched: ASCII letters
-    lower-cased and nothing else folded, for the reason L{address_key}
-    gives; C{""} when there is no C{@}.
+    C{MAIL_LASER_TARGET_DOMAINS} entries are matched (L{ascii_lower});
+    C{""} when there is no C{@}.
     """
     local, at, domain = address.rpartition("@")
-    return domain.translate(_ASCII_LOWER) if at and local else ""
+    return ascii_lower(domain) if at and local else ""
 
 
 @lru_cache(maxsize=1)
@@ -95,7 +87,7 @@ class MailLaserDeliveryFactory:
         self.spill_dir = spill_dir
         self.gate = HandOverGate()
         self.targets = frozenset(address_key(target) for target in targets)
-        self.domains = frozenset(domain.translate(_ASCII_LOWER) for domain in domains)
+        self.domains = frozenset(ascii_lower(domain) for domain in domains)
         self.max_recipients = max_recipients
         self.hostname = hostname
         self.clock = clock
